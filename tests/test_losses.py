@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from bundle.losses import CycleLoss, LSGANLoss, WGANGPLoss, adversarial_loss
+
+
+def _preds(value, shapes=((2, 1, 3, 3, 3), (2, 1, 2, 2, 2), (2, 1, 1, 1, 1))):
+    return [torch.full(s, float(value)) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "real,fake,expected_d,expected_g",
+    [(1.0, 0.0, 0.0, 1.0), (0.0, 1.0, 1.0, 0.0), (0.5, 0.5, 0.25, 0.25), (2.0, -1.0, 1.0, 4.0)],
+)
+def test_lsgan_values(real, fake, expected_d, expected_g):
+    adv = LSGANLoss()
+    assert adv.discriminator_loss(_preds(real), _preds(fake)).item() == pytest.approx(expected_d)
+    assert adv.generator_loss(_preds(fake)).item() == pytest.approx(expected_g)
+
+
+def test_lsgan_is_mean_over_scales_and_accepts_a_tensor():
+    adv = LSGANLoss()
+    preds = [torch.zeros(1, 1, 4, 4, 4), torch.full((1, 1, 1, 1, 1), 3.0)]  # per-scale (x-1)^2: 1 and 4
+    assert adv.generator_loss(preds).item() == pytest.approx(2.5)
+    assert adv.generator_loss(torch.zeros(1, 1, 2, 2, 2)).item() == pytest.approx(1.0)
+    assert LSGANLoss(fake_label=-1.0).discriminator_loss(_preds(1.0), _preds(-1.0)).item() == pytest.approx(
+        0.0
+    )
+
+
+def test_lsgan_gradients_flow():
+    p = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
+    LSGANLoss().generator_loss([p]).backward()
+    assert p.grad.abs().sum() > 0
+
+
+def test_wgan_values():
+    adv = WGANGPLoss()
+    assert adv.discriminator_loss(_preds(2.0), _preds(-1.0)).item() == pytest.approx(-3.0)
+    assert adv.generator_loss(_preds(-1.0)).item() == pytest.approx(1.0)
+
+
+def test_gradient_penalty_zero_for_unit_gradient_linear_critic():
+    torch.manual_seed(0)
+    real, fake = torch.rand(3, 1, 4, 4, 4), torch.rand(3, 1, 4, 4, 4)
+    w = torch.randn(1, 1, 4, 4, 4)
+    w = w / w.norm()
+
+    def critic(v):  # linear, ||grad|| = 1 per sample; two "scales" with the same critic
+        out = (v * w).flatten(1).sum(1).reshape(-1, 1, 1, 1, 1)
+        return [out, out]
+
+    assert WGANGPLoss.gradient_penalty(critic, real, fake).item() == pytest.approx(0.0, abs=1e-8)
+
+    w_param = (3 * w).clone().requires_grad_(True)
+
+    def steep(v):
+        return [(v * w_param).flatten(1).sum(1).reshape(-1, 1, 1, 1, 1)]
+
+    gp = WGANGPLoss.gradient_penalty(steep, real, fake, weight=10.0)
+    assert gp.item() == pytest.approx(10.0 * (3 - 1) ** 2, rel=1e-5)
+    gp.backward()
+    assert w_param.grad is not None and w_param.grad.abs().sum() > 0
+
+
+def test_gradient_penalty_positive_for_conv_critic():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 1, 3)
+    gp = WGANGPLoss.gradient_penalty(conv, torch.rand(2, 1, 6, 6, 6), torch.rand(2, 1, 6, 6, 6))
+    assert gp.item() > 0
+
+
+def test_factory():
+    assert isinstance(adversarial_loss(), LSGANLoss)
+    assert isinstance(adversarial_loss("wgan-gp"), WGANGPLoss)
+    with pytest.raises(ValueError, match="adversarial loss"):
+        adversarial_loss("hinge")
+
+
+def test_cycle_loss_value():
+    a, b = torch.zeros(2, 1, 4, 4, 4), torch.full((2, 1, 4, 4, 4), 0.5)
+    assert CycleLoss()(a, b).item() == pytest.approx(5.0)
+    assert CycleLoss(weight=1.0)(b, a).item() == pytest.approx(0.5)
