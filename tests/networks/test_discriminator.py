@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from bundle.networks.discriminator import MultiScalePatchDiscriminator, patchgan_output_size
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("num_scales", [1, 2, 3])
+@pytest.mark.parametrize("kernel_size", [3, 4])
+def test_output_shapes(size, num_scales, kernel_size):
+    torch.manual_seed(0)
+    d = MultiScalePatchDiscriminator(channels=4, num_scales=num_scales, kernel_size=kernel_size)
+    outs = d(torch.rand(2, 1, size, size, size))
+    assert isinstance(outs, list) and len(outs) == num_scales
+    for scale, out in enumerate(outs):
+        side = size
+        for _ in range(scale):
+            side = (side + 1) // 2
+        expected, _ = patchgan_output_size(side, d.layers_per_scale[scale], kernel_size)
+        assert out.shape == (2, 1, expected, expected, expected)
+        assert expected >= 1
+
+
+def test_default_layers_adapt_to_32_cubed():
+    d = MultiScalePatchDiscriminator(channels=4)
+    assert d.layers_per_scale == [3, 2, 1]
+    outs = d(torch.rand(1, 1, 32, 32, 48))
+    assert [tuple(o.shape[2:]) for o in outs] == [(2, 2, 4), (2, 2, 4), (2, 2, 4)]
+    d64 = MultiScalePatchDiscriminator(channels=4, min_input_size=64)
+    assert d64.layers_per_scale == [3, 3, 2]
+
+
+def test_scales_have_independent_parameters_and_gradients_flow():
+    d = MultiScalePatchDiscriminator(channels=4, num_scales=3)
+    ids = [{id(p) for p in disc.parameters()} for disc in d.discriminators]
+    assert all(not (ids[i] & ids[j]) for i in range(3) for j in range(i + 1, 3))
+    x = torch.rand(1, 1, 32, 32, 32, requires_grad=True)
+    sum(o.mean() for o in d(x)).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for disc in d.discriminators:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in disc.parameters())
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in d.modules())
+
+
+def test_bad_arguments():
+    d = MultiScalePatchDiscriminator(channels=4)
+    with pytest.raises(ValueError, match="min_input_size"):
+        d(torch.rand(1, 1, 16, 32, 32))
+    with pytest.raises(ValueError, match="too small"):
+        MultiScalePatchDiscriminator(num_scales=4, min_input_size=8)
+    with pytest.raises(ValueError, match="num_scales"):
+        MultiScalePatchDiscriminator(num_scales=0)
