@@ -1,0 +1,217 @@
+"""Unpaired data for cycleGAN training: two independent domains, random crops, rotations and flips.
+
+The sharp domain X and the blurred domain Y are two unrelated file lists; every training item pairs a
+random crop of a random X volume with a random crop of a random Y volume, drawn independently.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandFlipd,
+    RandRotate90d,
+    RandSpatialCropd,
+    ScaleIntensityRangePercentilesd,
+    SpatialPadd,
+)
+
+from bundle.io import TiffStackReader
+
+__all__ = [
+    "VOLUME_EXTENSIONS",
+    "list_volumes",
+    "paired_datalist",
+    "normalize_transforms",
+    "paired_transforms",
+    "train_transforms",
+    "UnpairedDataset",
+    "unpaired_dataset",
+]
+
+VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
+def list_volumes(source: str | Sequence[str]) -> list[str]:
+    """Sorted volume files from a folder, a glob pattern, a single file, or a list of those.
+
+    Raises:
+        FileNotFoundError: naming ``source`` when nothing matches.
+    """
+    if not isinstance(source, str):
+        return [f for s in source for f in list_volumes(s)]
+    if os.path.isdir(source):
+        files = [os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(VOLUME_EXTENSIONS)]
+    elif any(c in source for c in "*?["):
+        files = [f for f in glob.glob(source) if f.lower().endswith(VOLUME_EXTENSIONS)]
+    elif os.path.isfile(source):
+        files = [source]
+    else:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if not files:
+        raise FileNotFoundError(f"{source}: no volume files ({', '.join(VOLUME_EXTENSIONS)}) found")
+    return sorted(files)
+
+
+def paired_datalist(image_dir: str, label_dir: str | None = None) -> list[dict[str, str]]:
+    """``[{"image": blurred, "label": ground_truth}, ...]`` matched by file name (label optional).
+
+    Raises:
+        FileNotFoundError: when a ground-truth file for an image is missing.
+    """
+    images = list_volumes(image_dir)
+    if label_dir is None:
+        return [{"image": f} for f in images]
+    items = []
+    for f in images:
+        label = os.path.join(label_dir, os.path.basename(f))
+        if not os.path.isfile(label):
+            raise FileNotFoundError(f"{label}: ground truth for {f} is missing")
+        items.append({"image": f, "label": label})
+    return items
+
+
+def normalize_transforms(
+    keys: Sequence[str] = ("image",),
+    percentiles: Sequence[float] = (0.0, 99.9),
+    clip: bool = True,
+) -> list:
+    """Load, add a channel, and map the given percentiles to [0, 1]: ``(1, Z, Y, X)`` float32.
+
+    Args:
+        keys: dictionary keys holding file paths.
+        percentiles: ``(lower, upper)`` percentiles mapped to 0 and 1.
+        clip: clip to [0, 1] after scaling.
+    """
+    lower, upper = percentiles
+    return [
+        LoadImaged(keys=keys, reader=TiffStackReader, image_only=True),
+        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+        ScaleIntensityRangePercentilesd(
+            keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
+        ),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def paired_transforms(
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    clip: bool = True,
+) -> Compose:
+    """Validation/test pipeline: blurred ``"image"`` normalised like the blurred domain, ``"label"``
+    (ground truth) like the sharp domain; both ``(1, Z, Y, X)`` float32 in [0, 1].
+    """
+    return Compose(
+        normalize_transforms(("image",), image_percentiles, clip) + normalize_transforms(("label",), label_percentiles, clip)
+    )
+
+
+def train_transforms(
+    patch_size: Sequence[int] = (64, 64, 64),
+    percentiles: Sequence[float] = (0.0, 99.9),
+    clip: bool = True,
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+) -> Compose:
+    """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
+
+    Args:
+        patch_size: crop size ``(D, H, W)``; volumes smaller than it are zero-padded first.
+        percentiles: intensity normalisation, see :func:`normalize_transforms`.
+        clip: clip intensities to [0, 1].
+        rotate_axes: spatial axes of the 90° rotations; in-plane ``(1, 2)`` (Y, X) by default
+            because microscope voxels are anisotropic. Rotations need a square crop in that plane.
+        flip_prob: probability of a flip along each axis.
+        rotate_prob: probability of a random 90° rotation.
+    """
+    keys = ("image",)
+    return Compose(
+        normalize_transforms(keys, percentiles, clip)
+        + [
+            SpatialPadd(keys=keys, spatial_size=patch_size),
+            RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
+            RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+        ]
+    )
+
+
+class UnpairedDataset(torch.utils.data.Dataset):
+    """Items ``{"sharp": x, "blurred": y}`` drawn independently from two domains.
+
+    Written here because MONAI's ``ZipDataset`` pairs items index by index, which would make the two
+    domains co-occur in a fixed pattern; the paper's training is unpaired. Each item draws a random
+    volume from each domain with the global torch RNG (seeded by ``monai.utils.set_determinism``
+    and re-seeded per DataLoader worker), and the domain datasets apply their own random crops.
+
+    Args:
+        sharp: dataset of the sharp domain X, items ``{"image": (1, D, H, W)}``.
+        blurred: dataset of the blurred domain Y, items ``{"image": (1, D, H, W)}``.
+        length: items per epoch (iterations per epoch × batch size).
+    """
+
+    def __init__(self, sharp: torch.utils.data.Dataset, blurred: torch.utils.data.Dataset, length: int = 100) -> None:
+        if len(sharp) == 0 or len(blurred) == 0:  # type: ignore[arg-type]
+            raise ValueError("both the sharp and the blurred domain need at least one volume")
+        self.sharp, self.blurred, self.length = sharp, blurred, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = int(torch.randint(len(self.sharp), ()))  # type: ignore[arg-type]
+        j = int(torch.randint(len(self.blurred), ()))  # type: ignore[arg-type]
+        return {"sharp": self.sharp[i]["image"], "blurred": self.blurred[j]["image"]}
+
+
+def unpaired_dataset(
+    sharp_dir: str | Sequence[str],
+    blurred_dir: str | Sequence[str],
+    length: int = 100,
+    patch_size: Sequence[int] = (64, 64, 64),
+    sharp_percentiles: Sequence[float] = (0.0, 99.99),
+    blurred_percentiles: Sequence[float] = (0.1, 99.9),
+    rotate_axes: Sequence[int] = (1, 2),
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> UnpairedDataset:
+    """Build the unpaired training dataset from two folders (or globs, or file lists).
+
+    Loading and normalisation are cached (``CacheDataset``); crops, rotations and flips are redrawn
+    for every item.
+
+    Args:
+        sharp_dir: the sharp domain X (e.g. deconvolved or simulated ground-truth stacks).
+        blurred_dir: the blurred domain Y (raw widefield stacks), unrelated to X.
+        length: items per epoch.
+        patch_size: random crop size ``(D, H, W)``.
+        sharp_percentiles: normalisation of X, percentiles mapped to [0, 1].
+        blurred_percentiles: normalisation of Y, percentiles mapped to [0, 1].
+        rotate_axes: spatial axes of the random 90° rotations.
+        cache_rate: fraction of volumes cached in memory after normalisation.
+        num_workers: threads used to fill the cache.
+    """
+
+    def domain(files: list[str], percentiles: Sequence[float]) -> Dataset:
+        transform = train_transforms(patch_size, percentiles, True, rotate_axes)
+        return CacheDataset(
+            [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+        )
+
+    return UnpairedDataset(
+        domain(list_volumes(sharp_dir), sharp_percentiles),
+        domain(list_volumes(blurred_dir), blurred_percentiles),
+        length=length,
+    )

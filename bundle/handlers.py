@@ -1,0 +1,375 @@
+"""Ignite handlers of the bundle: progress bar, resumable checkpoints, best model, PSF snapshots, history.
+
+Each handler has ``attach(engine)`` so MONAI workflows register it from a config's handler list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+
+__all__ = [
+    "ProgressBar",
+    "ResumableCheckpoint",
+    "BestModelSaver",
+    "PSFSnapshot",
+    "ValidationHistory",
+    "BlurCalibration",
+    "atomic_torch_save",
+    "save_orthoslices",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the target folder, then rename: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class ProgressBar:
+    """tqdm progress bar over an engine's iterations (ignite's ``ProgressBar``), showing output keys.
+
+    Args:
+        output_keys: keys of ``engine.state.output`` shown beside the bar (e.g. ``["loss"]``).
+        persist: keep the bar after each epoch.
+    """
+
+    def __init__(self, output_keys: Sequence[str] = ("loss",), persist: bool = False) -> None:
+        self.output_keys = list(output_keys)
+        self.persist = persist
+
+    def attach(self, engine: Engine) -> None:
+        keys = self.output_keys
+
+        def transform(output: Any) -> dict[str, float]:
+            if not isinstance(output, dict):
+                return {}
+            return {k: float(output[k]) for k in keys if k in output}
+
+        _IgniteProgressBar(persist=self.persist).attach(engine, output_transform=transform)
+
+
+class ResumableCheckpoint:
+    """Save everything needed to resume training, atomically, and resume from the latest save.
+
+    Wraps ignite's ``Checkpoint`` with an atomic ``DiskSaver``. On ``Events.STARTED`` with
+    ``resume=True`` it loads the newest ``checkpoint_<iteration>.pt`` in ``save_dir`` (if any) into
+    every object of ``save_dict`` — trainer state, networks, optimizers, image pools — keeping the
+    configured ``max_epochs`` so a run can also be extended.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: ``{name: object with state_dict/load_state_dict}`` (networks, optimizers); the
+            engine itself is added as ``"trainer"`` at attach time (a config cannot refer to the
+            trainer from inside its own handler list), ``None`` entries are dropped.
+        engine_objects: attributes of the engine saved too when present (the image pools).
+        save_interval: save every this many epochs (and at the end of training).
+        n_saved: how many recent checkpoints to keep.
+        resume: load the newest checkpoint at start.
+        load_path: an explicit checkpoint file to resume from (implies ``resume``).
+    """
+
+    PREFIX = "checkpoint"
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict[str, Any],
+        engine_objects: Sequence[str] = ("sharp_pool", "blurred_pool"),
+        save_interval: int = 1,
+        n_saved: int = 2,
+        resume: bool = False,
+        load_path: str | None = None,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
+        self.engine_objects = tuple(engine_objects)
+        self.save_interval = max(1, int(save_interval))
+        self.n_saved = n_saved
+        self.resume = bool(resume) or load_path is not None
+        self.load_path = load_path
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint file in ``save_dir`` (highest iteration), or ``None``."""
+        if not self.save_dir.is_dir():
+            return None
+        found = []
+        for f in self.save_dir.glob(f"{self.PREFIX}_*.pt"):
+            m = re.search(r"_(\d+)\.pt$", f.name)
+            if m:
+                found.append((int(m.group(1)), f))
+        return max(found)[1] if found else None
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict["trainer"] = engine
+        for name in self.engine_objects:
+            if getattr(engine, name, None) is not None:
+                self.save_dict[name] = getattr(engine, name)
+        saver = DiskSaver(str(self.save_dir), atomic=True, require_empty=False, create_dir=True)
+        checkpoint = Checkpoint(
+            self.save_dict,
+            saver,
+            filename_prefix="",
+            filename_pattern=self.PREFIX + "_{global_step}.pt",
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+        )
+        every = Events.EPOCH_COMPLETED(every=self.save_interval)
+        engine.add_event_handler(every | Events.COMPLETED, self._save_once, checkpoint)
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+
+    @staticmethod
+    def _save_once(engine: Engine, checkpoint: Checkpoint) -> None:
+        if getattr(engine.state, "_last_ckpt_iteration", None) == engine.state.iteration:
+            return  # EPOCH_COMPLETED and COMPLETED of the last epoch: one file
+        checkpoint(engine)
+        engine.state._last_ckpt_iteration = engine.state.iteration
+
+    def load(self, engine: Engine) -> None:
+        """Load ``load_path`` or the newest checkpoint into ``save_dict``; no-op when there is none."""
+        path = Path(self.load_path) if self.load_path else self.latest()
+        if path is None:
+            logger.info(f"no checkpoint in {self.save_dir}: starting from scratch")
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint to resume from does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            max_epochs = engine.state.max_epochs
+            Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
+        except Exception as e:  # a checkpoint of another network or a corrupt file
+            raise RuntimeError(f"{path}: cannot resume from this checkpoint: {e}") from e
+        if max_epochs is not None:
+            if engine.state.epoch > max_epochs:
+                raise ValueError(f"{path}: checkpoint is at epoch {engine.state.epoch} > max_epochs {max_epochs}")
+            engine.state.max_epochs = max_epochs
+        logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
+
+
+class BestModelSaver:
+    """After each validation, save the generator (and companions) when the key metric improves.
+
+    Writes ``save_dir/model.pt`` (the ``network``'s state dict: the model-zoo convention), the
+    companions' state dicts as ``<name>.pt``, calls ``export(save_dir/<name>.tif)`` on companions that
+    have it (the PSF layer), and records the score in ``save_dir/model.json``; all writes atomic. The
+    best score is read back from ``model.json`` at attach time, so a resumed run keeps its best model.
+
+    Args:
+        save_dir: output folder (usually ``ckpt_dir``).
+        network: the network saved as ``model.pt`` (``g_deblur``).
+        metric_name: metric in ``engine.state.metrics`` to maximise (default: the key metric).
+        companions: other modules to save with it, e.g. ``{"blur": blur}``.
+        filename: name of the network's file.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        metric_name: str | None = None,
+        companions: dict[str, torch.nn.Module] | None = None,
+        filename: str = "model.pt",
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.metric_name = metric_name
+        self.companions = {k: v for k, v in (companions or {}).items() if v is not None}
+        self.filename = filename
+        self.best: float | None = None
+
+    @property
+    def record_path(self) -> Path:
+        return self.save_dir / (Path(self.filename).stem + ".json")
+
+    def attach(self, engine: Engine) -> None:
+        if self.record_path.is_file():
+            self.best = json.loads(self.record_path.read_text()).get("score")
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or engine.state.key_metric_name
+        score = engine.state.metrics.get(name)
+        if score is None:
+            raise KeyError(f"metric {name!r} not in the evaluator's metrics {sorted(engine.state.metrics)}")
+        score = float(score)
+        if self.best is not None and not score > self.best:
+            return
+        self.best = score
+        atomic_torch_save(self.network.state_dict(), self.save_dir / self.filename)
+        for key, module in self.companions.items():
+            atomic_torch_save(module.state_dict(), self.save_dir / f"{key}.pt")
+            if hasattr(module, "export"):
+                module.export(str(self.save_dir / f"{key}.tif"), str(self.save_dir / f"{key}.json"))
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+        # a validator run by ValidationHandler carries the trainer's epoch
+        _atomic_json({"metric": name, "score": score, "epoch": engine.state.epoch, "metrics": metrics}, self.record_path)
+        logger.info(f"best {name} {score:.4f}: saved {self.save_dir / self.filename}")
+
+
+class PSFSnapshot:
+    """After each validation, export the current PSF (TIFF + JSON) and a PNG of its central slices.
+
+    Args:
+        blur: the PSF layer (has ``kernel()`` and ``export()``).
+        output_dir: folder; files ``psf_latest.tif``, ``psf_latest.json``, ``psf_latest.png``.
+        voxel_size: ``(z, y, x)`` µm for the PNG's aspect ratio (default: the layer's).
+    """
+
+    def __init__(self, blur: torch.nn.Module, output_dir: str, voxel_size: Sequence[float] | None = None) -> None:
+        self.blur = blur
+        self.output_dir = Path(output_dir)
+        self.voxel_size = voxel_size
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not hasattr(self.blur, "kernel"):
+            return  # the conventional cycleGAN's blur generator is a network, not a PSF
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.blur.export(str(self.output_dir / "psf_latest.tif"), str(self.output_dir / "psf_latest.json"))
+        with torch.no_grad():
+            kernel = self.blur.kernel().detach().float().cpu().numpy()
+        voxel = self.voxel_size or getattr(self.blur, "voxel_size", (1.0, 1.0, 1.0))
+        save_orthoslices(kernel, self.output_dir / "psf_latest.png", voxel_size=voxel, title="learned PSF")
+
+
+def save_orthoslices(volume, path: str | os.PathLike, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), title: str = "") -> Path:
+    """PNG of the XY, XZ and YZ central slices of a ``(Z, Y, X)`` volume, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    z, y, x = (s // 2 for s in volume.shape)
+    vz, vy, vx = voxel_size
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    views = [
+        (volume[z], vy / vx, "XY"),
+        (volume[:, y, :], vz / vx, "XZ"),
+        (volume[:, :, x], vz / vy, "YZ"),
+    ]
+    for ax, (img, aspect, name) in zip(axes, views):
+        ax.imshow(img, cmap="magma", aspect=aspect, interpolation="nearest")
+        ax.set_title(f"{title} {name}".strip())
+        ax.axis("off")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class ValidationHistory:
+    """Append every validation's metrics (with the trainer's epoch) to a JSON list, atomically.
+
+    Args:
+        path: output JSON file, e.g. ``<output_dir>/validation.json``.
+        blur: optional PSF layer whose ``physical_parameters()`` are recorded too.
+        epoch_length: iterations per trainer epoch, to record the iteration as well.
+    """
+
+    def __init__(self, path: str, blur: torch.nn.Module | None = None, epoch_length: int | None = None) -> None:
+        self.path = Path(path)
+        self.blur = blur
+        self.epoch_length = epoch_length
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        history = json.loads(self.path.read_text()) if self.path.is_file() else []
+        epoch = engine.state.epoch  # a validator run by ValidationHandler carries the trainer's epoch
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            "iteration": epoch * self.epoch_length if self.epoch_length else None,
+        }
+        entry.update({k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, torch.Tensor))})
+        if self.blur is not None and hasattr(self.blur, "physical_parameters"):
+            entry["psf"] = self.blur.physical_parameters()
+        history.append(entry)
+        _atomic_json(history, self.path)
+
+
+class BlurCalibration:
+    """Before the first iteration, set the blur path's gain and offset from the data.
+
+    Percentile-normalised blurred volumes do not obey ``y = h * x`` with a unit-sum PSF and a sharp
+    domain in [0, 1] (blurring a thin filament lowers its peak ~20×); without this calibration the
+    generator collapses to a near-zero output (DESIGN.md findings). Draws ``n_samples`` training
+    items and calls ``blur.calibrate(sharp, blurred, ...)``. Skipped when training resumes
+    (iteration > 0: the calibrated values come from the checkpoint) or when ``blur`` has no
+    ``calibrate`` (the conventional cycleGAN's network).
+
+    Args:
+        blur: the PSF layer.
+        dataset: the unpaired training dataset (items ``{"sharp", "blurred"}``).
+        n_samples: number of items drawn.
+        low_percentile: percentile of the blurred domain taken as background offset.
+        high_percentile: percentile matched between the blurred domain and ``h * x``.
+    """
+
+    def __init__(
+        self,
+        blur: torch.nn.Module,
+        dataset: Any,
+        n_samples: int = 16,
+        low_percentile: float = 1.0,
+        high_percentile: float = 99.9,
+    ) -> None:
+        self.blur = blur
+        self.dataset = dataset
+        self.n_samples = int(n_samples)
+        self.low_percentile = low_percentile
+        self.high_percentile = high_percentile
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration > 0 or not hasattr(self.blur, "calibrate"):
+            return
+        items = [self.dataset[i % len(self.dataset)] for i in range(self.n_samples)]
+        device = next(self.blur.parameters(), torch.empty(0)).device
+        sharp = torch.stack([torch.as_tensor(it["sharp"]) for it in items]).float().to(device)
+        blurred = torch.stack([torch.as_tensor(it["blurred"]) for it in items]).float().to(device)
+        with torch.no_grad():
+            result = self.blur.calibrate(
+                sharp, blurred, low_percentile=self.low_percentile, high_percentile=self.high_percentile
+            )
+        logger.info(f"blur path calibrated from {self.n_samples} samples: {result}")
