@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+from monai.utils import set_determinism
+
+from bundle.data import list_volumes, paired_datalist, paired_transforms, unpaired_dataset
+
+
+def test_list_volumes_folder_glob_file_and_errors(tiny_dataset, tmp_path):
+    folder = tiny_dataset / "train/sharp"
+    files = list_volumes(str(folder))
+    assert [f.endswith(".tif") for f in files] == [True, True] and files == sorted(files)
+    assert list_volumes(str(folder / "*.tif")) == files
+    assert list_volumes(files[0]) == [files[0]]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_volumes(str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no volume files"):
+        list_volumes(str(tmp_path))
+
+
+def test_paired_datalist_matches_names_and_reports_missing(tiny_dataset, tmp_path):
+    items = paired_datalist(str(tiny_dataset / "val/blurred"), str(tiny_dataset / "val/ground_truth"))
+    assert len(items) == 1 and items[0]["image"].endswith("val_000.tif") and items[0]["label"].endswith("val_000.tif")
+    (tmp_path / "gt").mkdir()
+    with pytest.raises(FileNotFoundError, match="ground truth"):
+        paired_datalist(str(tiny_dataset / "val/blurred"), str(tmp_path / "gt"))
+
+
+@pytest.mark.parametrize("patch", [(16, 16, 16), (32, 24, 24)])
+def test_unpaired_dataset(tiny_dataset, patch):
+    set_determinism(seed=0)
+    ds = unpaired_dataset(str(tiny_dataset / "train/sharp"), str(tiny_dataset / "train/blurred"), length=7, patch_size=patch)
+    assert len(ds) == 7
+    item = ds[0]
+    assert set(item) == {"sharp", "blurred"}
+    for key in ("sharp", "blurred"):
+        x = item[key]
+        assert tuple(x.shape) == (1, *patch) and x.dtype == torch.float32
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    crops = torch.stack([ds[i]["sharp"] for i in range(6)])
+    assert not torch.allclose(crops[0], crops[1])  # random crops differ
+    set_determinism(seed=None)
+
+
+def test_volumes_smaller_than_the_patch_are_padded(tiny_dataset):
+    ds = unpaired_dataset(str(tiny_dataset / "train/sharp"), str(tiny_dataset / "train/blurred"), length=1, patch_size=(48, 48, 48))
+    assert tuple(ds[0]["sharp"].shape) == (1, 48, 48, 48)
+
+
+def test_paired_transforms_keep_zyx_and_normalise(tiny_dataset):
+    items = paired_datalist(str(tiny_dataset / "val/blurred"), str(tiny_dataset / "val/ground_truth"))
+    out = paired_transforms()(items[0])
+    assert tuple(out["image"].shape) == (1, 32, 64, 64) == tuple(out["label"].shape)
+    assert float(out["label"].max()) == pytest.approx(1.0, abs=1e-6)
+    assert float(out["image"].min()) == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(out["image"].numpy()).all()

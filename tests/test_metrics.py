@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+
+from bundle.metrics import AffineFitPSNRMetric, AffineFitSSIMMetric, affine_fit, psnr, ssim
+
+
+def test_affine_fit_recovers_scaling():
+    torch.manual_seed(0)
+    t = torch.rand(2, 1, 8, 8, 8)
+    p = 0.25 * t - 3.0
+    torch.testing.assert_close(affine_fit(p, t), t, atol=1e-5, rtol=0)
+
+
+def test_affine_fit_of_constant_prediction_is_the_mean():
+    t = torch.rand(1, 1, 4, 4, 4)
+    out = affine_fit(torch.zeros_like(t), t)
+    torch.testing.assert_close(out, torch.full_like(t, float(t.mean())), atol=1e-6, rtol=0)
+
+
+def test_psnr_definition_uses_ground_truth_range():
+    t = torch.zeros(1, 1, 4, 4, 4)
+    t[..., 0, 0, 0] = 2.0
+    p = t + 0.1
+    mse = 0.01
+    assert psnr(p, t) == pytest.approx(10 * math.log10(4.0 / mse), abs=1e-3)
+    assert psnr(p[0, 0], t[0, 0], data_range=1.0) == pytest.approx(10 * math.log10(1.0 / mse), abs=1e-3)
+
+
+def test_affine_fit_metrics_score_a_rescaled_input_as_perfect():
+    torch.manual_seed(1)
+    t = torch.rand(1, 1, 16, 16, 16)
+    m = AffineFitPSNRMetric(max_val=1.0)
+    m(3 * t + 1, t)
+    assert float(m.aggregate()) > 80
+    s = AffineFitSSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)
+    s(3 * t + 1, t)
+    assert float(s.aggregate()) == pytest.approx(1.0, abs=1e-4)
+    assert ssim(3 * t + 1, t) < 0.9  # plain SSIM is not scale invariant
