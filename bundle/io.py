@@ -302,8 +302,9 @@ class TiffStackReader(ImageReader):
     ``get_data`` returns the array with the spatial axes in the order ``(Z, Y, X)`` (channel-first
     ``(C, Z, Y, X)`` with ``original_channel_dim=0`` for a multichannel file read with ``channel=None``),
     and a meta dict with ``spatial_shape``, ``original_channel_dim`` (``"no_channel"``), ``affine`` and
-    ``original_affine`` = ``diag(z, y, x, 1)`` in µm (identity if unknown), ``voxel_size`` (``(z, y, x)``
-    µm as a float64 array, or ``"none"`` if the file has no calibration), ``axes`` and
+    ``original_affine`` = ``diag(z, y, x, 1)`` in µm (identity if unknown), ``voxel_size`` (the file's
+    ``(z, y, x)`` µm as a float64 array, or ``"none"`` if it has no calibration; like
+    ``original_affine`` it is not updated by spatial transforms: the current one is ``img.pixdim``), ``axes`` and
     ``original_dtype``. So ``LoadImaged(keys="img", reader=TiffStackReader())`` followed by
     ``EnsureChannelFirstd(keys="img")`` gives ``(1, Z, Y, X)``.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 from monai.data.image_writer import resolve_writer
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImaged
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImaged, Spacingd
 
 from bundle.io import (
     TiffStackReader,
@@ -178,6 +178,26 @@ def test_monai_save_writes_3d_tiff_with_voxel_size(tmp_path):
     assert loaded.shape == (5, 7, 9) and loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, vol)
     np.testing.assert_allclose(meta["voxel_size"], VOXEL, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "resample,shape,voxel", [(False, (3, 4, 4), (0.6, 0.2, 0.36)), (True, (5, 7, 9), VOXEL)]
+)
+def test_monai_save_follows_spacing_or_resamples_back(tmp_path, resample, shape, voxel):
+    path = save_volume(tmp_path / "v.tif", _volume(np.float32), voxel_size=VOXEL)
+    pipeline = Compose(
+        [
+            LoadImaged(keys="img", reader="bundle.io.TiffStackReader", ensure_channel_first=True),
+            Spacingd(keys="img", pixdim=(0.6, 0.2, 0.36)),
+            SaveImaged(
+                keys="img", output_dir=tmp_path, output_ext=".tif", resample=resample, mode="bilinear"
+            ),
+        ]
+    )
+    pipeline({"img": str(path)})
+    loaded, meta = load_volume(tmp_path / "v" / "v_trans.tif")
+    assert loaded.shape == shape
+    np.testing.assert_allclose(meta["voxel_size"], voxel, rtol=1e-6)
 
 
 def test_writer_uint8_with_scale_and_multichannel(tmp_path):
