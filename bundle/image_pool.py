@@ -61,7 +61,8 @@ class ImagePool:
             images: ``(B, ...)`` batch of generated volumes, e.g. ``(B, 1, D, H, W)``.
 
         Returns:
-            ``(B, ...)`` detached tensor on the device and with the dtype of ``images``.
+            ``(B, ...)`` detached tensor on the device and with the dtype of ``images`` (``images``
+            itself when ``pool_size`` is 0).
         """
         if self.pool_size == 0:
             return images
