@@ -1,0 +1,11 @@
+"""MONAI bundle: unsupervised 3D deconvolution microscopy with a cycleGAN and a learnable blur kernel.
+
+Implements Lim, Park, Lee, Chang, Sim, Ye, "CycleGAN with a Blur Kernel for Deconvolution Microscopy:
+Optimal Transport Geometry", IEEE TCI 2020. Configs refer to components as ``bundle.<module>.<name>``
+after ``"$import bundle"``, so the submodules are imported here.
+"""
+
+from bundle import data, engine, handlers, image_pool, io, losses, metrics, networks, ops, physics, simulate  # noqa: F401
+from bundle.physics import forward, phantom, psf  # noqa: F401
+
+__version__ = "0.1.0"

@@ -33,6 +33,7 @@ class CycleGANKeys(StrEnum):
 
     SHARP = "sharp"
     BLURRED = "blurred"
+    PRED = "pred"  # G(y), the deblurred training crop
     LOSS = "loss"
     G_LOSS = "g_loss"
     D_LOSS = "d_loss"
@@ -96,7 +97,10 @@ class CycleGANTrainer(Trainer):
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate,
-        to_kwargs, amp_kwargs: as in ``monai.engines.SupervisedTrainer``.
+        to_kwargs, amp_kwargs: as in ``monai.engines.SupervisedTrainer``. As there, the output
+        holds the batch (``sharp``, ``blurred``, ``pred`` = G(y)) and every loss term, and with
+        ``decollate=True`` becomes a list of per-sample dicts, so ``from_engine(["loss"], first=True)``
+        (MONAI's tracking settings) reads the loss.
         optim_set_to_none: ``zero_grad(set_to_none=...)``.
     """
 
@@ -129,7 +133,7 @@ class CycleGANTrainer(Trainer):
         amp: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = False,
+        decollate: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
@@ -230,9 +234,11 @@ class CycleGANTrainer(Trainer):
         self._backward_step(d_loss, self.d_optimizer)
         if self.scaler is not None:
             self.scaler.update()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         out = {
+            k.SHARP: x,
+            k.BLURRED: y,
+            k.PRED: gy.detach(),
             k.LOSS: (g_loss + d_loss).detach(),
             k.G_LOSS: g_loss.detach(),
             k.D_LOSS: d_loss.detach(),
@@ -244,7 +250,9 @@ class CycleGANTrainer(Trainer):
         if self.blind:
             out[k.ADV_BLURRED] = adv_blurred.detach()
             out[k.D_BLURRED] = d_blurred_loss.detach()
-        return out
+        engine.state.output = out
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollation and postprocessing hook here
+        return engine.state.output
 
 
 def generator_param_groups(

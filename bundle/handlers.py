@@ -73,6 +73,8 @@ class ProgressBar:
         keys = self.output_keys
 
         def transform(output: Any) -> dict[str, float]:
+            if isinstance(output, list) and output:  # decollated: losses are repeated per sample
+                output = output[0]
             if not isinstance(output, dict):
                 return {}
             return {k: float(output[k]) for k in keys if k in output}
