@@ -38,6 +38,8 @@ class SimulateDataset:
         dataset_dir/
             train/sharp/sharp_000.tif ...      sharp domain X (ground-truth phantoms)
             train/blurred/blurred_000.tif ...  blurred domain Y (other phantoms, blurred + noise)
+            train/blurred_ground_truth/...     the phantoms behind train/blurred: only the supervised
+                                               baselines read them; the cycleGAN never does
             val/blurred/val_000.tif ...        paired with val/ground_truth/val_000.tif
             test/blurred/test_000.tif ...      paired with test/ground_truth/test_000.tif
             psf.tif                            the PSF used for blurring (voxel size in the file)
@@ -185,6 +187,9 @@ class SimulateDataset:
                 record["noise"] = {k: (None if v is None else float(v)) for k, v in stats.items()}
                 if kind == "blurred":
                     record["blurred"] = self._save(root, f"train/blurred/blurred_{i:03d}.tif", blurred, voxel)
+                    record["ground_truth"] = self._save(
+                        root, f"train/blurred_ground_truth/blurred_{i:03d}.tif", sharp, voxel
+                    )
                 else:
                     name = f"{split}_{i:03d}.tif"
                     record["blurred"] = self._save(root, f"{split}/blurred/{name}", blurred, voxel)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +32,45 @@ def tiny_dataset(tmp_path_factory):
         progress=False,
     ).run()
     return root
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_NONBLIND = "['configs/common.json','configs/train.json','configs/train_nonblind.json','configs/quick.json']"
+QUICK_EPOCHS = 12  # x 25 iterations; see tests/test_training.py for what it must reach
+
+
+def run_bundle(run_id: str, config_file: str, *overrides: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run <run_id>`` from the repository root; fail with its log tail."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def quick_dataset(tmp_path_factory):
+    """The README demo's simulated dataset (configs/simulate.json defaults: 4+4 train, 2 val, 1 test)."""
+    root = tmp_path_factory.mktemp("quick") / "data"
+    run_bundle("simulate", "configs/simulate.json", "--dataset_dir", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def quick_model(quick_dataset, tmp_path_factory):
+    """The quick non-blind model, trained once per test session through the bundle's command line.
+
+    Returns a dict with ``dataset_dir``, ``ckpt_dir`` (``model.pt``, ``blur.pt``, checkpoints) and
+    ``output_dir`` (``validation.json``, PSF snapshots).
+    """
+    out = tmp_path_factory.mktemp("quick_model")
+    paths = {"dataset_dir": quick_dataset, "ckpt_dir": out / "models", "output_dir": out / "eval"}
+    run_bundle(
+        "training", QUICK_NONBLIND,
+        "--dataset_dir", str(paths["dataset_dir"]),
+        "--ckpt_dir", str(paths["ckpt_dir"]),
+        "--output_dir", str(paths["output_dir"]),
+        "--max_epochs", str(QUICK_EPOCHS),
+        "--val_interval", "2",
+    )
+    return paths
