@@ -1,0 +1,644 @@
+"""Deconvolve volumes with a trained generator: MONAI components for ``configs/inference.json`` and a
+CSBDeep-style Python function, :func:`deconvolve`, built from the same pieces.
+
+Pipeline (identical from the command line and from Python)::
+
+    volume (Z, Y, X), any intensity
+      -> NormalizePercentilesd   the training normalisation of the blurred domain: percentiles
+                                 (p_lo, p_hi) of the volume -> [0, 1], clipped (values recorded)
+      -> Deconvolver             pad every axis to at least the window, MONAI SlidingWindowInferer
+                                 (windows of roi_size, overlap 0.25, Gaussian blending, windows on
+                                 ``sw_device``, stitched on the CPU), crop back; output in [0, 1]
+      -> RestoreIntensityd       "undo" the normalisation: out * (v_hi - v_lo) + v_lo, where v_lo, v_hi
+                                 are the input's values at the percentiles p_lo, p_hi; so the output
+                                 is in the input's [v_lo, v_hi] range (``output_range="normalized"``
+                                 keeps the network's [0, 1] output)
+      -> SaveVolumed             ``<name>_deconv<ext>`` with the input's voxel size, atomic, never
+                                 over an input
+
+Building blocks for other front ends (e.g. out-of-core or multi-GPU inference): :func:`load_network`
+(checkpoint / bundle folder / TorchScript -> module), :class:`Deconvolver` (one in-memory
+``(B, 1, D, H, W)`` block in [0, 1] -> sharp block in [0, 1], any size), :func:`deconvolve_normalized`
+and :func:`deconvolve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection, PathLike
+from monai.data import MetaTensor
+from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import MapTransform, ScaleIntensityRange
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+from torch import nn
+
+from bundle.data import list_volumes
+from bundle.io import VolumeError, _extension, load_volume, save_volume, validate_volume
+
+__all__ = [
+    "Deconvolver",
+    "CheckpointLoader",
+    "LoadVolumed",
+    "NormalizePercentilesd",
+    "RestoreIntensityd",
+    "SaveVolumed",
+    "deconvolve",
+    "deconvolve_normalized",
+    "inference_datalist",
+    "load_checkpoint",
+    "load_network",
+    "network_from_state_dict",
+    "output_path",
+]
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_RANGES = ("input", "normalized")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the network on a whole volume
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pad_to(x: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial axes of ``(B, C, *spatial)`` to at least ``size`` (centred); return the crop back.
+
+    Mirror padding (``reflect``) where the volume is long enough, edge replication otherwise.
+    """
+    spatial = x.shape[2:]
+    pads = [max(int(t) - int(s), 0) for s, t in zip(spatial, size)]
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, spatial))
+    if not any(pads):
+        return x, crop
+    flat: list[int] = []
+    for p in reversed(pads):  # F.pad wants the last axis first
+        flat += [p // 2, p - p // 2]
+    reflect_ok = all(p - p // 2 < s for p, s in zip(pads, spatial))
+    return F.pad(x, flat, mode="reflect" if reflect_ok else "replicate"), crop
+
+
+class Deconvolver(nn.Module):
+    """Apply the deblurring generator G to a volume of any size: pad, sliding window, crop.
+
+    ``DeblurUNet`` needs sides divisible by 16; MONAI's ``SlidingWindowInferer`` only ever feeds it
+    windows of ``roi_size`` (a multiple of 16), and pads a volume smaller than a window itself, but
+    with a mirror pad that fails when the volume is less than half the window. So every axis
+    shorter than the window is padded here first (mirror, or edge replication for tiny volumes),
+    the sliding window runs, and the result is cropped back to the input's shape. Windows are
+    processed ``sw_batch_size`` at a time (keep it >= 2 on CPU: PyTorch's conv3d takes a slow path
+    for batch 1) on ``sw_device``; the stitched output lives on the inferer's ``device`` (the CPU
+    in ``configs/inference.json``), so volumes larger than GPU memory work.
+
+    Args:
+        network: the generator, ``(B, 1, d, h, w) -> (B, 1, d, h, w)`` in [0, 1].
+        inferer: a ``SlidingWindowInferer`` (e.g. ``common.json``'s ``inferer``); if None one is
+            built from the arguments below.
+        roi_size: window size ``(D, H, W)``, multiples of ``divisor``.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap fraction (0.25 = 16 voxels at 64³, as in the paper).
+        mode: blending, ``"gaussian"`` or ``"constant"``.
+        sw_device: device of the windows (the network's device); None = the input's.
+        device: device of the stitched output; None = the input's.
+        progress: tqdm bar over the windows.
+        divisor: the network's size divisor (16 for 4 poolings).
+
+    Example::
+
+        >>> g = DeblurUNet(features=(16, 16, 32, 64, 128, 16)).eval()
+        >>> deconv = Deconvolver(g, roi_size=(32, 32, 32))
+        >>> with torch.no_grad():
+        ...     y = deconv(torch.rand(1, 1, 20, 70, 45))  # (B, 1, D, H, W) in [0, 1] -> same shape
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: SlidingWindowInferer | None = None,
+        roi_size: Sequence[int] = (64, 64, 64),
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = "cpu",
+        progress: bool = False,
+        divisor: int = 16,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        if inferer is None:
+            inferer = SlidingWindowInferer(
+                roi_size=tuple(int(r) for r in roi_size),
+                sw_batch_size=int(sw_batch_size),
+                overlap=overlap,
+                mode=mode,
+                padding_mode="reflect",
+                sw_device=sw_device,
+                device=device,
+                progress=progress,
+            )
+        roi = tuple(int(r) for r in np.broadcast_to(inferer.roi_size, (3,)))
+        if any(r <= 0 or r % divisor for r in roi) or all(r == divisor for r in roi):
+            raise ValueError(f"roi_size must be multiples of {divisor} (and not {divisor}^3), got {roi}")
+        self.inferer = inferer
+        self.roi_size = roi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: ``(B, 1, D, H, W)`` normalised to [0, 1], any D, H, W >= 1.
+
+        Returns: ``(B, 1, D, H, W)`` on the inferer's ``device`` (the input's if None).
+        """
+        if x.ndim != 5:
+            raise ValueError(f"Deconvolver expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        padded, crop = _pad_to(torch.as_tensor(x), self.roi_size)
+        out = self.inferer(padded, self.network)
+        return out[(slice(None), slice(None), *crop)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading a model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A ``DeblurUNet`` whose sizes (channels, the six ``features``) are read from a state dict.
+
+    Raises:
+        KeyError: the state dict is not a ``DeblurUNet``'s.
+    """
+    from bundle.networks import DeblurUNet
+
+    def out_ch(key: str) -> int:
+        return int(state_dict[f"unet.{key}.conv.weight"].shape[0])
+
+    first = state_dict["unet.conv_0.conv_0.conv.weight"]
+    features = [out_ch("conv_0.conv_0")] + [out_ch(f"down_{i}.convs.conv_0") for i in range(1, 5)]
+    features.append(out_ch("upcat_1.convs.conv_0"))
+    return DeblurUNet(
+        in_channels=int(first.shape[1]),
+        out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
+        features=features,
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (train a model first, or pass --ckpt_path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]  # {"model": state_dict}, as MONAI's CheckpointSaver writes
+    if isinstance(state, Mapping) and "g_deblur" in state and isinstance(state["g_deblur"], Mapping):
+        state = state["g_deblur"]  # a training checkpoint (ResumableCheckpoint)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
+    return dict(state)
+
+
+def load_checkpoint(network: nn.Module, path: PathLike) -> nn.Module:
+    """Load ``model.pt`` (a state dict, ``{"model": ...}`` or a training checkpoint) into ``network``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file, when it is unreadable or does not match the network (e.g. trained
+            with other ``generator_features``: pass the same config overrides as for training).
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()
+        raise ValueError(
+            f"{path}: checkpoint does not match the network ({'; '.join(detail[:4])[:600]}). Use the configs "
+            "the model was trained with (e.g. add configs/quick.json for a quick model)"
+        ) from exc
+    return network
+
+
+class CheckpointLoader(_MonaiCheckpointLoader):
+    """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file (and say what to do).
+
+    Args: as ``monai.handlers.CheckpointLoader`` (``load_path``, ``load_dict``, ...). With a single
+    network in ``load_dict`` the file may be a bare state dict, ``{"model": ...}`` or a training
+    checkpoint; the loading is :func:`load_checkpoint`.
+    """
+
+    def __call__(self, engine: Any) -> None:
+        if len(self.load_dict) == 1:
+            load_checkpoint(next(iter(self.load_dict.values())), self.load_path)
+            logger.info(f"restored {self.load_path}")
+            return
+        try:
+            super().__call__(engine)
+        except Exception as exc:
+            raise ValueError(f"{self.load_path}: cannot load checkpoint ({exc})") from exc
+
+
+def load_network(model: nn.Module | PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """The generator, in eval mode on ``device``, from a module, a checkpoint or a trained bundle.
+
+    Args:
+        model: an ``nn.Module``; a state-dict file (``model.pt``); a TorchScript file (``.ts``); or a
+            folder: a bundle root (``models/model.pt``, network from its ``configs/common.json``
+            ``network_def`` when that matches) or a checkpoint folder (``model.pt``). Without a
+            matching config the ``DeblurUNet`` sizes are read from the state dict.
+        device: target device; None keeps a module's device and puts files on the CPU.
+    """
+    if isinstance(model, nn.Module):
+        net = model
+    else:
+        path = Path(model)
+        if path.is_dir():
+            bundle_root = path
+            for candidate in (path / "models" / "model.pt", path / "model.pt", path / "models" / "model.ts"):
+                if candidate.is_file():
+                    path = candidate
+                    break
+            else:
+                raise FileNotFoundError(f"{model}: no models/model.pt, model.pt or models/model.ts in this folder")
+        else:
+            bundle_root = None
+        if path.suffix == ".ts":
+            try:
+                net = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:
+                raise ValueError(f"{path}: cannot load TorchScript model ({exc})") from exc
+        else:
+            state = _read_state_dict(path)
+            net = None
+            config = None if bundle_root is None else bundle_root / "configs" / "common.json"
+            if config is not None and config.is_file():
+                from monai.bundle import ConfigParser
+
+                parser = ConfigParser()
+                parser.read_config(str(config))
+                parser["bundle_root"] = str(bundle_root)
+                candidate_net = parser.get_parsed_content("network_def", instantiate=True)
+                if _matches(candidate_net, state):
+                    net = candidate_net
+            if net is None:
+                try:
+                    net = network_from_state_dict(state)
+                except KeyError as exc:
+                    raise ValueError(f"{path}: not a DeblurUNet checkpoint (missing {exc})") from exc
+            load_checkpoint(net, path)
+    if device is not None:
+        net = net.to(device)
+    return net.eval()
+
+
+def _matches(net: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    own = net.state_dict()
+    return own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MONAI transforms
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoadVolumed(MapTransform):
+    """Load ``(Z, Y, X)`` stacks with :func:`bundle.io.load_volume` into ``(1, Z, Y, X)`` float32 MetaTensors.
+
+    TIFF (ImageJ, OME), NIfTI and the formats ITK reads, with the voxel size (µm) in
+    ``meta["voxel_size"]`` (NaN if unknown) and ``meta["filename_or_obj"]``; invalid files raise
+    ``VolumeError`` naming the file (2D, multichannel without ``channel``, NaN/Inf, constant, ...).
+
+    Args:
+        keys: keys holding file paths.
+        channel: channel to keep from multichannel files.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", channel: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channel = channel
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume, meta = load_volume(d[key], channel=self.channel, dtype=np.float32)
+            voxel = meta["voxel_size"]
+            d[key] = MetaTensor(
+                torch.from_numpy(volume)[None],
+                affine=torch.diag(torch.tensor([*(voxel or (1.0, 1.0, 1.0)), 1.0], dtype=torch.float64)),
+                meta={
+                    "filename_or_obj": str(meta["path"]),
+                    "voxel_size": torch.tensor(voxel if voxel else [float("nan")] * 3, dtype=torch.float64),
+                    "original_dtype": meta["original_dtype"],
+                },
+            )
+        return d
+
+
+def _percentile_range(img: torch.Tensor, percentiles: Sequence[float]) -> tuple[float, float]:
+    lower, upper = percentiles
+    return float(percentile(img, lower)), float(percentile(img, upper))  # type: ignore[arg-type]
+
+
+class NormalizePercentilesd(MapTransform):
+    """Map the ``(lower, upper)`` percentiles of each volume to [0, 1] (clipped), recording the values.
+
+    Numerically the same as the training normalisation (``bundle.data.normalize_transforms``, i.e.
+    MONAI's ``ScaleIntensityRangePercentiles`` with ``relative=False``), and it stores the input's
+    values at those percentiles in ``d[f"{key}_range"] = (v_lo, v_hi)`` so :class:`RestoreIntensityd`
+    can map the output back.
+
+    Args:
+        keys: keys of ``(1, Z, Y, X)`` tensors.
+        percentiles: ``(lower, upper)`` in [0, 100] (the blurred domain's, ``blurred_percentiles``).
+        clip: clip to [0, 1].
+
+    Raises:
+        VolumeError: naming the file when both percentiles have the same value (a nearly empty
+            volume: nothing to normalise by).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        percentiles: Sequence[float] = (0.1, 99.9),
+        clip: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must be (lower, upper) with 0 <= lower < upper <= 100, got {percentiles}")
+        self.clip = clip
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            lo, hi = _percentile_range(img, self.percentiles)
+            if not hi > lo:
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", "<array>")
+                raise VolumeError(
+                    f"{name}: the {self.percentiles[0]} and {self.percentiles[1]} percentiles are both {lo:g} "
+                    "(almost every voxel has the same value); nothing to deconvolve, or choose other percentiles"
+                )
+            d[key] = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=self.clip)(d[key])
+            d[f"{key}_range"] = torch.tensor([lo, hi], dtype=torch.float64)
+        return d
+
+
+class RestoreIntensityd(MapTransform):
+    """Undo :class:`NormalizePercentilesd` on the prediction: ``pred * (v_hi - v_lo) + v_lo``.
+
+    The network's [0, 1] output is mapped to the input's percentile range ``[v_lo, v_hi]`` (the input
+    values at the normalisation percentiles), so 0 is the input's background level and 1 the input's
+    bright level. With ``output_range="normalized"`` the [0, 1] output is kept.
+
+    Args:
+        keys: prediction keys.
+        range_key: key of ``(v_lo, v_hi)`` written by :class:`NormalizePercentilesd`.
+        output_range: ``"input"`` or ``"normalized"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        range_key: str = "image_range",
+        output_range: str = "input",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if output_range not in OUTPUT_RANGES:
+            raise ValueError(f"output_range must be one of {OUTPUT_RANGES}, got {output_range!r}")
+        self.range_key, self.output_range = range_key, output_range
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.output_range == "normalized":
+            return d
+        lo, hi = (float(v) for v in torch.as_tensor(d[self.range_key]).reshape(-1)[:2])
+        for key in self.key_iterator(d):
+            d[key] = d[key] * (hi - lo) + lo
+        return d
+
+
+def output_path(input_path: PathLike, output_dir: PathLike, suffix: str = "_deconv", output_ext: str | None = None) -> Path:
+    """``output_dir/<input name without extension><suffix><ext>``; ext defaults to the input's
+    (``.ome.tif`` becomes ``.tif``: the output is an ImageJ TIFF)."""
+    name = Path(input_path).name
+    ext = _extension(input_path)
+    stem = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else Path(name).stem
+    ext = output_ext or (".tif" if ext in (".ome.tif", ".ome.tiff") else ext)
+    return Path(output_dir) / f"{stem}{suffix}{ext}"
+
+
+class SaveVolumed(MapTransform):
+    """Write each prediction next to nothing it came from: ``output_dir/<name><suffix><ext>``.
+
+    Uses :func:`bundle.io.save_volume` (atomic; TIFF/NIfTI/ITK by extension), with the voxel size of
+    the input and ``protect=[input]``, so an input is never overwritten.
+
+    Args:
+        keys: prediction keys, ``(1, Z, Y, X)`` or ``(Z, Y, X)``.
+        output_dir: output folder (created when the first file is written).
+        meta_key: key of the input MetaTensor whose meta gives the file name and voxel size.
+        suffix: appended to the input's name.
+        output_ext: e.g. ``".tif"``; None keeps the input's extension.
+        dtype: written dtype (float32 keeps the restored intensities exactly).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: PathLike = "./eval",
+        meta_key: str = "image",
+        suffix: str = "_deconv",
+        output_ext: str | None = None,
+        dtype: Any = np.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir, self.meta_key, self.suffix = Path(output_dir), meta_key, suffix
+        self.output_ext, self.dtype = output_ext, dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        meta = d[self.meta_key].meta
+        src = meta["filename_or_obj"]
+        voxel = [float(v) for v in torch.as_tensor(meta["voxel_size"]).reshape(-1)]
+        voxel_size = None if any(not np.isfinite(v) for v in voxel) else voxel
+        for key in self.key_iterator(d):
+            volume = torch.as_tensor(d[key]).detach().cpu().float().numpy()
+            path = output_path(src, self.output_dir, self.suffix, self.output_ext)
+            save_volume(path, volume, voxel_size=voxel_size, dtype=self.dtype, protect=[src])
+            d[f"{key}_path"] = str(path)
+            logger.info(f"{src} -> {path}")
+        return d
+
+
+def inference_datalist(
+    input: str | Sequence[str],
+    output_dir: PathLike,
+    channel: int | None = None,
+    percentiles: Sequence[float] = (0.1, 99.9),
+    suffix: str = "_deconv",
+    output_ext: str | None = None,
+    check: bool = True,
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for a file, folder or glob, checked before anything is written.
+
+    With ``check`` every file is read once (:func:`bundle.io.load_volume`) and its normalisation
+    percentiles are computed, so a bad file anywhere in the list stops the run before the first
+    output is written. Output names are checked too: none may be an input or collide with another.
+
+    Raises:
+        FileNotFoundError: nothing matches ``input``.
+        VolumeError: naming the first bad file.
+    """
+    files = list_volumes(input)
+    inputs = {Path(f).resolve() for f in files}
+    seen: dict[Path, str] = {}
+    for f in files:
+        out = output_path(f, output_dir, suffix, output_ext).resolve()
+        if out in inputs:
+            raise VolumeError(f"{f}: its output {out} would overwrite an input; choose another output_dir or suffix")
+        if out in seen:
+            raise VolumeError(f"{f}: its output {out} collides with the output of {seen[out]}")
+        seen[out] = f
+        if check:
+            volume, _ = load_volume(f, channel=channel, dtype=np.float32)
+            NormalizePercentilesd("image", percentiles)({"image": MetaTensor(torch.from_numpy(volume), meta={"filename_or_obj": f})})
+    return [{"image": f} for f in files]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Python API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def deconvolve_normalized(
+    volume: np.ndarray | torch.Tensor,
+    deconvolver: Deconvolver,
+    percentiles: Sequence[float] | None = (0.1, 99.9),
+    output_range: str = "input",
+) -> np.ndarray:
+    """Normalise, deconvolve and restore one ``(Z, Y, X)`` volume with a ready :class:`Deconvolver`.
+
+    The same transforms as ``configs/inference.json``: :class:`NormalizePercentilesd` (skipped if
+    ``percentiles`` is None: the volume must already be in [0, 1]), ``deconvolver`` under
+    ``torch.no_grad``, :class:`RestoreIntensityd`.
+
+    Returns:
+        float32 ``(Z, Y, X)``.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
+    d: dict[str, Any] = {"image": x.float()[None]}
+    if percentiles is not None:
+        d = NormalizePercentilesd("image", percentiles)(d)
+    elif output_range == "input":
+        output_range = "normalized"  # nothing to undo
+    with torch.no_grad():
+        d["pred"] = deconvolver(torch.as_tensor(d["image"])[None])[0]
+    d = RestoreIntensityd("pred", "image_range", output_range)(d)
+    return torch.as_tensor(d["pred"])[0].detach().cpu().float().numpy()
+
+
+def _to_zyx(volume: np.ndarray, axes: str, channel: int | None) -> tuple[np.ndarray, str]:
+    axes = axes.upper()
+    if sorted(axes) not in (sorted("ZYX"), sorted("CZYX")) or len(axes) != volume.ndim:
+        raise ValueError(
+            f"axes must name each axis of the volume once with Z, Y, X (and C), got axes={axes!r} for "
+            f"shape {volume.shape}"
+        )
+    if "C" in axes:
+        c = axes.index("C")
+        n = volume.shape[c]
+        if channel is None and n > 1:
+            raise VolumeError(f"<array>: has {n} channels (axes {axes}); choose one with channel=0..{n - 1}")
+        channel = 0 if channel is None else channel
+        if not 0 <= channel < n:
+            raise VolumeError(f"<array>: channel={channel} requested but it has {n} channel(s)")
+        volume = np.take(volume, channel, axis=c)
+        axes = axes.replace("C", "")
+    return np.transpose(volume, [axes.index(a) for a in "ZYX"]), axes
+
+
+def deconvolve(
+    volume: np.ndarray | torch.Tensor,
+    model: nn.Module | PathLike,
+    axes: str = "ZYX",
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: torch.device | str | None = None,
+    normalize: Sequence[float] | None = (0.1, 99.9),
+    output_range: str = "input",
+    progress: bool = True,
+    channel: int | None = None,
+) -> np.ndarray:
+    """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
+
+    Args:
+        volume: the stack; ``axes`` names its axes.
+        model: trained bundle folder, checkpoint folder, ``model.pt``, ``model.ts`` or an ``nn.Module``
+            (see :func:`load_network`).
+        axes: axis order of ``volume``, a permutation of ``"ZYX"`` or ``"CZYX"`` (e.g. ``"YXZ"``,
+            ``"XYZ"``, ``"ZCYX"``).
+        roi_size: sliding-window size ``(Z, Y, X)``, multiples of 16; default: the bundle's
+            ``patch_size`` for a bundle folder, else 64³ (the paper's).
+        overlap: window overlap (0.25: the paper's 16 voxels at 64³), Gaussian blending.
+        sw_batch_size: windows per forward pass (>= 2 on CPU, see :class:`Deconvolver`).
+        device: device of the network and the windows; default CUDA if available. The whole volume
+            and the stitched result stay on the CPU.
+        normalize: ``(lower, upper)`` percentiles mapped to [0, 1] before the network (the training
+            normalisation of the blurred domain, ``blurred_percentiles``); None if the volume is
+            already in [0, 1].
+        output_range: ``"input"``: the [0, 1] output mapped back to the input's values at those
+            percentiles; ``"normalized"``: the network's [0, 1] output.
+        progress: progress bar over the windows.
+        channel: channel to deconvolve when ``axes`` has ``C`` with more than one channel.
+
+    Returns:
+        float32 array with the input's axes (a ``C`` axis keeps size 1).
+
+    Example::
+
+        >>> from bundle.inference import deconvolve
+        >>> sharp = deconvolve(stack, model="path/to/bundle", axes="ZYX")
+    """
+    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    zyx, spatial_axes = _to_zyx(arr, axes, channel)
+    validate_volume(zyx, None)
+    if device is None:
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    network = load_network(model, device)
+    if roi_size is None:
+        roi_size = _bundle_setting(model, "patch_size", (64, 64, 64))
+    deconvolver = Deconvolver(
+        network, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+        sw_device=device, device="cpu", progress=progress,
+    )
+    out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
+    out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
+    if "C" in axes.upper():
+        out = np.expand_dims(out, axes.upper().index("C"))
+    return out
+
+
+def _bundle_setting(model: Any, key: str, default: Any) -> Any:
+    """A value of a bundle folder's ``configs/common.json`` (the default if there is none)."""
+    if isinstance(model, (str, os.PathLike)) and (Path(model) / "configs" / "common.json").is_file():
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(Path(model) / "configs" / "common.json"))
+        if key in parser.config:  # type: ignore[operator]
+            return parser.get_parsed_content(key)
+    return default
