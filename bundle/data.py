@@ -35,6 +35,8 @@ __all__ = [
     "train_transforms",
     "UnpairedDataset",
     "unpaired_dataset",
+    "paired_train_transforms",
+    "paired_dataset",
 ]
 
 VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -214,4 +216,83 @@ def unpaired_dataset(
         domain(list_volumes(sharp_dir), sharp_percentiles),
         domain(list_volumes(blurred_dir), blurred_percentiles),
         length=length,
+    )
+
+
+def paired_train_transforms(
+    patch_size: Sequence[int] = (64, 64, 64),
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    clip: bool = True,
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+) -> Compose:
+    """Training pipeline of the supervised baselines: the same random crop, rotation and flips for
+    the blurred ``"image"`` and its ground truth ``"label"``.
+
+    Each key is normalised like its domain (``image`` like the blurred domain, ``label`` like the
+    sharp domain, as in :func:`paired_transforms`); MONAI's dictionary transforms draw one set of
+    random parameters per call and apply it to every key, so the pair stays aligned.
+
+    Args:
+        patch_size: crop size ``(D, H, W)``; smaller volumes are zero-padded first.
+        image_percentiles: normalisation of the blurred image, percentiles mapped to [0, 1].
+        label_percentiles: normalisation of the ground truth, percentiles mapped to [0, 1].
+        clip: clip intensities to [0, 1].
+        rotate_axes: spatial axes of the random 90° rotations (in-plane ``(1, 2)`` by default).
+        flip_prob: probability of a flip along each axis.
+        rotate_prob: probability of a random 90° rotation.
+
+    Example::
+
+        >>> t = paired_train_transforms((32, 32, 32))
+        >>> item = t({"image": "train/blurred/blurred_000.tif", "label": "train/blurred_ground_truth/blurred_000.tif"})
+        >>> item["image"].shape, item["label"].shape  # (1, 32, 32, 32) each
+    """
+    keys = ("image", "label")
+    return Compose(
+        normalize_transforms(("image",), image_percentiles, clip)
+        + normalize_transforms(("label",), label_percentiles, clip)
+        + [
+            SpatialPadd(keys=keys, spatial_size=patch_size),
+            RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
+            RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+        ]
+    )
+
+
+def paired_dataset(
+    image_dir: str,
+    label_dir: str,
+    patch_size: Sequence[int] = (64, 64, 64),
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    rotate_axes: Sequence[int] = (1, 2),
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> CacheDataset:
+    """Paired training dataset ``{"image": blurred crop, "label": ground-truth crop}`` for the
+    supervised baselines (files matched by name, see :func:`paired_datalist`).
+
+    Loading and normalisation are cached; crops, rotations and flips are redrawn for every item.
+    The dataset has one item per volume: draw ``epoch_length * batch_size`` items per epoch with a
+    ``RandomSampler(replacement=True, num_samples=...)`` in the DataLoader.
+
+    Args:
+        image_dir: blurred volumes (e.g. ``train/blurred``).
+        label_dir: their ground truth, same file names (e.g. ``train/blurred_ground_truth``).
+        patch_size: random crop size ``(D, H, W)``.
+        image_percentiles: normalisation of the blurred volumes.
+        label_percentiles: normalisation of the ground truth.
+        rotate_axes: spatial axes of the random 90° rotations.
+        cache_rate: fraction of volumes cached after normalisation.
+        num_workers: threads used to fill the cache.
+    """
+    transform = paired_train_transforms(patch_size, image_percentiles, label_percentiles, True, rotate_axes)
+    return CacheDataset(
+        paired_datalist(image_dir, label_dir), transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
     )
