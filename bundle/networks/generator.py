@@ -83,6 +83,14 @@ class DeblurUNet(nn.Module):
 
         Returns: ``(B, out_channels, D, H, W)``, in (0, 1) with the sigmoid.
         """
+        if not torch.jit.is_scripting():  # TorchScript (ckpt_export) cannot compile the checks' messages
+            self._check_input(x)
+        out = self.unet(x)
+        return torch.sigmoid(out) if self.out_activation == "sigmoid" else out
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError explaining a wrong input shape (not compiled by TorchScript)."""
         if x.ndim != 5:
             raise ValueError(f"DeblurUNet expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         bad = [s for s in x.shape[2:] if s % self.divisor]
@@ -97,5 +105,3 @@ class DeblurUNet(nn.Module):
                 f"DeblurUNet needs an input larger than {self.divisor}^3 (its bottleneck would be one voxel, "
                 "where instance norm is undefined); use e.g. 32^3 patches"
             )
-        out = self.unet(x)
-        return torch.sigmoid(out) if self.out_activation == "sigmoid" else out
