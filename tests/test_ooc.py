@@ -1,0 +1,89 @@
+"""Out-of-core inference (bundle.ooc) equals in-memory inference (bundle.inference.deconvolve)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("zarr")
+
+from bundle.inference import deconvolve  # noqa: E402
+from bundle.networks import DeblurUNet  # noqa: E402
+from bundle.ooc import deconvolve_zarr, estimate_percentiles, open_volume, window_grid, write_ome_zarr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    net = DeblurUNet(features=(4, 4, 8, 8, 16, 4), last_bias=0.0).eval()
+    return net
+
+
+def _volume(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.gamma(2.0, 50.0, size=shape) + 100).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,block_size,overlap",
+    [
+        ((40, 72, 56), (32, 32, 32), 0.25),  # many groups, halos in every direction
+        ((20, 70, 45), (16, 48, 16), 0.5),  # z shorter than the window: padded like in memory
+    ],
+)
+def test_equals_in_memory(tmp_path, tiny_net, shape, block_size, overlap):
+    volume = _volume(shape)
+    src = write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(16, 32, 32))
+    assert src.shape == shape
+    kwargs = dict(roi_size=(32, 32, 32), overlap=overlap, sw_batch_size=2, normalize=(0.1, 99.9))
+    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, output_range="normalized", **kwargs)
+    out = deconvolve_zarr(
+        tmp_path / "in.ome.zarr",
+        tmp_path / "out.ome.zarr",
+        tiny_net,
+        device="cpu",
+        block_size=block_size,
+        chunks=(16, 32, 32),
+        output_range="normalized",
+        **kwargs,
+    )
+    got = np.asarray(out[...])
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    arr, voxel = open_volume(tmp_path / "out.ome.zarr")
+    assert voxel == (0.2, 0.1, 0.1) and arr.attrs["complete"] is True
+
+
+def test_output_range_input_restores_intensities(tmp_path, tiny_net):
+    volume = _volume((32, 48, 40), seed=1)
+    kwargs = dict(roi_size=(32, 32, 32), overlap=0.25, sw_batch_size=2)
+    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, **kwargs)
+    out = deconvolve_zarr(
+        volume, tmp_path / "o.zarr", tiny_net, device="cpu", block_size=(32, 16, 16), **kwargs
+    )
+    np.testing.assert_allclose(np.asarray(out[...]), ref, rtol=1e-6, atol=1e-5 * float(np.ptp(volume)))
+
+
+def test_window_grid_is_monais():
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    size, roi = (70, 130, 64), (32, 64, 64)
+    expected = dense_patch_slices(size, roi, _get_scan_interval(size, roi, 3, (0.25,) * 3))
+    assert window_grid(size, roi, 0.25) == list(expected)
+
+
+def test_percentiles_exact_then_subsampled():
+    volume = _volume((20, 30, 40), seed=2)
+    lo, hi = estimate_percentiles(volume, (1.0, 99.0))
+    np.testing.assert_allclose([lo, hi], np.percentile(volume, [1.0, 99.0]), rtol=1e-5)
+    lo2, hi2 = estimate_percentiles(volume, (1.0, 99.0), max_samples=2000)
+    assert abs(lo2 - lo) < 0.2 * (hi - lo) and abs(hi2 - hi) < 0.2 * (hi - lo)
+
+
+def test_refuses_to_overwrite(tmp_path, tiny_net):
+    volume = _volume((32, 32, 32))
+    deconvolve_zarr(volume, tmp_path / "o.zarr", tiny_net, roi_size=(32, 32, 32), device="cpu")
+    with pytest.raises(FileExistsError):
+        deconvolve_zarr(volume, tmp_path / "o.zarr", tiny_net, roi_size=(32, 32, 32), device="cpu")
