@@ -268,32 +268,55 @@ class PSFSnapshot:
         save_orthoslices(kernel, self.output_dir / "psf_latest.png", voxel_size=voxel, title="learned PSF")
 
 
-def save_orthoslices(volume, path: str | os.PathLike, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), title: str = "") -> Path:
-    """PNG of the XY, XZ and YZ central slices of a ``(Z, Y, X)`` volume, written atomically."""
+def save_orthoslices(
+    volume,
+    path: str | os.PathLike,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str | Sequence[str] = "",
+) -> Path:
+    """PNG of the XY, XZ and YZ central slices of ``(Z, Y, X)`` volumes, written atomically.
+
+    Args:
+        volume: one ``(Z, Y, X)`` array, or a sequence of them (one row each, e.g. input / output /
+            ground truth, the paper's figure style); slices through each volume's centre.
+        path: output PNG (900 pixels wide, 320 high per row).
+        voxel_size: ``(z, y, x)`` for the aspect ratio.
+        title: one title, or one per volume.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    z, y, x = (s // 2 for s in volume.shape)
+    volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    titles = [title] * len(volumes) if isinstance(title, str) else list(title)
     vz, vy, vx = voxel_size
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    views = [
-        (volume[z], vy / vx, "XY"),
-        (volume[:, y, :], vz / vx, "XZ"),
-        (volume[:, :, x], vz / vy, "YZ"),
-    ]
-    for ax, (img, aspect, name) in zip(axes, views):
-        ax.imshow(img, cmap="magma", aspect=aspect, interpolation="nearest")
-        ax.set_title(f"{title} {name}".strip())
-        ax.axis("off")
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3.2 * len(volumes)), squeeze=False)
+    for row, vol, name in zip(axes, volumes, titles):
+        z, y, x = (s // 2 for s in vol.shape)
+        views = [
+            (vol[z], vy / vx, "XY"),
+            (vol[:, y, :], vz / vx, "XZ"),
+            (vol[:, :, x], vz / vy, "YZ"),
+        ]
+        for ax, (img, aspect, view) in zip(row, views):
+            ax.imshow(img, cmap="magma", aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{name} {view}".strip())
+            ax.axis("off")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
