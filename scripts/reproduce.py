@@ -1,0 +1,691 @@
+#!/usr/bin/env python
+"""Reproduce the paper's simulation study (Lim et al., IEEE TCI 2020, Tables I–II, Figs. 6–9).
+
+Steps (each skipped when its result is already on disk, so an interrupted run resumes):
+
+1. simulate the training data (Born & Wolf PSF, 20 dB average SNR; ``configs/simulate.json``) and
+   the test sets: Born & Wolf at every noise level of Fig. 8 (no noise, 20, 10, 5, 2.5, 1.25 dB)
+   and the vectorial (Richards & Wolf) PSF at 20 dB (Table II). All test sets hold the *same*
+   phantoms (one seed), so every method and condition is scored on identical objects;
+2. train every learned method with ``python -m monai.bundle run training`` (a subprocess each, the
+   bundle's configs layered: ``common.json + train.json + <method overrides> + <scale overrides>``;
+   resumed from the newest checkpoint after an interruption). The best model by validation PSNR
+   (``ckpt_dir/model.pt``) is the one tested;
+3. choose Richardson–Lucy's iteration count on the validation volume (never on test);
+4. deconvolve every test volume with every method through the inference pipeline of the bundle
+   (``configs/inference.json`` [+ ``inference_rl.json``]: same normalisation, sliding window) and
+   score it against the ground truth with one normalisation for all (see ``NORMALISATION``);
+5. write ``results.json``, ``results.md`` (Table I, Table II, noise sweep, with the paper's numbers
+   beside ours), ``noise_sweep.png`` and XY/XZ/YZ figures.
+
+Scales: ``tiny`` (a test: a few iterations, minutes), ``small`` (2 CPU cores, about an hour),
+``paper`` (the paper's sizes: 128×256×512 volumes, 18/1/1, 64³ crops, lr 1e-4, full-size networks;
+for a GPU).
+
+Example::
+
+    python scripts/reproduce.py --scale small --output docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("reproduce")
+
+#: learned methods: config files layered after common.json (the scale's overrides come last)
+METHOD_CONFIGS: dict[str, list[str]] = {
+    "supervised": ["configs/train.json", "configs/train_supervised.json"],
+    "supervised_gan": ["configs/train.json", "configs/train_supervised.json", "configs/train_supervised_gan.json"],
+    "conventional": ["configs/train.json", "configs/train_conventional.json"],
+    "blind": ["configs/train.json"],
+    "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
+}
+CLASSICAL = ("rl",)
+ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "rl")
+LABELS = {
+    "input": "input (blurred + noise)",
+    "supervised": "supervised U-Net, MSE",
+    "supervised_gan": "supervised U-Net, MSE + LS-GAN",
+    "conventional": "conventional cycleGAN (two U-Nets)",
+    "blind": "proposed, blind (learned PSF)",
+    "nonblind": "proposed, non-blind (known PSF)",
+    "rl": "Richardson–Lucy (known PSF)",
+}
+#: the paper's numbers (PAPER.md; Tables I–III, Born & Wolf / Richards & Wolf test PSF, 20 dB)
+PAPER = {
+    "born_wolf": {
+        "input": (22.3020, 0.7275),
+        "supervised": (30.232, 0.9826),
+        "supervised_gan": (29.0766, 0.9774),
+        "conventional": (26.2483, 0.9474),
+        "blind": (26.6249, 0.9573),
+        "nonblind": (29.2925, 0.9746),
+    },
+    "vectorial": {
+        "input": (22.5202, 0.7348),
+        "conventional": (27.2886, 0.9584),
+        "blind": (27.5286, 0.9653),
+    },
+}
+NOISE_LEVELS: tuple[float | None, ...] = (None, 20.0, 10.0, 5.0, 2.5, 1.25)
+NORMALISATION = (
+    "Ground truth: percentiles (0, 99.99) mapped to [0, 1], clipped (as in validation). Input: the blurred "
+    "volume with percentiles (0.1, 99.9) mapped to [0, 1], clipped (the network input). Every output and the "
+    "input are then mapped onto the ground truth by their least-squares affine fit a·v + b (per volume) "
+    "before PSNR (MAX = 1, the ground truth's range) and 3D SSIM (Gaussian window 7, k1 = 0.01, k2 = 0.03, "
+    "data range 1). The fit removes each method's arbitrary intensity scale (Richardson–Lucy's output is in "
+    "photon units; the networks' in [0, 1]) and scores the input at its most favourable scaling."
+)
+
+
+@dataclass
+class Scale:
+    """Sizes and schedule of one experiment scale."""
+
+    shape: tuple[int, int, int]
+    eval_shape: tuple[int, int, int]
+    n_train: int
+    n_val: int
+    n_test: int
+    psf_shape: tuple[int, int, int] = (31, 31, 31)
+    config_overrides: list[str] = field(default_factory=list)  # extra config files after the method's
+    epoch_length: int = 100
+    max_epochs: int = 200
+    val_interval: int = 5
+    rl_max_iter: int = 100
+    noise_levels: tuple[float | None, ...] = NOISE_LEVELS
+    extra_args: list[str] = field(default_factory=list)  # more `--key value` for every training
+
+
+SCALES: dict[str, Scale] = {
+    # a test of the pipeline: minutes on 2 cores, numbers meaningless
+    "tiny": Scale(
+        shape=(32, 64, 64), eval_shape=(32, 64, 64), n_train=2, n_val=1, n_test=1,
+        config_overrides=["configs/quick.json"], epoch_length=2, max_epochs=1, val_interval=1, rl_max_iter=20,
+        noise_levels=(None, 20.0, 2.5),
+    ),
+    # 2 CPU cores, ~1 hour: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2, lr 1e-3)
+    "small": Scale(
+        shape=(32, 128, 128), eval_shape=(32, 128, 128), n_train=6, n_val=1, n_test=1,
+        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=16, val_interval=4, rl_max_iter=100,
+    ),
+    # the paper's sizes (Sec. IV): 256x512x128 volumes (ZYX 128x256x512), 18/1/1, 64³ crops, lr 1e-4,
+    # full-size networks (common.json + train.json defaults); for a GPU
+    "paper": Scale(
+        shape=(128, 256, 512), eval_shape=(128, 256, 512), n_train=18, n_val=1, n_test=1,
+        config_overrides=[], epoch_length=100, max_epochs=200, val_interval=5, rl_max_iter=200,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _config_list(files: Sequence[str]) -> str:
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+def _noise_name(snr: float | None) -> str:
+    return "none" if snr is None else f"{snr:g}dB"
+
+
+def test_set_name(psf_model: str, snr: float | None) -> str:
+    """Folder name of a test set, e.g. ``born_wolf_20dB``, ``vectorial_20dB``, ``born_wolf_none``."""
+    return f"{psf_model}_{_noise_name(snr)}"
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU/GPU, core count, library versions: stated next to every timing."""
+    import monai
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["processor"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+class Runner:
+    """One experiment: paths, steps and their timings.
+
+    Args:
+        scale: name in :data:`SCALES`.
+        output: folder of the report (``results.md``, ``results.json``, figures).
+        work_dir: folder of data, trained models and predictions (default ``<output>/work``).
+        methods: methods to run (default all of :data:`ALL_METHODS`).
+        threads: torch/OpenMP threads per process (None: the libraries' default).
+        jobs: trainings run at the same time (e.g. 2 with ``threads=1`` on a 2-core machine).
+        seed: seed of the data and of training.
+    """
+
+    def __init__(
+        self,
+        scale: str,
+        output: str | Path,
+        work_dir: str | Path | None = None,
+        methods: Sequence[str] = ALL_METHODS,
+        threads: int | None = None,
+        jobs: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
+        unknown = set(methods) - set(ALL_METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}")
+        self.scale_name = scale
+        self.scale = SCALES[scale]
+        self.output = Path(output).resolve()
+        self.work = Path(work_dir).resolve() if work_dir else self.output / "work"
+        self.methods = [m for m in ALL_METHODS if m in methods]
+        self.threads = threads
+        self.jobs = max(1, int(jobs))
+        self.seed = int(seed)
+        self.timings: dict[str, float] = {}
+        self.env = dict(os.environ)
+        if threads:
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            import torch
+
+            torch.set_num_threads(int(threads))
+
+    # paths ---------------------------------------------------------------------------------------------
+    @property
+    def train_dir(self) -> Path:
+        return self.work / "data" / "train_born_wolf_20dB"
+
+    def test_dir(self, name: str) -> Path:
+        return self.work / "data" / "test" / name
+
+    def run_dir(self, method: str) -> Path:
+        return self.work / "runs" / method
+
+    def test_sets(self) -> dict[str, tuple[str, float | None]]:
+        """``{name: (psf_model, snr_db)}``: the noise sweep with Born & Wolf and the vectorial PSF at 20 dB."""
+        sets = {test_set_name("born_wolf", s): ("born_wolf", s) for s in self.scale.noise_levels}
+        sets[test_set_name("born_wolf", 20.0)] = ("born_wolf", 20.0)
+        sets[test_set_name("vectorial", 20.0)] = ("vectorial", 20.0)
+        return sets
+
+    def _timed(self, key: str, t0: float) -> None:
+        self.timings[key] = round(time.time() - t0, 1)
+
+    # 1. data -------------------------------------------------------------------------------------------
+    def simulate(self) -> None:
+        """Training data and every test set (``SimulateDataset`` keeps a dataset made with the same parameters)."""
+        from bundle.simulate import SimulateDataset
+
+        s = self.scale
+        t0 = time.time()
+        SimulateDataset(
+            str(self.train_dir), shape=s.shape, eval_shape=s.eval_shape, n_train=s.n_train, n_val=s.n_val,
+            n_test=s.n_test, psf_model="born_wolf", psf_shape=s.psf_shape, snr_db=20.0, seed=self.seed,
+            progress=False,
+        ).run()
+        for name, (psf_model, snr) in self.test_sets().items():
+            # one seed for every test set: the same phantoms under each PSF and noise level; another seed
+            # than training's, so no test phantom is a training phantom. The simulator needs >= 1 training
+            # volume per dataset: a small one is made and never used.
+            SimulateDataset(
+                str(self.test_dir(name)), shape=(16, 32, 32), eval_shape=s.eval_shape, n_train=1, n_val=0,
+                n_test=s.n_test, psf_model=psf_model, psf_shape=s.psf_shape, snr_db=snr,
+                seed=self.seed + 1000, progress=False,
+            ).run()
+        self._timed("simulate", t0)
+
+    # 2. training ---------------------------------------------------------------------------------------
+    def config_files(self, method: str) -> list[str]:
+        return ["configs/common.json", *METHOD_CONFIGS[method], *self.scale.config_overrides]
+
+    def train(self, method: str) -> None:
+        """Train one learned method through the bundle's command line; skipped when done, resumed when interrupted."""
+        run = self.run_dir(method)
+        marker = run / "train_done.json"
+        if marker.is_file() and (run / "models" / "model.pt").is_file():
+            logger.info(f"{method}: trained already ({marker})")
+            self.timings[f"train_{method}"] = json.loads(marker.read_text()).get("seconds", 0.0)
+            return
+        s = self.scale
+        cmd = [
+            sys.executable, "-m", "monai.bundle", "run", "training",
+            "--config_file", _config_list(self.config_files(method)),
+            "--dataset_dir", str(self.train_dir),
+            "--ckpt_dir", str(run / "models"),
+            "--output_dir", str(run / "eval"),
+            "--max_epochs", str(s.max_epochs),
+            "--epoch_length", str(s.epoch_length),
+            "--val_interval", str(s.val_interval),
+            "--seed", str(self.seed),
+            "--resume", "true",
+            *s.extra_args,
+        ]
+        run.mkdir(parents=True, exist_ok=True)
+        logger.info(f"{method}: training ({' '.join(cmd[1:])})")
+        t0 = time.time()
+        with open(run / "train.log", "a") as log:
+            res = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if res.returncode != 0:
+            raise RuntimeError(f"{method}: training failed ({res.returncode}); see {run / 'train.log'}")
+        seconds = round(time.time() - t0, 1)
+        self.timings[f"train_{method}"] = seconds
+        _atomic_json({"command": cmd, "seconds": seconds}, marker)
+
+    # 3. Richardson–Lucy's iteration count ---------------------------------------------------------------
+    def choose_rl_iterations(self) -> int:
+        """Best RL iteration count by PSNR on the validation volume(s) (never on test), cached."""
+        from bundle.classical import best_iteration
+        from bundle.io import load_volume
+
+        path = self.run_dir("rl") / "rl.json"
+        if path.is_file():
+            return int(json.loads(path.read_text())["num_iter"])
+        t0 = time.time()
+        psf, _ = load_volume(self.train_dir / "psf.tif")
+        curves = []
+        for image, label in self._pairs(self.train_dir / "val"):
+            _, curve = best_iteration(
+                image, label, psf, max_iter=self.scale.rl_max_iter, normalize="affine", pad_mode="reflect"
+            )
+            curves.append(curve)
+        mean = np.mean(np.asarray(curves), axis=0)
+        num_iter = int(np.argmax(mean)) + 1
+        _atomic_json({"num_iter": num_iter, "val_psnr_curve": [float(c) for c in mean], "chosen_on": "validation"}, path)
+        self._timed("rl_choose_iterations", t0)
+        return num_iter
+
+    # 4. inference and scores ----------------------------------------------------------------------------
+    @staticmethod
+    def _pairs(split_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(input, ground truth)`` of a split, normalised exactly as in validation (``paired_transforms``)."""
+        from bundle.data import paired_datalist, paired_transforms
+
+        t = paired_transforms((0.1, 99.9), (0.0, 99.99))
+        out = []
+        for item in paired_datalist(str(split_dir / "blurred"), str(split_dir / "ground_truth")):
+            d = t(item)
+            out.append((np.asarray(d["image"])[0], np.asarray(d["label"])[0]))
+        return out
+
+    def deconvolver(self, method: str):
+        """The inference pipeline's ``deconvolver`` of a method (``configs/inference.json`` [+ ``inference_rl.json``])."""
+        from monai.bundle import ConfigParser
+
+        from bundle.inference import load_checkpoint
+
+        files = ["configs/common.json", *self.scale.config_overrides, "configs/inference.json"]
+        if method == "rl":
+            files.append("configs/inference_rl.json")
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / f) for f in files])
+        parser["bundle_root"] = str(ROOT)
+        parser["dataset_dir"] = str(self.train_dir)
+        parser["progress"] = False
+        if method == "rl":
+            parser["rl_num_iter"] = self.choose_rl_iterations()  # psf_file: the training data's PSF
+            return parser.get_parsed_content("deconvolver")
+        deconvolver = parser.get_parsed_content("deconvolver")
+        load_checkpoint(deconvolver.network, self.run_dir(method) / "models" / "model.pt")
+        return deconvolver
+
+    def predict(self, method: str, test_set: str, deconvolver) -> list[np.ndarray]:
+        """Predictions of one method on one test set, cached as ``.npy`` under the method's run folder."""
+        from bundle.data import list_volumes
+        from bundle.inference import deconvolve_normalized
+        from bundle.io import load_volume
+
+        cache = self.run_dir(method) / "pred" / test_set
+        files = list_volumes(str(self.test_dir(test_set) / "test" / "blurred"))
+        outs = []
+        for f in files:
+            target = cache / (Path(f).name.split(".")[0] + ".npy")
+            if target.is_file():
+                outs.append(np.load(target))
+                continue
+            volume, _ = load_volume(f)
+            pred = deconvolve_normalized(volume, deconvolver, (0.1, 99.9), "normalized").astype(np.float32)
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(target, pred)
+            outs.append(pred)
+        return outs
+
+    @staticmethod
+    def score(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
+        """PSNR and SSIM after the least-squares affine fit onto the ground truth (:data:`NORMALISATION`)."""
+        import torch
+
+        from bundle.metrics import affine_fit, psnr, ssim
+
+        p = torch.as_tensor(pred, dtype=torch.float32)[None, None]
+        t = torch.as_tensor(label, dtype=torch.float32)[None, None]
+        fitted = affine_fit(p, t)
+        return {"psnr": psnr(fitted, t, data_range=1.0), "ssim": ssim(fitted, t, data_range=1.0)}
+
+    def evaluate(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{test_set: {method: {"psnr", "ssim"}}}`` averaged over the test volumes; ``"input"`` included."""
+        t0 = time.time()
+        sets = self.test_sets()
+        pairs = {name: self._pairs(self.test_dir(name) / "test") for name in sets}
+        ref = pairs[test_set_name("born_wolf", 20.0)]
+        for name, p in pairs.items():  # the same objects everywhere
+            if any(not np.array_equal(a[1], b[1]) for a, b in zip(p, ref)):
+                raise RuntimeError(f"test set {name} does not hold the same ground truth as the others")
+        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        for name in sets:
+            scores = [self.score(image, label) for image, label in pairs[name]]
+            metrics[name] = {"input": _mean(scores)}
+        for method in self.methods:
+            deconv = self.deconvolver(method)
+            for name in sets:
+                preds = self.predict(method, name, deconv)
+                metrics[name][method] = _mean([self.score(p, lab) for p, (_, lab) in zip(preds, pairs[name])])
+        self._timed("evaluate", t0)
+        return metrics
+
+    # 5. report -------------------------------------------------------------------------------------------
+    def figures(self, metrics: dict) -> list[str]:
+        """XY/XZ/YZ central slices (input, every output, ground truth) of the first volume of two test sets."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import torch
+
+        from bundle.metrics import affine_fit
+
+        written = []
+        for name in (test_set_name("born_wolf", 20.0), test_set_name("vectorial", 20.0)):
+            image, label = self._pairs(self.test_dir(name) / "test")[0]
+            rows = [("input", image)] + [(m, self.predict(m, name, None)[0]) for m in self.methods]
+            rows.append(("ground truth", label))
+            z, y, x = (s // 2 for s in label.shape)
+            fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.6 * len(rows)), squeeze=False)
+            for r, (method, vol) in enumerate(rows):
+                if method != "ground truth":
+                    t = torch.as_tensor(label)[None, None]
+                    vol = affine_fit(torch.as_tensor(vol)[None, None].float(), t.float())[0, 0].numpy()
+                views = (("XY", vol[z]), ("XZ", vol[:, y, :]), ("YZ", vol[:, :, x]))
+                for c, (plane, img) in enumerate(views):
+                    ax = axes[r, c]
+                    ax.imshow(np.clip(img, 0, 1), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if c == 0:
+                        m = metrics[name].get(method)
+                        extra = f"\n{m['psnr']:.2f} dB, {m['ssim']:.3f}" if m else ""
+                        ax.set_ylabel(LABELS.get(method, method).split(" (")[0] + extra, fontsize=8)
+                    if r == 0:
+                        ax.set_title(plane)
+            fig.suptitle(f"test volume, {name} (central slices, affine-fitted to the ground truth)", fontsize=9)
+            fig.tight_layout()
+            path = self.output / f"slices_{name}.png"
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            written.append(path.name)
+        return written
+
+    def noise_plot(self, metrics: dict) -> str:
+        """Fig. 8: PSNR and SSIM against the added noise (Born & Wolf PSF, models trained at 20 dB)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        levels = sorted(self.scale.noise_levels, key=lambda s: -np.inf if s is None else -s)  # none first
+        names = [test_set_name("born_wolf", s) for s in levels]
+        ticks = [_noise_name(s) for s in levels]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for method in ["input", *self.methods]:
+            for ax, key in zip(axes, ("psnr", "ssim")):
+                ax.plot(ticks, [metrics[n][method][key] for n in names], marker="o", label=LABELS[method].split(" (")[0])
+        axes[0].set_ylabel("PSNR (dB)")
+        axes[1].set_ylabel("SSIM")
+        for ax in axes:
+            ax.set_xlabel("added noise (average SNR)")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle("noise sweep: models trained at 20 dB, tested at each level (Born & Wolf PSF)", fontsize=9)
+        fig.tight_layout()
+        path = self.output / "noise_sweep.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path.name
+
+    def run(self, command: str) -> dict[str, Any]:
+        """All steps; returns the JSON report (also written to ``<output>/results.json``)."""
+        started = time.time()
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.simulate()
+        learned = [m for m in self.methods if m in METHOD_CONFIGS]
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:  # each training is a subprocess
+            for future in [pool.submit(self.train, m) for m in learned]:
+                future.result()
+        if "rl" in self.methods:
+            self.choose_rl_iterations()
+        metrics = self.evaluate()
+        report: dict[str, Any] = {
+            "scale": self.scale_name,
+            "scale_settings": asdict(self.scale),
+            "command": command,
+            "machine": machine_description(),
+            "threads": self.threads,
+            "jobs": self.jobs,
+            "seed": self.seed,
+            "work_dir": str(self.work),
+            "methods": self.methods,
+            "configs": {m: self.config_files(m) for m in self.methods if m in METHOD_CONFIGS},
+            "normalisation": NORMALISATION,
+            "test_sets": {k: {"psf_model": p, "snr_db": s} for k, (p, s) in self.test_sets().items()},
+            "achieved_snr_db": {k: self._achieved_snr(k) for k in self.test_sets()},
+            "metrics": metrics,
+            "best_validation": self._best_validation(),
+            "paper": {k: {m: {"psnr": v[0], "ssim": v[1]} for m, v in d.items()} for k, d in PAPER.items()},
+        }
+        if "rl" in self.methods:
+            report["rl_num_iter"] = self.choose_rl_iterations()
+        report["figures"] = self.figures(metrics) + [self.noise_plot(metrics)]
+        self.timings["total_this_invocation"] = round(time.time() - started, 1)
+        report["timings_s"] = self.timings
+        _atomic_json(report, self.output / "results.json")
+        (self.output / "results.md").write_text(render_markdown(report))
+        return report
+
+    def _achieved_snr(self, test_set: str) -> float | None:
+        """Average SNR measured on the test set's noisy volumes; None when noise-free (infinite)."""
+        v = json.loads((self.test_dir(test_set) / "dataset.json").read_text())["achieved_average_snr_db"]
+        return float(v) if v is not None and np.isfinite(v) else None
+
+    def _best_validation(self) -> dict[str, Any]:
+        out = {}
+        for m in self.methods:
+            f = self.run_dir(m) / "models" / "model.json"
+            if f.is_file():
+                rec = json.loads(f.read_text())
+                out[m] = {"epoch": rec.get("epoch"), "val_psnr": rec.get("score")}
+        return out
+
+
+def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+# ------------------------------------------------------------------------------------------------------
+# markdown
+# ------------------------------------------------------------------------------------------------------
+
+
+def _fmt_psnr(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _fmt_ssim(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def _fmt_gain(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.2f}"
+
+
+def _ordering(values: dict[str, float]) -> str:
+    return " > ".join(m for m, _ in sorted(values.items(), key=lambda kv: -kv[1]))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: every number is formatted from ``report`` (``results.json``)."""
+    metrics, paper = report["metrics"], PAPER
+    bw, vec = test_set_name("born_wolf", 20.0), test_set_name("vectorial", 20.0)
+    methods = ["input", *report["methods"]]
+    lines = [
+        f"# Reproduction of Lim et al. 2020, scale `{report['scale']}`",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']['processor']}, {report['machine']['cpu_count']} cores, "
+        f"CUDA: {report['machine']['cuda']}, torch {report['machine']['torch']}, MONAI {report['machine']['monai']}"
+        f"{', threads ' + str(report['threads']) if report['threads'] else ''}, "
+        f"{report['jobs']} training(s) at a time  ",
+        "Run time (s, this invocation; skipped steps report their first run): "
+        + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
+        "",
+        f"**Normalisation (all methods, all tables).** {report['normalisation']}",
+        "",
+        "Training data: Born & Wolf PSF, 20 dB average SNR. All test sets hold the same phantoms. "
+        "Gains are over the input; the paper's absolute numbers depend on its own phantom and normalisation, "
+        "so compare gains and the ordering of methods.",
+        "",
+        "## Table I — test PSF Born & Wolf, 20 dB",
+        "",
+        "| method | PSNR (dB) | SSIM | gain (dB) | paper PSNR | paper SSIM | paper gain (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    inp = metrics[bw]["input"]["psnr"]
+    p_inp = paper["born_wolf"]["input"][0]
+    for m in methods:
+        ours = metrics[bw][m]
+        pp = paper["born_wolf"].get(m)
+        lines.append(
+            f"| {LABELS[m]} | {_fmt_psnr(ours['psnr'])} | {_fmt_ssim(ours['ssim'])} | "
+            f"{_fmt_gain(ours['psnr'] - inp) if m != 'input' else '—'} | {_fmt_psnr(pp and pp[0])} | "
+            f"{_fmt_ssim(pp and pp[1])} | {_fmt_gain(pp[0] - p_inp) if pp and m != 'input' else '—'} |"
+        )
+    ours_order = {m: metrics[bw][m]["psnr"] for m in methods if m in paper["born_wolf"]}
+    paper_order = {m: v[0] for m, v in paper["born_wolf"].items() if m in ours_order}
+    lines += [
+        "",
+        f"Ordering by PSNR (methods the paper reports) — ours: {_ordering(ours_order)}; "
+        f"paper: {_ordering(paper_order)}.",
+        "",
+        "## Table II — generalisation across PSF models (20 dB; every model trained on Born & Wolf data)",
+        "",
+        "| method | B&W PSNR | B&W SSIM | vectorial PSNR | vectorial SSIM | vectorial gain (dB) | "
+        "paper B&W | paper vectorial | paper vectorial gain (dB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    v_inp = metrics[vec]["input"]["psnr"]
+    pv_inp = paper["vectorial"]["input"][0]
+    for m in methods:
+        a, b = metrics[bw][m], metrics[vec][m]
+        pa, pb = paper["born_wolf"].get(m), paper["vectorial"].get(m)
+        lines.append(
+            f"| {LABELS[m]} | {_fmt_psnr(a['psnr'])} | {_fmt_ssim(a['ssim'])} | {_fmt_psnr(b['psnr'])} | "
+            f"{_fmt_ssim(b['ssim'])} | {_fmt_gain(b['psnr'] - v_inp) if m != 'input' else '—'} | "
+            f"{_fmt_psnr(pa[0]) + ' / ' + _fmt_ssim(pa[1]) if pa and pb else '—'} | "
+            f"{_fmt_psnr(pb[0]) + ' / ' + _fmt_ssim(pb[1]) if pb else '—'} | "
+            f"{_fmt_gain(pb[0] - pv_inp) if pb and m != 'input' else '—'} |"
+        )
+    levels = [k for k in metrics if k.startswith("born_wolf_")]
+    levels.sort(key=lambda k: -np.inf if k.endswith("none") else -float(k.split("_")[-1][:-2]))
+    lines += [
+        "",
+        "The non-blind model and Richardson–Lucy use the Born & Wolf PSF of the training data on the "
+        "vectorial test set too (a PSF mismatch, as for a user with a theoretical PSF).",
+        "",
+        "## Noise sweep (Fig. 8) — Born & Wolf PSF, models trained at 20 dB, PSNR (dB) / SSIM",
+        "",
+        "| method | " + " | ".join(k.replace("born_wolf_", "") for k in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for m in methods:
+        cells = [f"{_fmt_psnr(metrics[k][m]['psnr'])} / {_fmt_ssim(metrics[k][m]['ssim'])}" for k in levels]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Achieved average SNR of the test sets (dB): "
+              + ", ".join(f"{k} {'∞' if v is None else f'{v:.2f}'}" for k, v in report["achieved_snr_db"].items()), ""]
+    if "rl_num_iter" in report:
+        cap = report["scale_settings"]["rl_max_iter"]
+        note = f" (the cap of the search, {cap}: more may score higher)" if report["rl_num_iter"] >= cap else ""
+        lines.append(
+            f"Richardson–Lucy iterations, chosen by PSNR on the validation volume (never on test): "
+            f"{report['rl_num_iter']}{note}."
+        )
+    if report["best_validation"]:
+        lines.append(
+            "Best validation PSNR (epoch): "
+            + ", ".join(f"{m} {v['val_psnr']:.2f} ({v['epoch']})" for m, v in report["best_validation"].items())
+            + "."
+        )
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="experiment size (default small)")
+    parser.add_argument("--output", default="docs/results", help="report folder (default docs/results)")
+    parser.add_argument("--work-dir", default=None, help="data, models and predictions (default <output>/work)")
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS, metavar="METHOD",
+                        help=f"methods to run, from {', '.join(ALL_METHODS)} (default all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per process (1 helps on a busy shared machine)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run in parallel (e.g. --jobs 2 --threads 1 on 2 cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    runner = Runner(args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed)
+    command = " ".join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    report = runner.run(command)
+    logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

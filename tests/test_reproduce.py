@@ -1,0 +1,103 @@
+"""scripts/reproduce.py end to end at the ``tiny`` scale: tables match the JSON, a rerun skips finished steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import reproduce  # noqa: E402
+
+METHODS = ["input", *reproduce.ALL_METHODS]
+
+
+def _run(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--threads", "1", "--jobs", "2"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "results"
+    t0 = time.time()
+    _run(out)
+    return out, time.time() - t0
+
+
+def _table_rows(md: str, heading: str) -> dict[str, list[str]]:
+    """``{label: cells}`` of the markdown table under ``heading``."""
+    section = md.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| method") and "---" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_tiny_run_writes_tables_matching_the_json(tiny_run):
+    out, seconds = tiny_run
+    report = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    metrics = report["metrics"]
+    assert set(metrics) == set(report["test_sets"]) and {"born_wolf_20dB", "vectorial_20dB", "born_wolf_none"} <= set(metrics)
+    for test_set in metrics.values():
+        assert set(test_set) == set(METHODS)
+    # Table I: our PSNR/SSIM and the paper's, formatted from the JSON
+    table1 = _table_rows(md, "## Table I")
+    assert len(table1) == len(METHODS)
+    for m in METHODS:
+        cells = table1[reproduce.LABELS[m]]
+        assert cells[0] == f"{metrics['born_wolf_20dB'][m]['psnr']:.2f}"
+        assert cells[1] == f"{metrics['born_wolf_20dB'][m]['ssim']:.4f}"
+        if m in reproduce.PAPER["born_wolf"]:
+            assert cells[3] == f"{reproduce.PAPER['born_wolf'][m][0]:.2f}"
+    # Table II: the vectorial columns
+    table2 = _table_rows(md, "## Table II")
+    for m in METHODS:
+        cells = table2[reproduce.LABELS[m]]
+        assert cells[2] == f"{metrics['vectorial_20dB'][m]['psnr']:.2f}"
+        assert cells[3] == f"{metrics['vectorial_20dB'][m]['ssim']:.4f}"
+    # noise sweep: every level, every method
+    sweep = _table_rows(md, "## Noise sweep")
+    for m in METHODS:
+        psnrs = [float(c.split(" / ")[0]) for c in sweep[reproduce.LABELS[m]]]
+        assert len(psnrs) == len(reproduce.SCALES["tiny"].noise_levels)
+        assert f"{metrics['born_wolf_20dB'][m]['psnr']:.2f}" in sweep[reproduce.LABELS[m]][1]
+        assert all(p == p for p in psnrs)  # no NaN
+    for name in report["figures"]:
+        assert (out / name).stat().st_size > 1000
+    assert 1 <= report["rl_num_iter"] <= reproduce.SCALES["tiny"].rl_max_iter
+    assert report["rl_num_iter"] == json.loads((out / "work/runs/rl/rl.json").read_text())["num_iter"]
+    assert re.search(r"Command: `python scripts/reproduce.py --scale tiny", md)
+    assert seconds < 240  # measured ~100 s on 2 busy cores
+
+
+def test_rerun_skips_finished_steps(tiny_run):
+    out, _ = tiny_run
+    models = {m: (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns for m in reproduce.METHOD_CONFIGS}
+    before = json.loads((out / "results.json").read_text())
+    res = _run(out)
+    assert "trained already" in res.stderr
+    for m, mtime in models.items():
+        assert (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns == mtime
+    after = json.loads((out / "results.json").read_text())
+    assert after["metrics"] == before["metrics"]
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        reproduce.Runner("tiny", tmp_path, methods=["supervised", "magic"])
+    assert not os.listdir(tmp_path)
