@@ -1,0 +1,215 @@
+"""Inference: the Deconvolver on any shape, normalisation as in training, CLI == Python, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import ROOT, run_bundle
+from monai.bundle import ConfigWorkflow
+from monai.transforms import Compose
+
+from bundle.data import normalize_transforms
+from bundle.inference import (
+    Deconvolver,
+    LoadVolumed,
+    NormalizePercentilesd,
+    deconvolve,
+    inference_datalist,
+    load_checkpoint,
+    load_network,
+    output_path,
+)
+from bundle.io import VolumeError, load_volume, save_volume
+from bundle.metrics import affine_fit, psnr
+from bundle.networks import DeblurUNet
+
+SMALL = (4, 4, 8, 8, 16, 4)
+QUICK = "['configs/common.json','configs/quick.json','configs/inference.json']"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = DeblurUNet(features=SMALL).eval()
+    path = tmp_path_factory.mktemp("small_model") / "model.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _volume(shape, seed=0, scale=100.0):
+    return (np.random.default_rng(seed).random(shape) * scale).astype(np.float32)
+
+
+def test_normalization_matches_training(tmp_path):
+    path = save_volume(tmp_path / "v.tif", _volume((8, 20, 24)), voxel_size=(0.2, 0.1, 0.1))
+    train = Compose(normalize_transforms(("image",), (0.1, 99.9)))({"image": str(path)})["image"]
+    ours = Compose([LoadVolumed("image"), NormalizePercentilesd("image", (0.1, 99.9))])({"image": str(path)})
+    assert torch.equal(torch.as_tensor(train), torch.as_tensor(ours["image"]).float())
+    lo, hi = ours["image_range"].tolist()
+    vol = load_volume(path)[0]
+    assert lo == pytest.approx(np.percentile(vol, 0.1), rel=1e-5) and hi == pytest.approx(np.percentile(vol, 99.9), rel=1e-5)
+    assert ours["image"].meta["voxel_size"].tolist() == pytest.approx([0.2, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7, 9), (2, 1, 20, 40, 50), (1, 1, 33, 32, 70)])
+def test_deconvolver_any_shape(shape):
+    net = DeblurUNet(features=SMALL).eval()
+    deconv = Deconvolver(net, roi_size=(32, 32, 32), sw_batch_size=2)
+    with torch.no_grad():
+        out = deconv(torch.rand(shape))
+    assert out.shape == shape and out.device.type == "cpu"
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_deconvolver_rejects_bad_roi():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Deconvolver(DeblurUNet(features=SMALL), roi_size=(32, 30, 32))
+
+
+def test_axes_and_output_range(small_model):
+    vol = _volume((10, 24, 20))
+    kw = dict(model=small_model, roi_size=(32, 32, 32), progress=False)
+    ref = deconvolve(vol, **kw)
+    assert ref.shape == vol.shape and ref.dtype == np.float32
+    np.testing.assert_array_equal(deconvolve(np.transpose(vol, (1, 2, 0)), axes="YXZ", **kw), np.transpose(ref, (1, 2, 0)))
+    np.testing.assert_array_equal(deconvolve(vol.T, axes="XYZ", **kw), ref.T)
+    two = np.stack([np.zeros_like(vol), vol])
+    np.testing.assert_array_equal(deconvolve(two, axes="CZYX", channel=1, **kw), ref[None])
+    with pytest.raises(VolumeError, match="channel"):
+        deconvolve(two, axes="CZYX", **kw)
+    with pytest.raises(ValueError, match="axes"):
+        deconvolve(vol, axes="ZY", **kw)
+    # "input": the [0, 1] output mapped to the input's (0.1, 99.9) percentile values
+    norm = deconvolve(vol, output_range="normalized", **kw)
+    lo, hi = np.percentile(vol, 0.1), np.percentile(vol, 99.9)
+    np.testing.assert_allclose(ref, norm * (hi - lo) + lo, rtol=1e-5, atol=1e-4)
+    assert 0 <= norm.min() and norm.max() <= 1
+
+
+def test_checkpoint_errors_name_the_file(tmp_path, small_model):
+    with pytest.raises(ValueError, match=str(small_model)):
+        load_checkpoint(DeblurUNet(features=(16, 16, 32, 64, 128, 16)), small_model)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_network(junk)
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_network(tmp_path / "nothing.pt")
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["2d"] = folder / "flat.tif"
+    tifffile.imwrite(files["2d"], _volume((20, 20)))
+    files["4d"] = folder / "multichannel.tif"
+    tifffile.imwrite(files["4d"], _volume((4, 2, 16, 16)), imagej=True, metadata={"axes": "ZCYX", "mode": "composite"})
+    nan = _volume((4, 16, 16))
+    nan[0, 0, 0] = np.nan
+    files["nan"] = folder / "nan.tif"
+    tifffile.imwrite(files["nan"], nan)
+    files["constant"] = folder / "constant.tif"
+    tifffile.imwrite(files["constant"], np.full((4, 16, 16), 3, np.float32))
+    files["empty"] = folder / "empty.tif"
+    files["empty"].write_bytes(b"")
+    files["truncated"] = folder / "truncated.tif"
+    tifffile.imwrite(files["truncated"], _volume((8, 64, 64)))
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:20000])
+    files["unknown"] = folder / "volume.xyz"
+    files["unknown"].write_bytes(b"1234")
+    return files
+
+
+def test_bad_inputs_named_and_nothing_written(tmp_path):
+    files = _bad_files(tmp_path / "in")
+    out = tmp_path / "out"
+    for kind, path in files.items():
+        with pytest.raises((VolumeError, FileNotFoundError)) as err:
+            inference_datalist(str(path), out)
+        assert str(path) in str(err.value) or path.name in str(err.value), kind
+    assert not out.exists()
+    # an output that would overwrite its input
+    good = save_volume(tmp_path / "in2" / "a.tif", _volume((4, 16, 16)))
+    with pytest.raises(VolumeError, match="overwrite an input"):
+        inference_datalist(str(good), good.parent, suffix="")
+    assert output_path("x/a.ome.tif", "o") == Path("o/a_deconv.tif")
+    assert output_path("x/a.nii.gz", "o") == Path("o/a_deconv.nii.gz")
+
+
+def test_workflow_properties_and_checkpoint_mismatch(tmp_path, small_model, monkeypatch):
+    """The inference config has the zoo ids; a checkpoint of another network fails, naming it, writing nothing."""
+    monkeypatch.chdir(ROOT)
+    save_volume(tmp_path / "in" / "a.tif", _volume((8, 24, 24)), voxel_size=(0.2, 0.1, 0.1))
+    wf = ConfigWorkflow(
+        config_file=["configs/common.json", "configs/inference.json"], workflow_type="infer",
+        input=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), ckpt_path=str(small_model), progress=False,
+    )
+    wf.initialize()
+    assert not wf.check_properties()
+    for key in ("network_def", "network", "inferer", "preprocessing", "postprocessing", "dataset", "evaluator"):
+        assert wf.parser.get(key) is not None, key
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    chain, e = [], err.value
+    while e is not None:  # the config parser wraps the handler's error
+        chain.append(str(e))
+        e = e.__cause__
+    assert any(msg.startswith(f"{small_model}: checkpoint does not match") for msg in chain), chain
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_file_in_folder_writes_nothing(tmp_path, small_model):
+    folder = tmp_path / "in"
+    save_volume(folder / "good.tif", _volume((8, 24, 24)))
+    tifffile.imwrite(folder / "zz_nan.tif", np.full((4, 16, 16), np.nan, np.float32))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+           "['configs/common.json','configs/inference.json']", "--input", str(folder),
+           "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(small_model)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "zz_nan.tif" in res.stderr and "NaN" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_done_when_64x256x256_cli_equals_python(quick_model, tmp_path):
+    """A trained quick model deconvolves a 64×256×256 stack from the CLI and from Python identically."""
+    from bundle.physics.forward import simulate_acquisition
+    from bundle.physics.phantom import microtubule_phantom
+
+    psf, meta = load_volume(Path(quick_model["dataset_dir"]) / "psf.tif")
+    sharp = microtubule_phantom((64, 256, 256), seed=11)
+    blurred, _ = simulate_acquisition(sharp, psf, 20.0, seed=12)
+    stack = save_volume(tmp_path / "in" / "stack.tif", blurred, voxel_size=(0.1, 0.1, 0.1))
+    before = (stack.read_bytes(), os.stat(stack).st_mtime_ns)
+
+    out_dir = tmp_path / "out"
+    run_bundle("inference", QUICK, "--input", str(stack), "--output_dir", str(out_dir),
+               "--ckpt_dir", str(quick_model["ckpt_dir"]), "--progress", "false")
+    cli, cli_meta = load_volume(out_dir / "stack_deconv.tif", dtype=None)
+    assert sorted(os.listdir(out_dir)) == ["stack_deconv.tif"]
+    assert (stack.read_bytes(), os.stat(stack).st_mtime_ns) == before
+    assert cli.shape == (64, 256, 256) and cli.dtype == np.float32
+    assert cli_meta["voxel_size"] == pytest.approx((0.1, 0.1, 0.1))
+
+    py = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt", roi_size=(32, 32, 32),
+                    sw_batch_size=4, device="cpu", progress=False)
+    np.testing.assert_allclose(py, cli, rtol=0, atol=1e-6 * float(np.abs(cli).max()))
+
+    # PSNR, normalisation stated: input (0.1, 99.9) percentiles -> [0, 1], output = the network's [0, 1]
+    # (the restored output mapped back by the same percentiles), ground truth (0, 99.99) -> [0, 1];
+    # MAX = ground-truth range; the input also at its best affine scaling
+    lo, hi = np.percentile(blurred, 0.1), np.percentile(blurred, 99.9)
+    x = torch.from_numpy(np.clip((blurred - lo) / (hi - lo), 0, 1))[None, None]
+    out = torch.from_numpy((cli - lo) / (hi - lo))[None, None]
+    gt = torch.from_numpy(np.clip(sharp / np.percentile(sharp, 99.99), 0, 1))[None, None]
+    p_in, p_fit, p_out = psnr(x, gt), psnr(affine_fit(x, gt), gt), psnr(out, gt)
+    print(f"64x256x256: PSNR input {p_in:.2f} / input affine-fit {p_fit:.2f} / output {p_out:.2f} dB")
+    assert p_out > p_fit and p_out > p_in
