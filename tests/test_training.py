@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+
 from conftest import QUICK_NONBLIND, ROOT, run_bundle
 
 QUICK_BLIND = "['configs/common.json','configs/train.json','configs/quick.json']"

@@ -1,0 +1,57 @@
+"""Bundle configs: every training variant parses as a MONAI train workflow with the conventional ids."""
+
+import json
+import sqlite3
+
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from conftest import ROOT, run_bundle
+
+TRAIN_VARIANTS = [
+    ["configs/common.json", "configs/train.json"],
+    ["configs/common.json", "configs/train.json", "configs/train_nonblind.json"],
+    ["configs/common.json", "configs/train.json", "configs/quick.json"],
+    ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/quick.json"],
+]
+
+
+@pytest.mark.parametrize("files", TRAIN_VARIANTS, ids=lambda f: "+".join(p.split("/")[-1][:-5] for p in f))
+def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
+    wf = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in files],
+        meta_file=str(ROOT / "configs/metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(ROOT),
+        dataset_dir=str(tiny_dataset),
+        psf_kernel_size=[15, 15, 15],
+    )
+    wf.initialize()
+    assert wf.check_properties() in (None, [])
+    for key in ("bundle_root", "dataset_dir", "output_dir", "ckpt_dir", "device", "val_interval"):
+        assert key in wf.parser, key
+    for key in ("train#trainer", "train#handlers", "train#dataset", "validate#evaluator", "validate#handlers", "network_def"):
+        assert wf.parser.get(key) is not None, key
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
+
+
+def test_paths_default_to_bundle_root():
+    common = json.loads((ROOT / "configs/common.json").read_text())
+    for key in ("dataset_dir", "output_dir", "ckpt_dir"):
+        assert common[key].startswith("$@bundle_root"), key
+
+
+def test_mlflow_tracking_works_offline(tiny_dataset, tmp_path):
+    run_bundle(
+        "training", "['configs/common.json','configs/train.json','configs/train_nonblind.json','configs/quick.json']",
+        "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]",
+        "--tracking", "mlflow",
+    )
+    db = tmp_path / "eval/mlruns.db"
+    assert db.is_file()
+    with sqlite3.connect(db) as con:
+        keys = {row[0] for row in con.execute("select distinct key from metrics")}
+    assert "train_loss" in keys and "val_psnr" in keys
