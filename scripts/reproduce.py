@@ -34,12 +34,13 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ METHOD_CONFIGS: dict[str, list[str]] = {
     "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
 }
 CLASSICAL = ("rl",)
+#: relative time per iteration (measured on 2 CPU cores), to start the longest trainings first with --jobs
+RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "supervised_gan": 1.3, "supervised": 1.1}
 ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "rl")
 LABELS = {
     "input": "input (blurred + noise)",
@@ -123,10 +126,11 @@ SCALES: dict[str, Scale] = {
         config_overrides=["configs/quick.json"], epoch_length=2, max_epochs=1, val_interval=1, rl_max_iter=20,
         noise_levels=(None, 20.0, 2.5),
     ),
-    # 2 CPU cores, ~1 hour: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2, lr 1e-3)
+    # 2 CPU cores, ~1 hour on a quiet machine: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2,
+    # lr 1e-3), 1200 iterations per method, two validation and two test volumes
     "small": Scale(
-        shape=(32, 128, 128), eval_shape=(32, 128, 128), n_train=6, n_val=1, n_test=1,
-        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=16, val_interval=4, rl_max_iter=100,
+        shape=(32, 128, 128), eval_shape=(32, 128, 128), n_train=6, n_val=2, n_test=2,
+        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=24, val_interval=2, rl_max_iter=100,
     ),
     # the paper's sizes (Sec. IV): 256x512x128 volumes (ZYX 128x256x512), 18/1/1, 64³ crops, lr 1e-4,
     # full-size networks (common.json + train.json defaults); for a GPU
@@ -192,11 +196,14 @@ class Runner:
     Args:
         scale: name in :data:`SCALES`.
         output: folder of the report (``results.md``, ``results.json``, figures).
-        work_dir: folder of data, trained models and predictions (default ``<output>/work``).
+        work_dir: folder of data, trained models and predictions (default ``outputs/reproduce_<scale>``
+            under the repository root, git-ignored).
         methods: methods to run (default all of :data:`ALL_METHODS`).
         threads: torch/OpenMP threads per process (None: the libraries' default).
         jobs: trainings run at the same time (e.g. 2 with ``threads=1`` on a 2-core machine).
         seed: seed of the data and of training.
+        max_epochs: override the scale's epochs (``epoch_length`` iterations each). A later run with more
+            epochs resumes every training from its last checkpoint and extends it.
     """
 
     def __init__(
@@ -208,6 +215,7 @@ class Runner:
         threads: int | None = None,
         jobs: int = 1,
         seed: int = 0,
+        max_epochs: int | None = None,
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
@@ -215,9 +223,9 @@ class Runner:
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}")
         self.scale_name = scale
-        self.scale = SCALES[scale]
+        self.scale = SCALES[scale] if max_epochs is None else replace(SCALES[scale], max_epochs=int(max_epochs))
         self.output = Path(output).resolve()
-        self.work = Path(work_dir).resolve() if work_dir else self.output / "work"
+        self.work = Path(work_dir).resolve() if work_dir else ROOT / "outputs" / f"reproduce_{scale}"
         self.methods = [m for m in ALL_METHODS if m in methods]
         self.threads = threads
         self.jobs = max(1, int(jobs))
@@ -282,11 +290,14 @@ class Runner:
         """Train one learned method through the bundle's command line; skipped when done, resumed when interrupted."""
         run = self.run_dir(method)
         marker = run / "train_done.json"
-        if marker.is_file() and (run / "models" / "model.pt").is_file():
-            logger.info(f"{method}: trained already ({marker})")
-            self.timings[f"train_{method}"] = json.loads(marker.read_text()).get("seconds", 0.0)
-            return
         s = self.scale
+        if marker.is_file() and (run / "models" / "model.pt").is_file():
+            done = json.loads(marker.read_text())
+            if done.get("max_epochs", 0) >= s.max_epochs and done.get("epoch_length") == s.epoch_length:
+                logger.info(f"{method}: trained already ({marker})")
+                self.timings[f"train_{method}"] = done.get("seconds", 0.0)
+                return
+            logger.info(f"{method}: extending the finished training to {s.max_epochs} epochs")
         cmd = [
             sys.executable, "-m", "monai.bundle", "run", "training",
             "--config_file", _config_list(self.config_files(method)),
@@ -309,7 +320,9 @@ class Runner:
             raise RuntimeError(f"{method}: training failed ({res.returncode}); see {run / 'train.log'}")
         seconds = round(time.time() - t0, 1)
         self.timings[f"train_{method}"] = seconds
-        _atomic_json({"command": cmd, "seconds": seconds}, marker)
+        _atomic_json(
+            {"command": cmd, "seconds": seconds, "max_epochs": s.max_epochs, "epoch_length": s.epoch_length}, marker
+        )
 
     # 3. Richardson–Lucy's iteration count ---------------------------------------------------------------
     def choose_rl_iterations(self) -> int:
@@ -363,6 +376,8 @@ class Runner:
         parser["progress"] = False
         if method == "rl":
             parser["rl_num_iter"] = self.choose_rl_iterations()  # psf_file: the training data's PSF
+            # one window holding the whole test volume: RL sees the volume as best_iteration did
+            parser["rl_roi_size"] = [-(-int(s) // 16) * 16 for s in self.scale.eval_shape]
             return parser.get_parsed_content("deconvolver")
         deconvolver = parser.get_parsed_content("deconvolver")
         load_checkpoint(deconvolver.network, self.run_dir(method) / "models" / "model.pt")
@@ -375,6 +390,10 @@ class Runner:
         from bundle.io import load_volume
 
         cache = self.run_dir(method) / "pred" / test_set
+        stamp = self._model_stamp(method)
+        stamp_file = cache / "model_stamp.json"
+        if cache.is_dir() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
+            shutil.rmtree(cache)  # predictions of an older model (or RL setting)
         files = list_volumes(str(self.test_dir(test_set) / "test" / "blurred"))
         outs = []
         for f in files:
@@ -385,9 +404,17 @@ class Runner:
             volume, _ = load_volume(f)
             pred = deconvolve_normalized(volume, deconvolver, (0.1, 99.9), "normalized").astype(np.float32)
             cache.mkdir(parents=True, exist_ok=True)
+            _atomic_json(stamp, stamp_file)
             np.save(target, pred)
             outs.append(pred)
         return outs
+
+    def _model_stamp(self, method: str) -> dict[str, Any]:
+        """What a prediction was made with: the model file's size and time, or RL's iteration count."""
+        if method == "rl":
+            return {"rl_num_iter": self.choose_rl_iterations()}
+        st = (self.run_dir(method) / "models" / "model.pt").stat()
+        return {"model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns}
 
     @staticmethod
     def score(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -496,7 +523,7 @@ class Runner:
         started = time.time()
         self.output.mkdir(parents=True, exist_ok=True)
         self.simulate()
-        learned = [m for m in self.methods if m in METHOD_CONFIGS]
+        learned = sorted((m for m in self.methods if m in METHOD_CONFIGS), key=lambda m: -RELATIVE_COST[m])
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:  # each training is a subprocess
             for future in [pool.submit(self.train, m) for m in learned]:
                 future.result()
@@ -670,17 +697,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="experiment size (default small)")
     parser.add_argument("--output", default="docs/results", help="report folder (default docs/results)")
-    parser.add_argument("--work-dir", default=None, help="data, models and predictions (default <output>/work)")
+    parser.add_argument("--work-dir", default=None, help="data, models and predictions (default outputs/reproduce_<scale>, git-ignored)")
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS, metavar="METHOD",
                         help=f"methods to run, from {', '.join(ALL_METHODS)} (default all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per process (1 helps on a busy shared machine)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="trainings run in parallel (e.g. --jobs 2 --threads 1 on 2 cores)")
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="override the scale's epochs (a later run with more epochs extends the trainings)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runner = Runner(args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed)
+    runner = Runner(
+        args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs
+    )
     command = " ".join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     report = runner.run(command)
     logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")

@@ -21,7 +21,10 @@ METHODS = ["input", *reproduce.ALL_METHODS]
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--threads", "1", "--jobs", "2"]
+    cmd = [
+        sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--work-dir", str(out / "work"),
+        "--threads", "1", "--jobs", "2",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
@@ -82,7 +85,8 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
     assert 1 <= report["rl_num_iter"] <= reproduce.SCALES["tiny"].rl_max_iter
     assert report["rl_num_iter"] == json.loads((out / "work/runs/rl/rl.json").read_text())["num_iter"]
     assert re.search(r"Command: `python scripts/reproduce.py --scale tiny", md)
-    assert seconds < 240  # measured ~100 s on 2 busy cores
+    # ~110 s on 2 cores shared with other jobs (--jobs 2 --threads 1); not asserted: it depends on the load
+    print(f"tiny reproduce run: {seconds:.0f} s")
 
 
 def test_rerun_skips_finished_steps(tiny_run):
