@@ -307,9 +307,10 @@ class SupervisedGANTrainer(AdversarialTrainer):
     that tells ground-truth sharp crops x from G(y). MONAI's ``AdversarialTrainer`` has this shape
     (one G, one D, ``recon_loss_function`` + ``g_loss_function``) but shows D the *input* as the real
     sample (it is written for autoencoders, where input = target); here the real sample is the
-    ground truth ``label``. Only ``_iteration`` is replaced (the constructor just adds
-    ``adversarial_weight``); state-dict keys (``g_network``, ``d_network``, optimizers, scalers) and
-    events are ``AdversarialTrainer``'s, and the output decollates like ``SupervisedTrainer``'s.
+    ground truth ``label``. ``_iteration`` is replaced, the constructor adds ``adversarial_weight``,
+    and the trainer's ``state_dict`` leaves the networks and optimizers to their own checkpoint
+    entries (see :meth:`_complete_state_dict_user_keys`); events and ``state.g_network`` etc. are
+    ``AdversarialTrainer``'s, and the output decollates like ``SupervisedTrainer``'s.
 
     Per iteration: G step with D frozen, ``loss_G = recon(G(y), x) + w · g_loss(D(G(y)))``; then D
     step, ``loss_D = d_loss(D(x), D(G(y).detach()))``.
@@ -329,6 +330,16 @@ class SupervisedGANTrainer(AdversarialTrainer):
     def __init__(self, *args: Any, adversarial_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.adversarial_weight = float(adversarial_weight)
+
+    def _complete_state_dict_user_keys(self) -> None:
+        """Keep the networks and optimizers out of the trainer's ``state_dict``.
+
+        ``AdversarialTrainer`` adds them, and ignite's ``Engine.load_state_dict`` then *replaces*
+        ``state.g_network`` (and the rest) by the unpickled copies from the checkpoint: after a resume
+        the trainer would train a copy while the evaluator and ``BestModelSaver`` hold the original.
+        Checkpoint them as separate entries instead (``ResumableCheckpoint``'s ``save_dict``), which
+        load in place.
+        """
 
     def _iteration(self, engine: AdversarialTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:

@@ -610,7 +610,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"CUDA: {report['machine']['cuda']}, torch {report['machine']['torch']}, MONAI {report['machine']['monai']}"
         f"{', threads ' + str(report['threads']) if report['threads'] else ''}, "
         f"{report['jobs']} training(s) at a time  ",
-        "Run time (s, this invocation; skipped steps report their first run): "
+        "Run time (s; a finished step that was skipped reports the run that made it, a resumed training "
+        "its last invocation; with --jobs > 1 trainings overlap): "
         + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
         "",
         f"**Normalisation (all methods, all tables).** {report['normalisation']}",

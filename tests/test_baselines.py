@@ -123,3 +123,33 @@ def test_supervised_gan_trainer_shows_ground_truth_as_real():
     # D sees G(y) (generator step), then the ground truth as real and G(y) as fake; never the input
     assert len(seen) == 3 and torch.equal(seen[1], batch["label"])
     assert not any(torch.equal(s, batch["image"]) for s in seen)
+
+
+def test_supervised_gan_trainer_resumes_into_the_same_networks(tmp_path):
+    """After a resume the trainer still trains the networks the evaluator and BestModelSaver hold."""
+    from bundle.handlers import ResumableCheckpoint
+
+    def build(max_epochs):
+        torch.manual_seed(0)
+        g = DeblurUNet(features=(4, 4, 8, 8, 16, 4))
+        d = MultiScalePatchDiscriminator(channels=4, num_layers_d=2, num_scales=1)
+        g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+        adv = LSGANLoss()
+        batch = {"image": torch.rand(2, 1, 32, 32, 32), "label": torch.rand(2, 1, 32, 32, 32)}
+        ckpt = ResumableCheckpoint(
+            str(tmp_path), {"network": g, "optimizer": g_opt, "discriminator": d, "d_optimizer": d_opt}, resume=True
+        )
+        trainer = SupervisedGANTrainer(
+            device="cpu", max_epochs=max_epochs, train_data_loader=[batch], g_network=g, g_optimizer=g_opt,
+            g_loss_function=adv.generator_loss, recon_loss_function=torch.nn.MSELoss(), d_network=d,
+            d_optimizer=d_opt, d_loss_function=adv.discriminator_loss, train_handlers=[ckpt],
+        )
+        return trainer, g
+
+    first, g1 = build(1)
+    first.run()
+    trained = {k: v.clone() for k, v in g1.state_dict().items()}
+    second, g2 = build(2)
+    second.run()  # resumes at epoch 1, runs epoch 2
+    assert second.state.epoch == 2 and second.state.g_network is g2
+    assert any(not torch.equal(trained[k], v) for k, v in g2.state_dict().items())  # g2 itself trained on
