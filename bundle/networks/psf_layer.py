@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bundle.ops import fft_convolve
+from bundle.ops import fast_fft_shape, fft_convolve
 
 __all__ = ["PSFLayer", "PARAMETERIZATIONS", "INITS"]
 
@@ -301,10 +302,57 @@ class PSFLayer(nn.Module):
             x: ``(B, 1, D, H, W)`` (any leading dims) sharp volume.
 
         Returns:
-            ``(B, 1, D, H, W)`` float32/float64 blurred volume (the kernel and its FFT are computed
-            once per call).
+            ``(B, 1, D, H, W)`` float32/float64 blurred volume. Half/bfloat16 inputs (e.g. under
+            ``torch.autocast``) are convolved in float32 with autocast disabled: FFTs in half
+            precision lose the PSF's faint tails. The kernel and its FFT are computed once per call;
+            a "fixed" kernel's FFT is cached per FFT size (see :meth:`_fixed_spectrum`).
         """
-        return self.gain * fft_convolve(x, self.kernel(), pad_mode=self.pad_mode) + self.offset
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if x.dtype not in (torch.float32, torch.float64):
+                x = x.float()
+            if self.parameterization == "fixed":
+                blurred = self._convolve_fixed(x)
+            else:
+                blurred = fft_convolve(x, self.kernel(), pad_mode=self.pad_mode)
+            return self.gain * blurred + self.offset
+
+    # ------------------------------------------------------------------------------------------
+    # Fixed-kernel fast path: same arithmetic as ``bundle.ops.fft_convolve`` with the kernel's
+    # spectrum computed once per (FFT size, device, dtype) instead of on every call (the trainer
+    # applies h twice per iteration: h*x and h*G(y)). Measured by scripts/benchmark.py.
+    def _fixed_spectrum(self, fft_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``rfftn`` of the fixed kernel at ``fft_shape``, cached; recomputed when the buffer changes
+        (``load_state_dict`` / in-place edits bump its version, ``.to()`` gives a new storage)."""
+        h = self.fixed_kernel
+        key = (fft_shape, h.device, dtype, h._version, h.data_ptr())
+        cache = self.__dict__.setdefault("_spectrum_cache", {})
+        if key not in cache:
+            if len(cache) >= 4:  # a few sizes in use at once (training crops, validation windows)
+                cache.pop(next(iter(cache)))
+            cache[key] = torch.fft.rfftn(h.detach().to(dtype), s=fft_shape, dim=(-3, -2, -1))
+        return cache[key]
+
+    def _convolve_fixed(self, x: torch.Tensor) -> torch.Tensor:
+        n = tuple(x.shape[-3:])
+        k = self.kernel_size
+        centre = [s // 2 for s in k]
+        if self.pad_mode == "zeros":
+            offset = centre
+        else:  # as in fft_convolve: indices i + c - j for j in [0, k) reach -(k - 1 - c) .. n - 1 + c
+            pads = [p for kk, c in zip(reversed(k), reversed(centre)) for p in (kk - 1 - c, c)]
+            lead = x.shape[:-3]
+            x = F.pad(x.reshape(-1, 1, *n), pads, mode=self.pad_mode).reshape(
+                *lead, *[a + b - 1 for a, b in zip(n, k)]
+            )
+            offset = [kk - 1 for kk in k]
+        fft_shape = fast_fft_shape([a + b - 1 for a, b in zip(n, k)])
+        kf = self._fixed_spectrum(fft_shape, x.dtype)
+        full = torch.fft.irfftn(
+            torch.fft.rfftn(x, s=fft_shape, dim=(-3, -2, -1)) * kf, s=fft_shape, dim=(-3, -2, -1)
+        )
+        return full[
+            ..., offset[0] : offset[0] + n[0], offset[1] : offset[1] + n[1], offset[2] : offset[2] + n[2]
+        ]
 
     # ------------------------------------------------------------------------------------------
     def kernel_parameters(self) -> Iterator[nn.Parameter]:

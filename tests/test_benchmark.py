@@ -1,0 +1,68 @@
+"""The benchmark's smoke run, and the speed changes it measures staying exact (PSF spectrum cache, autocast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bundle.networks import PSFLayer
+from bundle.ops import fft_convolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_fixed_kernel_spectrum_cache_is_exact_and_follows_the_kernel(pad_mode):
+    layer = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", pad_mode=pad_mode, gain=2.0, offset=0.1)
+    x = torch.rand(2, 1, 12, 16, 10)
+    expected = 2.0 * fft_convolve(x, layer.kernel(), pad_mode=pad_mode) + 0.1
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)  # second call: cached spectrum
+    assert len(layer._spectrum_cache) == 1
+    layer(torch.rand(1, 1, 8, 8, 8))  # another size: its own entry
+    assert len(layer._spectrum_cache) == 2
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["fixed_kernel"] = torch.roll(state["fixed_kernel"], 1, dims=0)
+    layer.load_state_dict(state)  # a new kernel invalidates the cache
+    torch.testing.assert_close(
+        layer(x), 2.0 * fft_convolve(x, layer.kernel(), pad_mode=pad_mode) + 0.1, rtol=0, atol=1e-6
+    )
+    assert "_spectrum_cache" not in layer.state_dict()
+
+
+@pytest.mark.parametrize("parameterization", ["fixed", "parametric"])
+def test_half_inputs_and_autocast_convolve_in_float32(parameterization):
+    layer = PSFLayer(kernel_size=(7, 7, 7), parameterization=parameterization, na=1.0)
+    x = torch.rand(1, 1, 12, 12, 12)
+    ref = layer(x)
+    out = layer(x.half())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)  # only the input's rounding differs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.bfloat16())
+    assert out.dtype == torch.float32
+    out.sum().backward()  # gradients reach the kernel parameters through the float32 FFT
+    if parameterization == "parametric":
+        assert layer.na_raw.grad is not None and torch.isfinite(layer.na_raw.grad)
+
+
+def test_quick_benchmark_writes_report(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(data["train"]) == {"blind", "nonblind", "conventional"}
+    assert data["psf"]["fixed_cache_max_abs_diff"] < 1e-5
+    assert data["inference"]["reference"]["mvoxel_per_s"] > 0
+    report = (tmp_path / "benchmark.md").read_text()
+    assert "Against the targets" in report and "out-of-core" in report
