@@ -130,13 +130,13 @@ SCALES: dict[str, Scale] = {
     # lr 1e-3), 1200 iterations per method, two validation and two test volumes
     "small": Scale(
         shape=(32, 128, 128), eval_shape=(32, 128, 128), n_train=6, n_val=2, n_test=2,
-        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=24, val_interval=2, rl_max_iter=100,
+        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=24, val_interval=2, rl_max_iter=400,
     ),
     # the paper's sizes (Sec. IV): 256x512x128 volumes (ZYX 128x256x512), 18/1/1, 64³ crops, lr 1e-4,
     # full-size networks (common.json + train.json defaults); for a GPU
     "paper": Scale(
         shape=(128, 256, 512), eval_shape=(128, 256, 512), n_train=18, n_val=1, n_test=1,
-        config_overrides=[], epoch_length=100, max_epochs=200, val_interval=5, rl_max_iter=200,
+        config_overrides=[], epoch_length=100, max_epochs=200, val_interval=5, rl_max_iter=400,
     ),
 }
 
@@ -332,7 +332,9 @@ class Runner:
 
         path = self.run_dir("rl") / "rl.json"
         if path.is_file():
-            return int(json.loads(path.read_text())["num_iter"])
+            done = json.loads(path.read_text())
+            if done.get("max_iter") == self.scale.rl_max_iter:
+                return int(done["num_iter"])
         t0 = time.time()
         psf, _ = load_volume(self.train_dir / "psf.tif")
         curves = []
@@ -343,7 +345,15 @@ class Runner:
             curves.append(curve)
         mean = np.mean(np.asarray(curves), axis=0)
         num_iter = int(np.argmax(mean)) + 1
-        _atomic_json({"num_iter": num_iter, "val_psnr_curve": [float(c) for c in mean], "chosen_on": "validation"}, path)
+        _atomic_json(
+            {
+                "num_iter": num_iter,
+                "max_iter": self.scale.rl_max_iter,
+                "val_psnr_curve": [float(c) for c in mean],
+                "chosen_on": "validation",
+            },
+            path,
+        )
         self._timed("rl_choose_iterations", t0)
         return num_iter
 
