@@ -153,3 +153,12 @@ def test_supervised_gan_trainer_resumes_into_the_same_networks(tmp_path):
     second.run()  # resumes at epoch 1, runs epoch 2
     assert second.state.epoch == 2 and second.state.g_network is g2
     assert any(not torch.equal(trained[k], v) for k, v in g2.state_dict().items())  # g2 itself trained on
+
+
+def test_richardson_lucy_evaluate_config(tiny_dataset, tmp_path):
+    """RL plugs into evaluate.json like a trained generator (no checkpoint, no learned PSF)."""
+    files = ["configs/common.json", "configs/inference.json", "configs/inference_rl.json", "configs/evaluate.json"]
+    _run("evaluate", files, "--dataset_dir", str(tiny_dataset), "--output_dir", str(tmp_path), "--rl_num_iter", "10")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checkpoint"] is None and report["psf"] is None
+    assert np.isfinite(report["mean"]["psnr"]["output_fit"]) and np.isfinite(report["mean"]["ssim"]["output_fit"])
