@@ -199,7 +199,7 @@ def write_ome_zarr(
 
 
 def estimate_percentiles(
-    volume: Any, percentiles: Sequence[float], max_samples: int = 1 << 24, slab: int = 16
+    volume: Any, percentiles: Sequence[float], max_samples: int = 1 << 21, slab: int = 16
 ) -> tuple[float, float]:
     """Values of a volume at two percentiles, read slab by slab.
 
@@ -271,7 +271,7 @@ def deconvolve_zarr(
     chunks: Sequence[int] | None = None,
     voxel_size: Sequence[float] | None = None,
     device: torch.device | str | None = None,
-    max_percentile_samples: int = 1 << 24,
+    max_percentile_samples: int = 1 << 21,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Any:
