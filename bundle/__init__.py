@@ -5,7 +5,23 @@ Optimal Transport Geometry", IEEE TCI 2020. Configs refer to components as ``bun
 after ``"$import bundle"``, so the submodules are imported here.
 """
 
-from bundle import data, distributed, engine, evaluate, handlers, image_pool, inference, io, losses, metrics, networks, ooc, ops, physics, simulate  # noqa: F401
+from bundle import (  # noqa: F401
+    data,
+    distributed,
+    engine,
+    evaluate,
+    handlers,
+    image_pool,
+    inference,
+    io,
+    losses,
+    metrics,
+    networks,
+    ooc,
+    ops,
+    physics,
+    simulate,
+)
 from bundle.physics import forward, phantom, psf  # noqa: F401
 
 __version__ = "0.1.0"

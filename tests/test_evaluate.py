@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_bundle
 from matplotlib.image import imread
 
 from bundle.evaluate import DeconvolutionReport, psf_report
@@ -17,6 +16,8 @@ from bundle.io import load_volume, save_volume
 from bundle.metrics import affine_fit, psnr, ssim
 from bundle.networks import DeblurUNet
 from bundle.physics.psf import gaussian_psf
+
+from conftest import run_bundle
 
 EVALUATE = "['configs/common.json','configs/quick.json','configs/inference.json','configs/evaluate.json']"
 

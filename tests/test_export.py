@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

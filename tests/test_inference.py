@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import ROOT, run_bundle
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose
 
@@ -29,6 +28,8 @@ from bundle.inference import (
 from bundle.io import VolumeError, load_volume, save_volume
 from bundle.metrics import affine_fit, psnr
 from bundle.networks import DeblurUNet
+
+from conftest import ROOT, run_bundle
 
 SMALL = (4, 4, 8, 8, 16, 4)
 QUICK = "['configs/common.json','configs/quick.json','configs/inference.json']"
