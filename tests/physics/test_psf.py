@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -156,16 +154,6 @@ def test_born_wolf_torch_gradient_float32_and_second_order():
     assert torch.isfinite(g) and g.abs() > 0
     (g2,) = torch.autograd.grad(g, na)
     assert torch.isfinite(g2)
-
-
-def test_born_wolf_torch_is_fast():
-    """Rendered every training step: 31^3 forward + backward well under 50 ms (measured ~1.5 ms)."""
-    na = torch.tensor(1.4, requires_grad=True)
-    born_wolf_psf_torch(na)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        _objective(born_wolf_psf_torch(na)).backward()
-    assert (time.perf_counter() - t0) / 5 < 0.05
 
 
 def test_born_wolf_quadrature_converged():
