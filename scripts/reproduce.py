@@ -127,10 +127,11 @@ SCALES: dict[str, Scale] = {
         noise_levels=(None, 20.0, 2.5),
     ),
     # 2 CPU cores, ~1 hour on a quiet machine: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2,
-    # lr 1e-3), 1200 iterations per method, two validation and two test volumes
+    # lr 1e-3), 400 iterations per method (the run in docs/results.md took 52 min on 2 loaded cores;
+    # --max-epochs 24 extends it to 1200), two validation and two test volumes
     "small": Scale(
         shape=(32, 128, 128), eval_shape=(32, 128, 128), n_train=6, n_val=2, n_test=2,
-        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=24, val_interval=2, rl_max_iter=400,
+        config_overrides=["configs/quick.json"], epoch_length=50, max_epochs=8, val_interval=2, rl_max_iter=400,
     ),
     # the paper's sizes (Sec. IV): 256x512x128 volumes (ZYX 128x256x512), 18/1/1, 64³ crops, lr 1e-4,
     # full-size networks (common.json + train.json defaults); for a GPU
