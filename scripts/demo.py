@@ -29,7 +29,8 @@ def bundle_run(run_id: str, configs: list[str], *overrides: str) -> None:
     """Run ``python -m monai.bundle run <run_id>`` from the bundle root, echoing the command."""
     config_arg = "[" + ",".join(f"'{c}'" for c in configs) + "]" if len(configs) > 1 else configs[0]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg, *overrides]
-    print("\n$ " + " ".join(shlex.quote(c) for c in ["python", *cmd[1:]]), flush=True)
+    shown = [f'"{c}"' if c.startswith("[") else shlex.quote(c) for c in ["python", *cmd[1:]]]
+    print("\n$ " + " ".join(shown), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
