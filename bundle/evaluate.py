@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from bundle.inference import (
     load_checkpoint,
     output_path,
 )
-from bundle.io import load_volume, save_volume, validate_psf
+from bundle.io import atomic_write_text, load_volume, save_volume, validate_psf
 from bundle.metrics import affine_fit, psnr, ssim
 from bundle.physics.psf import fwhm, psf_correlation
 
@@ -64,19 +63,6 @@ def _scores(volume: torch.Tensor, target: torch.Tensor) -> tuple[float, float, f
     """``(psnr, ssim, psnr after affine fit, ssim after affine fit)`` of ``(1, 1, D, H, W)`` tensors."""
     fitted = affine_fit(volume, target).float()
     return psnr(volume, target), ssim(volume, target), psnr(fitted, target), ssim(fitted, target)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def psf_report(
@@ -265,8 +251,8 @@ class DeconvolutionReport:
                                  title=["learned PSF", "true PSF"])
                 report["psf"]["figure"] = "figures/psf.png"
         report["time_s"] = time.perf_counter() - start
-        _atomic_text(self.output_dir / "report.json", json.dumps(report, indent=2))
-        _atomic_text(self.output_dir / "report.md", self.markdown(report))
+        atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
+        atomic_write_text(self.output_dir / "report.md", self.markdown(report))
         logger.info(f"report written to {self.output_dir / 'report.md'}")
         return report
 

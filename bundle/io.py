@@ -379,12 +379,14 @@ def _write_tiff(
     tifffile.imwrite(path, np.ascontiguousarray(data), imagej=True, metadata=metadata, **kwargs)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it onto ``path``.
 
     The temporary file keeps the target's extension (libraries choose the format from it) and is
-    removed on any error, so either the complete new file or nothing is left.
+    removed on any error, so either the complete new file or nothing is left. Every file the bundle
+    writes goes through here.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ext = _extension(path)
     # a unique hidden name; created by the library itself so that it gets the usual permissions
@@ -397,6 +399,11 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             tmp.unlink()
         raise
     return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _output_dtype(data_dtype: np.dtype, dtype: DtypeLike | None) -> np.dtype:
@@ -523,7 +530,7 @@ class TiffStackWriter(ImageWriter):
         if self.scale is not None:
             data = data.astype(np.float64) * self.scale
         data = _cast(data, _output_dtype(data.dtype, self.output_dtype))
-        _atomic_write(Path(filename), lambda tmp: _write_tiff(tmp, data, self.voxel_size, self.channel_axis))
+        atomic_write(Path(filename), lambda tmp: _write_tiff(tmp, data, self.voxel_size, self.channel_axis))
 
 
 def register() -> None:
@@ -811,7 +818,7 @@ def save_volume(
                 img.SetSpacing([float(v) for v in voxel_size[::-1]])
             itk.imwrite(img, str(tmp))
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 register()

@@ -33,7 +33,6 @@ import ast
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,21 +121,15 @@ def export_bundle(
         if (root / extra).is_file():
             entries.append((root / extra, f"{name}/{extra}"))
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
+    def write_zip(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(f"{name}/configs/common.json", json.dumps(common, indent=4) + "\n")
             for src, arcname in entries:
                 zf.write(src, arcname)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return output
+
+    from bundle.io import atomic_write  # bundle_root is on sys.path (see _check_weights)
+
+    return atomic_write(output, write_zip)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

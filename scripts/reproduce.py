@@ -148,10 +148,9 @@ SCALES: dict[str, Scale] = {
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    from bundle.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _config_list(files: Sequence[str]) -> str:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -455,12 +454,9 @@ class PSFLayer(nn.Module):
         tif_path = Path(tif_path)
         json_path = Path(json_path) if json_path is not None else tif_path.with_suffix(".json")
         h = self.kernel().detach().float().cpu().numpy()
-        try:
-            from bundle.io import save_volume
-        except ImportError:  # pragma: no cover - bundle.io is part of the package
-            _atomic(tif_path, lambda p: _imwrite_imagej(p, h, self.voxel_size))
-        else:
-            save_volume(tif_path, h, voxel_size=self.voxel_size, dtype=np.float32)
+        from bundle.io import atomic_write_text, save_volume  # lazy: bundle.io imports MONAI's readers
+
+        save_volume(tif_path, h, voxel_size=self.voxel_size, dtype=np.float32)
         info = {
             "physical_parameters": self.physical_parameters(),
             "kernel_size": list(self.kernel_size),
@@ -471,7 +467,7 @@ class PSFLayer(nn.Module):
             "pad_mode": self.pad_mode,
             "kernel_sum": float(h.sum()),
         }
-        _atomic(json_path, lambda p: p.write_text(json.dumps(info, indent=2)))
+        atomic_write_text(json_path, json.dumps(info, indent=2))
         return tif_path, json_path
 
     def extra_repr(self) -> str:
@@ -480,28 +476,3 @@ class PSFLayer(nn.Module):
             f"voxel_size={self.voxel_size}, pad_mode={self.pad_mode!r}"
         )
 
-
-def _imwrite_imagej(path: Path, volume: np.ndarray, voxel_size: tuple[float, ...]) -> None:
-    import tifffile
-
-    tifffile.imwrite(
-        path,
-        volume,
-        imagej=True,
-        resolution=(1.0 / voxel_size[2], 1.0 / voxel_size[1]),
-        metadata={"spacing": voxel_size[0], "unit": "micron", "axes": "ZYX"},
-    )
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
