@@ -32,6 +32,7 @@ __all__ = [
     "paired_datalist",
     "normalize_transforms",
     "paired_transforms",
+    "augment_transforms",
     "train_transforms",
     "UnpairedDataset",
     "unpaired_dataset",
@@ -117,6 +118,25 @@ def paired_transforms(
     )
 
 
+def augment_transforms(
+    keys: Sequence[str],
+    patch_size: Sequence[int],
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+) -> list:
+    """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
+    random crop, random 90° rotations in ``rotate_axes``, random flips along each axis."""
+    return [
+        SpatialPadd(keys=keys, spatial_size=patch_size),
+        RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
+        RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+    ]
+
+
 def train_transforms(
     patch_size: Sequence[int] = (64, 64, 64),
     percentiles: Sequence[float] = (0.0, 99.9),
@@ -139,14 +159,7 @@ def train_transforms(
     keys = ("image",)
     return Compose(
         normalize_transforms(keys, percentiles, clip)
-        + [
-            SpatialPadd(keys=keys, spatial_size=patch_size),
-            RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
-            RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
-        ]
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
     )
 
 
@@ -254,14 +267,7 @@ def paired_train_transforms(
     return Compose(
         normalize_transforms(("image",), image_percentiles, clip)
         + normalize_transforms(("label",), label_percentiles, clip)
-        + [
-            SpatialPadd(keys=keys, spatial_size=patch_size),
-            RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
-            RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
-        ]
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
     )
 
 
