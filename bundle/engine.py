@@ -67,6 +67,18 @@ def prepare_unpaired_batch(
     return out[0], out[1]
 
 
+def _backward_step(loss: torch.Tensor, optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
+    """``loss.backward(); optimizer.step()``, through the AMP ``scaler`` when there is one."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    if update:
+        scaler.update()
+
+
 def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> None:
     for net in nets:
         if net is not None:
@@ -188,14 +200,6 @@ class CycleGANTrainer(Trainer):
     def _autocast(self):
         return torch.autocast(device_type=torch.device(self.state.device).type, enabled=self.amp, **self.amp_kwargs)
 
-    def _backward_step(self, loss: torch.Tensor, optimizer: Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-        else:
-            loss.backward()
-            optimizer.step()
-
     def _discriminator_loss(self, net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """φ or ψ: real volumes vs. (pooled, detached) generated ones; the same function for both."""
         with self._autocast():
@@ -227,7 +231,7 @@ class CycleGANTrainer(Trainer):
             adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else torch.zeros_like(adv_sharp)
             g_loss = cycle_sharp + cycle_blurred + self.adversarial_weight * (adv_sharp + adv_blurred)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._backward_step(g_loss, self.g_optimizer)
+        _backward_step(g_loss, self.g_optimizer, self.scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         # (2) discriminators φ (and ψ), on history-pooled generated volumes
@@ -239,7 +243,7 @@ class CycleGANTrainer(Trainer):
         else:
             d_blurred_loss = torch.zeros_like(d_sharp_loss)
         d_loss = d_sharp_loss + d_blurred_loss
-        self._backward_step(d_loss, self.d_optimizer)
+        _backward_step(d_loss, self.d_optimizer, self.scaler)
         if self.scaler is not None:
             self.scaler.update()
 
@@ -361,13 +365,7 @@ class SupervisedGANTrainer(AdversarialTrainer):
             g_adv = engine.state.g_loss_function(engine.d_inferer(fakes.float(), d_net, *args, **kwargs)).mean()
             g_loss = recon + self.adversarial_weight * g_adv
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.state.g_scaler is not None:
-            engine.state.g_scaler.scale(g_loss).backward()
-            engine.state.g_scaler.step(engine.state.g_optimizer)
-            engine.state.g_scaler.update()
-        else:
-            g_loss.backward()
-            engine.state.g_optimizer.step()
+        _backward_step(g_loss, engine.state.g_optimizer, engine.state.g_scaler, update=True)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         # (2) discriminator step: ground truth x is real, G(y) fake
@@ -378,13 +376,7 @@ class SupervisedGANTrainer(AdversarialTrainer):
             real_logits = engine.d_inferer(targets.contiguous(), d_net, *args, **kwargs)
             fake_logits = engine.d_inferer(fakes.detach().float().contiguous(), d_net, *args, **kwargs)
             d_loss = engine.state.d_loss_function(real_logits, fake_logits).mean()
-        if engine.state.d_scaler is not None:
-            engine.state.d_scaler.scale(d_loss).backward()
-            engine.state.d_scaler.step(engine.state.d_optimizer)
-            engine.state.d_scaler.update()
-        else:
-            d_loss.backward()
-            engine.state.d_optimizer.step()
+        _backward_step(d_loss, engine.state.d_optimizer, engine.state.d_scaler, update=True)
 
         engine.state.output = {
             CommonKeys.IMAGE: inputs,
