@@ -230,7 +230,9 @@ class DeconvolutionReport:
             "checkpoint": None if self.ckpt_path is None else str(self.ckpt_path),
             "normalisation": NORMALISATION.format(blurred=list(self.blurred_percentiles), sharp=list(self.sharp_percentiles)),
             "settings": {
-                "roi_size": list(self.deconvolver.roi_size),
+                "roi_size": self.deconvolver.roi_size if self.deconvolver.auto else list(self.deconvolver.roi_size),
+                "last_roi_size": None if self.deconvolver.last_roi_size is None else list(self.deconvolver.last_roi_size),
+                "precision": getattr(self.deconvolver.predictor, "precision", "float32"),
                 "overlap": self.deconvolver.inferer.overlap,
                 "sw_batch_size": self.deconvolver.inferer.sw_batch_size,
                 "blurred_percentiles": list(self.blurred_percentiles),

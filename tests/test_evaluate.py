@@ -43,7 +43,7 @@ def test_evaluate_report(quick_model, tmp_path):
         assert f"| {row['name']} |" in md
         blurred, meta = load_volume(row["input"])
         sharp, _ = load_volume(row["ground_truth"])
-        pred = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt", roi_size=(32, 32, 32),
+        pred = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt",  # the config's defaults
                           output_range="normalized", device="cpu", progress=False)
         lo, hi = np.percentile(blurred, 0.1), np.percentile(blurred, 99.9)
         x = torch.from_numpy(np.clip((blurred - lo) / (hi - lo), 0, 1))[None, None]

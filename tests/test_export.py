@@ -62,9 +62,9 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
                   "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
     unpacked, _ = load_volume(tmp_path / "out" / f"{stack.stem}_deconv.tif")
     original = deconvolve(load_volume(stack)[0], model=Path(quick_model["ckpt_dir"]) / "model.pt",
-                          roi_size=(32, 32, 32), device="cpu", progress=False)
+                          device="cpu", progress=False)
     np.testing.assert_allclose(unpacked, original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
-    # the bundle folder itself is a model for the Python API (network and roi from its configs)
+    # the bundle folder itself is a model for the Python API (network from its configs)
     np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=root, device="cpu", progress=False),
                                original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
 

@@ -17,6 +17,7 @@ from monai.transforms import Compose
 from bundle.data import normalize_transforms
 from bundle.inference import (
     Deconvolver,
+    InferenceNetwork,
     LoadVolumed,
     NormalizePercentilesd,
     deconvolve,
@@ -24,6 +25,8 @@ from bundle.inference import (
     load_checkpoint,
     load_network,
     output_path,
+    plan_roi_size,
+    resolve_precision,
 )
 from bundle.io import VolumeError, load_volume, save_volume
 from bundle.metrics import affine_fit, psnr
@@ -72,6 +75,114 @@ def test_deconvolver_any_shape(shape):
 def test_deconvolver_rejects_bad_roi():
     with pytest.raises(ValueError, match="multiples of 16"):
         Deconvolver(DeblurUNet(features=SMALL), roi_size=(32, 30, 32))
+
+
+def _trained_like(seed=0):
+    """A small generator with non-trivial InstanceNorm affine weights (as after training)."""
+    torch.manual_seed(seed)
+    net = DeblurUNet(features=SMALL).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def test_inference_network_same_function():
+    """GroupNorm rewrite + channels-last: same output as the module as given; bf16 close to it."""
+    net = _trained_like()
+    x = torch.rand(2, 1, 32, 48, 32)
+    with torch.no_grad():
+        ref = net(x)
+        fast = InferenceNetwork(net, precision="float32")(x)
+        bf16 = InferenceNetwork(net, precision="bfloat16")(x)
+    assert fast.dtype == torch.float32 and fast.is_contiguous() and fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
+    with torch.no_grad():  # any input dtype (the plain module refuses float64)
+        torch.testing.assert_close(InferenceNetwork(net)(x.double()), fast, rtol=0, atol=1e-6)
+    assert bf16.dtype == torch.float32
+    assert psnr(bf16, ref) > 35  # bfloat16 has 8 mantissa bits: ~40 dB on random inputs
+    assert psnr(bf16, ref) < 200  # and it did run in bfloat16
+    # the wrapper adds no state and leaves the original untouched (InstanceNorm, float32, contiguous)
+    wrapper = InferenceNetwork(net)
+    assert wrapper.state_dict().keys() == {f"network.{k}" for k in net.state_dict()}
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
+
+
+def test_inference_network_follows_new_weights():
+    """A checkpoint loaded into the network after the wrapper was used is the one that runs."""
+    net, other = _trained_like(0), _trained_like(1)
+    wrapper = InferenceNetwork(net)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = wrapper(x)
+        net.load_state_dict(other.state_dict())
+        after = wrapper(x)
+        torch.testing.assert_close(after, other(x), rtol=0, atol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_precision_errors_and_auto():
+    with pytest.raises(ValueError, match="float16.*CUDA"):
+        resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        InferenceNetwork(DeblurUNet(features=SMALL), precision="half")
+    assert resolve_precision("auto", "cpu") in ("float32", "bfloat16")
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((128, 256, 256), (128, 256, 256)),  # the benchmark volume fits: one window, each voxel once
+        ((5, 7, 9), (32, 32, 32)),  # tiny: the smallest valid window
+        ((64, 100, 100), (64, 112, 112)),  # rounded up to the divisor
+    ],
+)
+def test_plan_roi_size_cases(shape, expected):
+    assert plan_roi_size(shape, max_voxels=1 << 23) == expected
+
+
+def test_plan_roi_size_bounds():
+    for shape, budget in [((300, 1000, 1000), 1 << 23), ((64, 512, 512), 1 << 21), ((200, 90, 700), 1 << 22)]:
+        roi = plan_roi_size(shape, max_voxels=budget)
+        assert np.prod(roi) <= budget and all(r % 16 == 0 and r >= 64 for r in roi), (shape, roi)
+        # no allowed window computes fewer voxels (brute force over the same grid)
+        from bundle.inference import _overlap_fraction, _windows_along
+
+        def work(r):
+            n = [_windows_along(s, ri, _overlap_fraction(ri, 16)) for s, ri in zip(shape, r)]
+            return int(np.prod(n)) * int(np.prod(r))
+
+        sides = [range(64, -(-s // 16) * 16 + 1, 16) for s in shape]
+        best = min(work((a, b, c)) for a in sides[0] for b in sides[1] for c in sides[2] if a * b * c <= budget)
+        assert work(roi) == best
+    with pytest.raises(ValueError, match="max_voxels"):
+        plan_roi_size((128, 128, 128), max_voxels=1000)
+
+
+def test_deconvolver_auto_and_conflicts():
+    net = _trained_like()
+    auto = Deconvolver(net, roi_size="auto", sw_batch_size=2)
+    x = torch.rand(1, 1, 20, 70, 45)
+    with torch.no_grad():
+        out = auto(x)
+        assert out.shape == x.shape and auto.last_roi_size == (32, 80, 48)
+        # one window: the same as that fixed window, and as the plain module on the padded volume
+        fixed = Deconvolver(net, roi_size=(32, 80, 48), optimize=False)(x)
+    torch.testing.assert_close(out, fixed, rtol=0, atol=1e-5)
+    assert auto.network is net and Deconvolver(net, optimize=False).network is net
+    # a budget smaller than the volume: several windows, each within the budget, seams blended
+    small = Deconvolver(net, roi_size="auto", max_pass_voxels=48 * 48 * 48, auto_min_size=32)
+    with torch.no_grad():
+        tiled = small(torch.rand(1, 1, 40, 90, 60))
+    assert tiled.shape == (1, 1, 40, 90, 60) and np.prod(small.last_roi_size) <= 48**3
+    with pytest.raises(ValueError, match="not both"):
+        Deconvolver(net, inferer=auto.inferer, roi_size=(64, 64, 64))
+    with pytest.raises(ValueError, match="'auto'"):
+        Deconvolver(net, roi_size="big")
 
 
 def test_axes_and_output_range(small_model):
@@ -200,7 +311,7 @@ def test_done_when_64x256x256_cli_equals_python(quick_model, tmp_path):
     assert cli.shape == (64, 256, 256) and cli.dtype == np.float32
     assert cli_meta["voxel_size"] == pytest.approx((0.1, 0.1, 0.1))
 
-    py = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt", roi_size=(32, 32, 32),
+    py = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt",
                     sw_batch_size=4, device="cpu", progress=False)
     np.testing.assert_allclose(py, cli, rtol=0, atol=1e-6 * float(np.abs(cli).max()))
 
