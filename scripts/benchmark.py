@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -51,23 +52,24 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bundle.io import atomic_write_text  # noqa: E402
+
 FULL = {
     "patch": 64,
     "kernel": 31,
     "features": (32, 32, 64, 128, 256, 32),
     "d_channels": 32,
     "volume": (128, 256, 256),
-    "screen_volume": (128, 128, 128),
     "roi": 64,
     "rl_iter": 30,
     "psf_repeats": 5,
     "direct_repeats": 1,
     "train_repeats": 2,
-    "screen_repeats": 1,
+    "inference_repeats": 2,
     "ooc_volume": (64, 128, 128),
-    "ooc_large": (128, 256, 128),
+    "ooc_large": (128, 256, 256),
     "ooc_features": (16, 16, 32, 64, 128, 16),
-    "ooc_block": (64, 128, 128),
+    "ooc_block": (32, 64, 64),
 }
 QUICK = {
     "patch": 32,
@@ -75,13 +77,12 @@ QUICK = {
     "features": (4, 4, 8, 8, 16, 4),
     "d_channels": 4,
     "volume": (32, 32, 48),
-    "screen_volume": (32, 32, 48),
     "roi": 32,
     "rl_iter": 3,
     "psf_repeats": 2,
     "direct_repeats": 1,
     "train_repeats": 1,
-    "screen_repeats": 1,
+    "inference_repeats": 1,
     "ooc_volume": (32, 32, 32),
     "ooc_large": (64, 64, 32),
     "ooc_features": (4, 4, 8, 8, 16, 4),
@@ -150,6 +151,42 @@ class PeakMemory:
         else:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
             self.method = "peak RSS (ru_maxrss) - RSS at start, fresh process"
+
+
+class SampledPeakMemory:
+    """Peak memory added inside the ``with`` block, for several blocks in one process.
+
+    CUDA: the allocator's peak. CPU: RSS sampled every 5 ms by a thread (``ru_maxrss`` is a
+    process-lifetime maximum, useless for the second block); a peak shorter than 5 ms can be missed.
+    """
+
+    def __enter__(self) -> SampledPeakMemory:
+        import threading
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.top = rss_bytes()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.top = max(self.top, rss_bytes())
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.top, rss_bytes()) - self.base
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float | None = None) -> float:
@@ -276,46 +313,6 @@ def case_train(cfg: dict, mode: str) -> dict:
     }
 
 
-class Predictor(torch.nn.Module):
-    """The generator with inference-only speed options (memory layout, autocast)."""
-
-    def __init__(
-        self, net: torch.nn.Module, channels_last: bool = False, autocast: str | None = None
-    ) -> None:
-        super().__init__()
-        self.net, self.channels_last, self.autocast = net, channels_last, autocast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(
-            x.device.type, dtype=getattr(torch, self.autocast or "float32"), enabled=bool(self.autocast)
-        ):
-            y = self.net(x)
-        return y.float().contiguous()
-
-
-def _run_deconv(
-    net, volume, roi, overlap, sw, mode="gaussian", inference_mode=True, channels_last=False, autocast=None
-):
-    from bundle.inference import Deconvolver
-
-    dev = device()
-    deconv = Deconvolver(
-        Predictor(net, channels_last, autocast),
-        roi_size=(roi,) * 3,
-        sw_batch_size=sw,
-        overlap=overlap,
-        mode=mode,
-        sw_device=dev,
-        device="cpu",
-    )
-    x = torch.from_numpy(volume)[None, None]
-    ctx = torch.inference_mode() if inference_mode else torch.no_grad()
-    with ctx:
-        return deconv(x)[0, 0].numpy()
-
-
 def _simulated_volume(shape, seed=0):
     """A microtubule phantom blurred by the Born & Wolf PSF at 20 dB, normalised like inference."""
     from bundle.physics.forward import simulate_acquisition
@@ -330,39 +327,61 @@ def _simulated_volume(shape, seed=0):
 
 
 def case_roofline(cfg: dict) -> dict:
-    """Best FLOP/s of a bare 3×3×3 conv3d at the generator's first width, over layouts and batch sizes."""
+    """Best FLOP/s of a bare 3×3×3 conv3d at the generator's first width, over layouts, batch sizes
+    and precisions (float32, and bfloat16 on the CPU / float16 on CUDA)."""
     dev = device()
     width = cfg["features"][0]
     side = cfg["roi"]
+    half = torch.float16 if dev.type == "cuda" else torch.bfloat16
     results = []
-    for batch in (1, 2, 4):
-        for layout in ("contiguous", "channels_last_3d", "mkldnn"):
-            if layout == "mkldnn" and (dev.type != "cpu" or not torch.backends.mkldnn.is_available()):
-                continue
-            conv = torch.nn.Conv3d(width, width, 3, padding=1).to(dev).eval()
-            x = torch.rand(batch, width, side, side, side, device=dev)
-            if layout == "channels_last_3d":
-                conv = conv.to(memory_format=torch.channels_last_3d)
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            if layout == "mkldnn":
-                from torch.utils import mkldnn as mkldnn_utils
-
-                conv = mkldnn_utils.to_mkldnn(conv)
-                x = x.to_mkldnn()
-            with torch.inference_mode():
-                t = timed(lambda conv=conv, x=x: conv(x), 3)
-            flops = 2 * batch * side**3 * width * width * 27
-            results.append(
-                {"batch": batch, "layout": layout, "s": t["median_s"], "flop_per_s": flops / t["median_s"]}
-            )
+    for dtype in (torch.float32, half):
+        for batch in (1, 2, 4):
+            for layout in ("contiguous", "channels_last_3d"):
+                conv = torch.nn.Conv3d(width, width, 3, padding=1).to(dev, dtype).eval()
+                x = torch.rand(batch, width, side, side, side, device=dev, dtype=dtype)
+                if layout == "channels_last_3d":
+                    conv = conv.to(memory_format=torch.channels_last_3d)
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                with torch.inference_mode():
+                    t = timed(lambda conv=conv, x=x: conv(x), 3)
+                flops = 2 * batch * side**3 * width * width * 27
+                results.append(
+                    {
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "batch": batch,
+                        "layout": layout,
+                        "s": t["median_s"],
+                        "flop_per_s": flops / t["median_s"],
+                    }
+                )
     best = max(results, key=lambda r: r["flop_per_s"])
-    return {"width": width, "side": side, "results": results, "best": best}
+    by_dtype = {
+        d: max((r for r in results if r["dtype"] == d), key=lambda r: r["flop_per_s"])
+        for d in {r["dtype"] for r in results}
+    }
+    return {"width": width, "side": side, "results": results, "best": best, "best_by_dtype": by_dtype}
+
+
+def _affine_psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR against the ground truth after the least-squares affine fit (``bundle.metrics``, as in evaluate)."""
+    from bundle.metrics import affine_fit
+    from bundle.metrics import psnr as metric_psnr
+
+    p, t = torch.from_numpy(prediction).double(), torch.from_numpy(truth).double()
+    return metric_psnr(affine_fit(p, t), t)
 
 
 def case_inference(cfg: dict, model: str | None) -> dict:
+    """The generator on the whole volume: the plain MONAI reference and ``Deconvolver`` settings.
+
+    Every setting runs on the whole volume (no screening on a sub-volume: the fast settings take
+    seconds), and each output is scored against the ground truth, so the PSNR change against the
+    reference is measured, not assumed (InstanceNorm statistics depend on the window).
+    """
+    from monai.inferers import SlidingWindowInferer
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bundle.inference import load_network
+    from bundle.inference import Deconvolver, load_network, resolve_precision
     from bundle.networks import DeblurUNet
     from bundle.ooc import window_grid
 
@@ -370,87 +389,108 @@ def case_inference(cfg: dict, model: str | None) -> dict:
     torch.manual_seed(0)
     net = load_network(model, dev) if model else DeblurUNet(features=cfg["features"]).to(dev).eval()
     truth, volume, _ = _simulated_volume(cfg["volume"])
-    screen = volume[tuple(slice(0, s) for s in cfg["screen_volume"])]
     r = cfg["roi"]
-    r2 = 2 * r
-    candidates = [  # (name, roi, overlap, sw_batch, inference_mode, channels_last, autocast)
-        (f"reference: MONAI {r}³, overlap 0.25, batch 1, no_grad", r, 0.25, 1, False, False, None),
-        (f"{r}³, overlap 0.25, batch 4, inference_mode", r, 0.25, 4, True, False, None),
-        (f"{r}³, overlap 0.25, batch 4, channels_last_3d", r, 0.25, 4, True, True, None),
-        (f"{r}³, overlap 0.125, batch 4", r, 0.125, 4, True, False, None),
-        (f"{r2}³, overlap 0.125, batch 2", r2, 0.125, 2, True, False, None),
-    ]
     half = "float16" if dev.type == "cuda" else "bfloat16"
-    candidates.append((f"{r}³, overlap 0.25, batch 4, {half} autocast", r, 0.25, 4, True, False, half))
+    ov = max(int(r * 0.25), 1)  # the paper's 16 voxels at 64³
+    whole = int(np.prod(cfg["volume"]))
+    candidates = [  # (name, Deconvolver kwargs); None = the plain MONAI reference
+        (f"reference: plain MONAI SlidingWindowInferer {r}³, overlap 0.25, batch 1, no_grad, float32", None),
+        (f"{r}³, overlap 0.25, batch 4, optimised network, float32", {"roi_size": (r,) * 3, "sw_batch_size": 4}),
+        (f"{r}³, overlap 0.25, batch 4, optimised network, {half}", {"roi_size": (r,) * 3, "sw_batch_size": 4, "precision": half}),
+        ("auto window (default budget), float32", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r}),
+        (f"auto window (default budget), {half}", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half}),
+        (f"auto window, whole volume in one pass, {half}",
+         {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half, "max_pass_voxels": whole}),
+    ]
+    flops_cache: dict[str, float] = {}
 
-    flops_cache: dict[int, int] = {}
-
-    def window_flops(roi: int) -> int:
-        if roi not in flops_cache:
+    def window_flops(roi: tuple) -> int:
+        """FLOPs of one window: counted on an r³ window and scaled by volume (exact: every layer's work
+        is proportional to its voxels for sides divisible by 16), so no full-size window is run under
+        the counter (its float32 copies took 12 GiB)."""
+        if not flops_cache:
             with FlopCounterMode(display=False) as fc, torch.inference_mode():
-                net(torch.rand(1, 1, roi, roi, roi, device=dev))
-            flops_cache[roi] = fc.get_total_flops()
-        return flops_cache[roi]
+                net(torch.rand(1, 1, r, r, r, device=dev))
+            flops_cache["per_voxel"] = fc.get_total_flops() / r**3
+        assert all(side % 16 == 0 for side in roi), roi
+        return int(round(flops_cache["per_voxel"] * int(np.prod(roi))))
 
-    def run(c, vol, repeats):
-        name, roi, ov, sw, im, cl, ac = c
-        _run_deconv(
-            net, vol[: max(roi, 1), :roi, :roi].copy(), roi, ov, sw, "gaussian", im, cl, ac
-        )  # warm-up
-        out: dict[str, Any] = {}
-        t = timed(
-            lambda: out.__setitem__("y", _run_deconv(net, vol, roi, ov, sw, "gaussian", im, cl, ac)),
-            repeats,
-            0,
-        )
-        n_win = len(window_grid([max(s, roi) for s in vol.shape], (roi,) * 3, ov))
+    x = torch.from_numpy(volume)[None, None]
+    rows = []
+    outputs: dict[str, np.ndarray] = {}
+    for name, kwargs in candidates:
+        if kwargs is None:
+            inferer = SlidingWindowInferer((r,) * 3, sw_batch_size=1, overlap=0.25, mode="gaussian", sw_device=dev, device="cpu")
+
+            def fn(inferer=inferer):
+                with torch.no_grad():
+                    return inferer(x, net)
+
+            roi, overlap = (r,) * 3, [0.25] * 3
+        else:
+            deconv = Deconvolver(net, mode="gaussian", sw_device=dev, device="cpu", **kwargs)
+
+            def fn(deconv=deconv):
+                with torch.no_grad():
+                    return deconv(x)
+
+        times = []
+        repeats = cfg["inference_repeats"] if kwargs is not None else 1
+        if kwargs is None:  # warm-up: one window (the reference is slow and has nothing to build)
+            with torch.no_grad():
+                net(x[..., :r, :r, :r].to(dev))
+        else:
+            fn()  # warm-up (and the converted network is built)
+        gc.collect()
+        with SampledPeakMemory() as mem:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                y = fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        if kwargs is not None:
+            roi = tuple(deconv.last_roi_size)
+            overlap = deconv.inferer_for(x.shape[2:])[1].overlap
+        overlap = [float(o) for o in np.broadcast_to(overlap, (3,))]
+        n_win = len(window_grid([max(v, q) for v, q in zip(volume.shape, roi)], roi, overlap))
         flops = window_flops(roi) * n_win
-        return {
+        out = y[0, 0].float().numpy()
+        outputs[name] = out
+        row = {
             "name": name,
-            "roi": roi,
-            "overlap": ov,
-            "sw_batch_size": sw,
-            "inference_mode": im,
-            "channels_last": cl,
-            "autocast": ac,
-            "seconds": t["median_s"],
-            "mvoxel_per_s": vol.size / t["median_s"] / 1e6,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (kwargs or {}).items()},
+            "precision": resolve_precision((kwargs or {}).get("precision", "float32"), dev),
+            "roi": list(roi),
             "windows": n_win,
+            "computed_voxels_per_voxel": n_win * float(np.prod(roi)) / volume.size,
+            "seconds": seconds,
+            "times_s": times,
+            "mvoxel_per_s": volume.size / seconds / 1e6,
             "generator_flops": flops,
-            "flop_per_s": flops / t["median_s"],
-        }, out["y"]
-
-    screened = []
-    screen_ref = None
-    for c in candidates:
-        res, y = run(c, screen, cfg["screen_repeats"])
-        if screen_ref is None:
-            screen_ref = y
-        res["psnr_vs_reference_output_db"] = psnr(y, screen_ref, 1.0)
-        screened.append(res)
-        print(f"  screen {res['name']}: {res['mvoxel_per_s']:.3f} Mvox/s", flush=True)
-    best_c = max(
-        (
-            c
-            for c, s in zip(candidates, screened)
-            if s["psnr_vs_reference_output_db"] >= 35.0 or c is candidates[0]
-        ),
-        key=lambda c: screened[candidates.index(c)]["mvoxel_per_s"],
-    )
-    ref_res, ref_y = run(candidates[0], volume, 1)
-    best_res, best_y = run(best_c, volume, 1) if best_c is not candidates[0] else (ref_res, ref_y)
-    for res, y in ((ref_res, ref_y), (best_res, best_y)):
-        res["psnr_vs_truth_db"] = psnr(y, truth, 1.0)
-        res["psnr_vs_reference_output_db"] = psnr(y, ref_y, 1.0)
+            "flop_per_s": flops / seconds,
+            "psnr_vs_truth_db": _affine_psnr(out, truth),
+            "peak_memory_bytes": mem.peak,
+        }
+        rows.append(row)
+        print(f"  {name}: {row['seconds']:.1f} s, {row['mvoxel_per_s']:.3f} Mvox/s, {row['psnr_vs_truth_db']:.2f} dB", flush=True)
+    ref = rows[0]
+    for row in rows:
+        row["psnr_change_db"] = row["psnr_vs_truth_db"] - ref["psnr_vs_truth_db"]
+        row["psnr_vs_reference_output_db"] = psnr(outputs[row["name"]], outputs[ref["name"]], 1.0)
+    tol = TARGETS["psnr_tolerance_db"]
+    best = max((row for row in rows if abs(row["psnr_change_db"]) <= tol), key=lambda row: row["mvoxel_per_s"])
+    best_not_worse = max((row for row in rows if row["psnr_change_db"] >= -tol), key=lambda row: row["mvoxel_per_s"])
     return {
         "volume": list(cfg["volume"]),
-        "screen_volume": list(cfg["screen_volume"]),
-        "model": model or "random-init DeblurUNet (no --model given)",
-        "flops_per_window": flops_cache,
-        "screened": screened,
-        "reference": ref_res,
-        "best": best_res,
-        "psnr_change_db": best_res["psnr_vs_truth_db"] - ref_res["psnr_vs_truth_db"],
+        "model": model or "random-init DeblurUNet (no --model given: PSNR against the truth is meaningless)",
+        "rows": rows,
+        "reference": ref,
+        "best": best,
+        "best_not_worse": best_not_worse,
+        "psnr_change_db": best["psnr_change_db"],
+        "memory_method": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "RSS sampled every 5 ms",
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -579,7 +619,7 @@ def ratio_line(name: str, value: float, target: str, ok: bool) -> str:
 
 def write_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out_dir / "benchmark.json", json.dumps(results, indent=2))
     env, psf, tr, inf, rl, mem = (
         results[k] for k in ("environment", "psf", "train", "inference", "rl", "memory")
     )
@@ -588,8 +628,9 @@ def write_report(results: dict, out_dir: Path) -> None:
     t_ratio = blind["iteration_s"] / conv["iteration_s"]
     m_ratio = blind["peak_bytes"] / conv["peak_bytes"]
     best, ref = inf["best"], inf["reference"]
+    fast = inf["best_not_worse"]
     roof = results["roofline"]["best"]["flop_per_s"]
-    frac = best["flop_per_s"] / roof
+    vol = "×".join(map(str, inf["volume"]))
     ooc_ratio = mem["ooc_large"]["peak_bytes"] / mem["ooc_small"]["peak_bytes"]
     lines = [
         "# Benchmark",
@@ -619,19 +660,28 @@ def write_report(results: dict, out_dir: Path) -> None:
         ratio_line(
             "training peak memory, proposed blind / conventional", f"{m_ratio:.2f}", "≤ 0.6", m_ratio <= 0.6
         ),
-        ratio_line(
-            f"inference {'×'.join(map(str, inf['volume']))}, best settings",
-            f"{best['mvoxel_per_s']:.3f} Mvoxel/s",
-            "≥ 0.8 Mvoxel/s",
-            best["mvoxel_per_s"] >= 0.8,
-        ),
-        ratio_line("generator FLOP/s / bare conv3d roofline", f"{100 * frac:.0f} %", "≥ 75 %", frac >= 0.75),
-        ratio_line(
-            "PSNR change vs reference settings (vs ground truth)",
-            f"{inf['psnr_change_db']:+.3f} dB",
-            "within ±0.1 dB",
-            abs(inf["psnr_change_db"]) <= 0.1,
-        ),
+        *[
+            line
+            for label, row in (
+                ("within ±0.1 dB of the reference", best),
+                ("not worse than the reference by more than 0.1 dB", fast),
+            )
+            for line in (
+                ratio_line(
+                    f"inference {vol}, fastest setting {label} ({row['precision']}, "
+                    f"{'×'.join(map(str, row['roi']))} windows)",
+                    f"{row['mvoxel_per_s']:.2f} Mvoxel/s ({row['psnr_change_db']:+.3f} dB)",
+                    "≥ 0.8 Mvoxel/s",
+                    row["mvoxel_per_s"] >= 0.8,
+                ),
+                ratio_line(
+                    "its generator FLOP/s / bare conv3d roofline",
+                    f"{100 * row['flop_per_s'] / roof:.0f} %",
+                    "≥ 75 %",
+                    row["flop_per_s"] / roof >= 0.75,
+                ),
+            )
+        ],
         ratio_line(
             "out-of-core peak memory, 4× larger volume / volume",
             f"{ooc_ratio:.2f}",
@@ -659,35 +709,67 @@ def write_report(results: dict, out_dir: Path) -> None:
             f"| {m['mode']} | {m['iteration_s']:.2f} s | {m['peak_bytes'] * mb:.0f} MiB | "
             f"{p['g_deblur'] / 1e6:.2f} M / {p['blur'] / 1e6:.4g} M / {p['discriminators'] / 1e6:.2f} M |"
         )
+    d_one = blind["iteration_s"] - nonblind["iteration_s"]  # d_blurred's passes (and the PSF's NA gradient)
+    f_extra = conv["iteration_s"] - blind["iteration_s"]  # the second U-Net's passes minus the PSF layer's
     lines += [
+        "",
+        "Why the time ratio sits at 0.5: per iteration the proposed model runs G forward and backward once per "
+        "cycle (twice), the conventional cycleGAN runs G *and* its blur U-Net F (the same network) twice each, "
+        "and both train the same two discriminators, so with P_G, P_h, P_D the costs of G, h and the "
+        "discriminators, blind / conventional ≈ (P_G + P_h + P_D) / (2 P_G + P_D), just above 1/2; only the "
+        "conventional model's extra overheads (two U-Net graphs, their optimiser state and memory traffic) push "
+        f"it below. Measured here: one discriminator (blind − non-blind) {d_one:.2f} s, F's passes "
+        f"(conventional − blind) {f_extra:.2f} s. On a shared machine a ratio this close to 0.5 can land on "
+        "either side of the target from run to run: read it with its repeats in `benchmark.json`.",
         "",
         f"Memory: {blind['memory_method']}.",
         "",
         f"## Inference ({inf['model']})",
         "",
-        f"Settings screened on a {'×'.join(map(str, inf['screen_volume']))} sub-volume (PSNR of each output "
-        "against the reference settings' output, in dB of a [0, 1] range):",
+        f"Every setting on the whole {'×'.join(map(str, inf['volume']))} volume (simulated: microtubules, Born & Wolf "
+        "PSF, 20 dB). PSNR against the ground truth after the least-squares affine fit (as `configs/evaluate.json`); "
+        "the change is against the reference. **best ±0.1**: the fastest row within ±0.1 dB of it; "
+        "**fastest ≥ −0.1**: the fastest row not worse than it by more than 0.1 dB (larger windows change the "
+        "InstanceNorm statistics, and with them the output). \"computed\" = voxels the generator computes per "
+        f"output voxel (window overlap); memory = {inf['memory_method']}, added during the run.",
         "",
-        "| settings | Mvoxel/s | GFLOP/s | PSNR vs reference output |",
-        "|---|---|---|---|",
+        "| settings | window (count) | computed | time | Mvoxel/s | GFLOP/s | memory | PSNR vs truth | change |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in inf["screened"]:
+    for row in inf["rows"]:
+        marks = [m for m, r in (("best ±0.1", best), ("fastest ≥ −0.1", fast)) if row["name"] == r["name"]]
+        mark = f"**{', '.join(marks)}:** " if marks else ""
         lines.append(
-            f"| {s['name']} | {s['mvoxel_per_s']:.3f} | {s['flop_per_s'] / 1e9:.1f} | {s['psnr_vs_reference_output_db']:.1f} dB |"
+            f"| {mark}{row['name']} | {'×'.join(map(str, row['roi']))} ({row['windows']}) | {row['computed_voxels_per_voxel']:.2f}× "
+            f"| {row['seconds']:.1f} s | {row['mvoxel_per_s']:.3f} | {row['flop_per_s'] / 1e9:.1f} "
+            f"| {row.get('peak_memory_bytes', 0) * mb:.0f} MiB | {row['psnr_vs_truth_db']:.2f} dB | {row['psnr_change_db']:+.3f} dB |"
         )
+    rf = results["roofline"]
     lines += [
+        f"| Richardson–Lucy, {rl['iterations']} iterations, PSF {'×'.join(map(str, rl['psf']))} (for reference) | | | "
+        f"{rl['seconds']:.1f} s | {rl['mvoxel_per_s']:.3f} | | | | |",
         "",
-        f"Whole {'×'.join(map(str, inf['volume']))} volume:",
+        f"Roofline: best bare 3×3×3 conv3d at width {rf['width']} on {rf['side']}³ over batch 1/2/4, layouts and precisions: "
+        + ", ".join(
+            f"{d} {v['flop_per_s'] / 1e9:.1f} GFLOP/s (batch {v['batch']}, {v['layout']})"
+            for d, v in sorted(rf["best_by_dtype"].items())
+        )
+        + "".join(
+            f". The {label} setting reaches {100 * r['flop_per_s'] / roof:.0f} % of the best of these"
+            + (
+                f" ({100 * r['flop_per_s'] / rf['best_by_dtype'][r['precision']]['flop_per_s']:.0f} % of its own precision's)"
+                if r["precision"] in rf["best_by_dtype"]
+                else ""
+            )
+            for label, r in (("best ±0.1", best), ("fastest ≥ −0.1", fast))
+        )
+        + ". Generator FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` per window × windows. "
+        f"Peak RSS of the inference process: {inf['peak_rss_bytes'] * mb:.0f} MiB.",
         "",
-        "| settings | time | Mvoxel/s | GFLOP/s | PSNR vs truth |",
-        "|---|---|---|---|---|",
-        f"| {ref['name']} | {ref['seconds']:.1f} s | {ref['mvoxel_per_s']:.3f} | {ref['flop_per_s'] / 1e9:.1f} | {ref['psnr_vs_truth_db']:.2f} dB |",
-        f"| best: {best['name']} | {best['seconds']:.1f} s | {best['mvoxel_per_s']:.3f} | {best['flop_per_s'] / 1e9:.1f} | {best['psnr_vs_truth_db']:.2f} dB |",
-        f"| Richardson–Lucy, {rl['iterations']} iterations, PSF {'×'.join(map(str, rl['psf']))} | {rl['seconds']:.1f} s | {rl['mvoxel_per_s']:.3f} | | |",
-        "",
-        f"Roofline: best bare 3×3×3 conv3d at width {results['roofline']['width']} on {results['roofline']['side']}³: "
-        f"{roof / 1e9:.1f} GFLOP/s (batch {results['roofline']['best']['batch']}, {results['roofline']['best']['layout']}). "
-        "Generator FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` per window × windows.",
+        f"At 100 % of that roofline the reference windows ({ref['computed_voxels_per_voxel']:.2f}× computed voxels, "
+        f"{ref['generator_flops'] / np.prod(inf['volume']) / 1e6:.2f} MFLOP per output voxel) would run at most "
+        f"{roof / (ref['generator_flops'] / np.prod(inf['volume'])) / 1e6:.2f} Mvoxel/s on this device: a throughput "
+        "target above that is reachable only with windows that compute fewer voxels, which changes the output.",
         "",
         "## Out-of-core vs in-memory inference, peak memory",
         "",
@@ -700,7 +782,7 @@ def write_report(results: dict, out_dir: Path) -> None:
             f"| {'×'.join(map(str, o['shape']))} | {o['peak_bytes'] * mb:.0f} MiB ({o['seconds']:.1f} s) | {i['peak_bytes'] * mb:.0f} MiB ({i['seconds']:.1f} s) |"
         )
     lines.append("")
-    (out_dir / "benchmark.md").write_text("\n".join(lines))
+    atomic_write_text(out_dir / "benchmark.md", "\n".join(lines))
 
 
 def main() -> None:
