@@ -67,16 +67,20 @@ def prepare_unpaired_batch(
     return out[0], out[1]
 
 
-def _backward_step(loss: torch.Tensor, optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
-    """``loss.backward(); optimizer.step()``, through the AMP ``scaler`` when there is one."""
+def _step(optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
+    """``optimizer.step()``, through the AMP ``scaler`` when there is one (``update``: then update it)."""
     if scaler is None:
-        loss.backward()
         optimizer.step()
         return
-    scaler.scale(loss).backward()
     scaler.step(optimizer)
     if update:
         scaler.update()
+
+
+def _backward_step(loss: torch.Tensor, optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
+    """``loss.backward(); optimizer.step()``, through the AMP ``scaler`` when there is one."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    _step(optimizer, scaler, update)
 
 
 def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> None:
@@ -200,6 +204,9 @@ class CycleGANTrainer(Trainer):
     def _autocast(self):
         return torch.autocast(device_type=torch.device(self.state.device).type, enabled=self.amp, **self.amp_kwargs)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
     def _discriminator_loss(self, net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """φ or ψ: real volumes vs. (pooled, detached) generated ones; the same function for both."""
         with self._autocast():
@@ -215,7 +222,10 @@ class CycleGANTrainer(Trainer):
         k = CycleGANKeys
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # keep MONAI's event order for handlers
 
-        # (1) generators G and h, with the discriminators frozen
+        # (1) generators G and h, with the discriminators frozen. The loss is a sum of a term of the
+        # x-cycle and a term of the y-cycle, which share no activations: each is backpropagated as
+        # soon as it is computed (gradients accumulate), so only one cycle's graph is alive at a time
+        # (the same gradient as one backward of the sum, with about half the activation memory).
         _set_requires_grad((self.d_sharp, self.d_blurred), False)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
@@ -223,15 +233,23 @@ class CycleGANTrainer(Trainer):
             if self.blur_noise is not None:
                 hx = self.blur_noise(hx)
             x_cycle = self.g_deblur(hx)  # G(h*x) ≈ x
+            cycle_sharp = self.cycle_loss(x_cycle.float(), x)
+            adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else None
+            loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.adversarial_weight * adv_blurred
+        self._backward(loss_x)
+        del x_cycle
+        with self._autocast():
             gy = self.g_deblur(y)  # G(y): blurred → sharp
             y_cycle = self.blur(gy)  # h*G(y) ≈ y
-            cycle_sharp = self.cycle_loss(x_cycle.float(), x)
             cycle_blurred = self.cycle_loss(y_cycle.float(), y)
             adv_sharp = self.adversarial_loss.generator_loss(self.d_sharp(gy))
-            adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else torch.zeros_like(adv_sharp)
-            g_loss = cycle_sharp + cycle_blurred + self.adversarial_weight * (adv_sharp + adv_blurred)
+            loss_y = cycle_blurred + self.adversarial_weight * adv_sharp
+        if adv_blurred is None:
+            adv_blurred = torch.zeros_like(adv_sharp)
+        g_loss = loss_x.detach() + loss_y.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        _backward_step(g_loss, self.g_optimizer, self.scaler)
+        self._backward(loss_y)
+        _step(self.g_optimizer, self.scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         # (2) discriminators φ (and ψ), on history-pooled generated volumes
