@@ -722,7 +722,13 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"(conventional − blind) {f_extra:.2f} s. On a shared machine a ratio this close to 0.5 can land on "
         "either side of the target from run to run: read it with its repeats in `benchmark.json`.",
         "",
-        f"Memory: {blind['memory_method']}.",
+        f"Memory: {blind['memory_method']}. Both trainers backpropagate the two cycles one after the other, so one "
+        "cycle's graph is alive at a time (G's in the proposed model, G's or F's in the conventional one); the "
+        "parts both models share weigh more in the smaller total: parameters with gradients and Adam moments alone "
+        + ", ".join(
+            f"{m['mode']} {16 * sum(m['trainable_parameters'].values()) / 2**20:.0f} MiB" for m in (blind, conv)
+        )
+        + ", most of it the two discriminators'.",
         "",
         f"## Inference ({inf['model']})",
         "",
