@@ -83,6 +83,17 @@ def _backward_step(loss: torch.Tensor, optimizer: Optimizer, scaler: Any | None,
     _step(optimizer, scaler, update)
 
 
+def _release_grads(optimizer: Optimizer, set_to_none: bool) -> None:
+    """Free ``optimizer``'s gradients right after its step (when ``set_to_none``).
+
+    ``zero_grad`` at the start of a step alone would keep them allocated through the *other*
+    optimizer's step: the discriminators' gradients (2 × 6.2 M parameters at full size, 47 MiB) would
+    sit in memory during the generator step, where the iteration's memory peaks.
+    """
+    if set_to_none:
+        optimizer.zero_grad(set_to_none=True)
+
+
 def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> None:
     for net in nets:
         if net is not None:
@@ -250,6 +261,7 @@ class CycleGANTrainer(Trainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self._backward(loss_y)
         _step(self.g_optimizer, self.scaler)
+        _release_grads(self.g_optimizer, self.optim_set_to_none)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         # (2) discriminators φ (and ψ), on history-pooled generated volumes
@@ -262,6 +274,7 @@ class CycleGANTrainer(Trainer):
             d_blurred_loss = torch.zeros_like(d_sharp_loss)
         d_loss = d_sharp_loss + d_blurred_loss
         _backward_step(d_loss, self.d_optimizer, self.scaler)
+        _release_grads(self.d_optimizer, self.optim_set_to_none)
         if self.scaler is not None:
             self.scaler.update()
 
@@ -384,6 +397,7 @@ class SupervisedGANTrainer(AdversarialTrainer):
             g_loss = recon + self.adversarial_weight * g_adv
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         _backward_step(g_loss, engine.state.g_optimizer, engine.state.g_scaler, update=True)
+        _release_grads(engine.state.g_optimizer, engine.optim_set_to_none)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         # (2) discriminator step: ground truth x is real, G(y) fake
@@ -395,6 +409,7 @@ class SupervisedGANTrainer(AdversarialTrainer):
             fake_logits = engine.d_inferer(fakes.detach().float().contiguous(), d_net, *args, **kwargs)
             d_loss = engine.state.d_loss_function(real_logits, fake_logits).mean()
         _backward_step(d_loss, engine.state.d_optimizer, engine.state.d_scaler, update=True)
+        _release_grads(engine.state.d_optimizer, engine.optim_set_to_none)
 
         engine.state.output = {
             CommonKeys.IMAGE: inputs,

@@ -173,11 +173,41 @@ def test_generator_gradient_equals_one_backward_of_the_summed_loss(mode):
         adv = adv + trainer.adversarial_loss.generator_loss(d_blurred(hx))
     loss = trainer.cycle_loss(g(hx), x) + trainer.cycle_loss(blur(gy), y) + trainer.adversarial_weight * adv
     loss.backward()
-    trainer.run()  # one iteration; G's gradients stay until the next G step
+    seen = {}  # the gradients the G optimizer steps with (they are freed right after the step)
+
+    def capture(optimizer, args, kwargs):
+        for net in (trainer.g_deblur, trainer.blur):
+            for p in net.parameters():
+                seen[p] = None if p.grad is None else p.grad.clone()
+
+    trainer.g_optimizer.register_step_pre_hook(capture)
+    trainer.run()  # one iteration
     for ours, ref in ((trainer.g_deblur, g), (trainer.blur, blur)):
-        pairs = [(a.grad, b.grad) for a, b in zip(ours.parameters(), ref.parameters()) if b.grad is not None]
+        pairs = [(seen[a], b.grad) for a, b in zip(ours.parameters(), ref.parameters()) if b.grad is not None]
         assert pairs and all(a is not None for a, _ in pairs)
         got, want = (torch.cat([t.flatten() for t in ts]) for ts in zip(*pairs))
         # biases before InstanceNorm have a zero gradient up to rounding: compare on the module's scale
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()))
     assert float(trainer.state.output[0][CycleGANKeys.G_LOSS]) == pytest.approx(float(loss.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradients_are_freed_after_each_step(set_to_none):
+    """With ``optim_set_to_none`` (the default) no gradient outlives its optimizer's step: the
+    discriminators' gradients must not sit in memory through the generator step (the peak)."""
+    trainer = _build("blind", loader=_loader(n=2, batch=1))  # two iterations: D has stepped before the 2nd G step
+    trainer.optim_set_to_none = set_to_none
+    grads_at_g_step = {}
+
+    def capture(optimizer, args, kwargs):
+        grads_at_g_step.update({id(p): p.grad for d in (trainer.d_sharp, trainer.d_blurred) for p in d.parameters()})
+
+    trainer.g_optimizer.register_step_pre_hook(capture)
+    trainer.run()
+    nets = (trainer.g_deblur, trainer.blur, trainer.d_sharp, trainer.d_blurred)
+    kept = [p.grad is not None for n in nets for p in n.parameters() if p.requires_grad]
+    during = [g is not None for g in grads_at_g_step.values()]
+    if set_to_none:
+        assert not any(kept) and not any(during)
+    else:  # zeroed in place, kept allocated: the switch still means what it says
+        assert all(kept) and all(during)
