@@ -128,8 +128,15 @@ def _inference_copy(network: nn.Module, dtype: torch.dtype | None, channels_last
 
     from monai.networks.blocks import Convolution
 
+    from monai.networks.nets.basic_unet import UpCat
+
+    from bundle.networks import DeblurUNet
+
     net = copy.deepcopy(network).eval()
+    sizes_checked = isinstance(network, DeblurUNet)  # it rejects sides that are not multiples of 16
     for module in list(net.modules()):
+        if sizes_checked and isinstance(module, UpCat):
+            module.is_pad = False  # skip the replicate pad of zero width (a full copy of the upsampled map)
         for name, child in module.named_children():
             if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
                 group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
@@ -158,6 +165,8 @@ class InferenceNetwork(nn.Module):
       same ``eps`` and affine weights), but PyTorch's GroupNorm has channels-last CPU kernels while
       InstanceNorm reshapes (copies) its input twice;
     * MONAI ``Convolution`` blocks' activations run in place;
+    * for a ``DeblurUNet`` (sides are multiples of 16), MONAI ``UpCat``'s zero-width replicate
+      padding (which still copies the upsampled map) is skipped;
     * weights and activations in ``channels_last_3d`` (oneDNN's fast conv3d layout);
     * ``precision="bfloat16"``: weights and activations in bfloat16 (2x on CPUs with native bf16,
       output within ~70 dB PSNR of float32); ``"float16"``: CUDA autocast.

@@ -109,6 +109,13 @@ def test_inference_network_same_function():
     assert wrapper.state_dict().keys() == {f"network.{k}" for k in net.state_dict()}
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
+    # UpCat's zero-width replicate pad is skipped in the copy of a DeblurUNet (sides checked), not elsewhere
+    from monai.networks.nets.basic_unet import UpCat
+
+    assert not any(m.is_pad for m in wrapper.fast_network().modules() if isinstance(m, UpCat))
+    assert all(m.is_pad for m in net.modules() if isinstance(m, UpCat))
+    other = InferenceNetwork(net.unet).fast_network()  # a bare BasicUNet may see any size: keeps padding
+    assert all(m.is_pad for m in other.modules() if isinstance(m, UpCat))
 
 
 def test_inference_network_follows_new_weights():
