@@ -127,7 +127,6 @@ def _inference_copy(network: nn.Module, dtype: torch.dtype | None, channels_last
     import copy
 
     from monai.networks.blocks import Convolution
-
     from monai.networks.nets.basic_unet import UpCat
 
     from bundle.networks import DeblurUNet
