@@ -51,12 +51,13 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.transforms import ScaleIntensityRange
 from torch import nn
 
+from bundle.allocator import malloc_policy
+
 __all__ = [
     "deconvolve_zarr",
     "estimate_percentiles",
     "open_volume",
     "window_grid",
-    "release_freed_memory",
     "write_ome_zarr",
 ]
 
@@ -256,33 +257,6 @@ def _shift(region: tuple[slice, ...], origin: Sequence[int]) -> tuple[slice, ...
     return tuple(slice(s.start - o, s.stop - o) for s, o in zip(region, origin))
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-
-
-def release_freed_memory(threshold: int = 1 << 17) -> bool:
-    """Make glibc return large freed buffers to the OS at once (``mallopt(M_MMAP_THRESHOLD)``).
-
-    glibc raises its mmap threshold each time a large buffer is freed (up to 32 MiB), after which
-    activation-sized buffers come from the heap and stay there, fragmented: the peak RSS of a
-    block-by-block run then grows with the number of blocks (measured 1.2-1.3x for 64 vs 8 blocks,
-    ``docs/benchmark.md``). A fixed threshold serves every buffer above it with ``mmap`` and unmaps it
-    on free, so the peak RSS is the live memory of one block (measured 1.07x; about 7 % slower). The
-    setting is process-wide and stays. Returns False where it does not apply (not glibc). No
-    library exposes it: ``ctypes`` on the C library is the documented route.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt
-        return False
-
-
 @torch.no_grad()
 def deconvolve_zarr(
     source: Any,
@@ -333,119 +307,119 @@ def deconvolve_zarr(
         overwrite: replace an existing ``destination``.
         progress: tqdm bar over the groups.
         precision, channels_last: how the network runs (:class:`bundle.inference.InferenceNetwork`).
-        bounded_memory: call :func:`release_freed_memory` first, so that the peak memory does not grow
-            with the number of blocks (process-wide glibc setting; about 7 % slower on the CPU).
+        bounded_memory: run under the ``"release"`` malloc policy (:func:`bundle.allocator.malloc_policy`:
+            freed buffers are unmapped at once), so that the peak memory does not grow with the number
+            of blocks (glibc; about 7 % slower on the CPU). False: glibc's default behaviour.
 
     Returns:
         the output Zarr array (``destination/0``), float32, the source's shape.
     """
     from bundle.inference import InferenceNetwork, load_network
 
-    if bounded_memory:
-        release_freed_memory()
-    if output_range not in OUTPUT_RANGES:
-        raise ValueError(f"output_range must be one of {OUTPUT_RANGES}, got {output_range!r}")
-    volume, source_voxel = open_volume(source)
-    shape = tuple(int(s) for s in volume.shape)
-    if len(shape) != 3:
-        raise ValueError(
-            f"{source if isinstance(source, (str, os.PathLike)) else 'source'}: need a (Z, Y, X) volume, got shape {shape}"
+    with malloc_policy("release" if bounded_memory else "system"):
+        if output_range not in OUTPUT_RANGES:
+            raise ValueError(f"output_range must be one of {OUTPUT_RANGES}, got {output_range!r}")
+        volume, source_voxel = open_volume(source)
+        shape = tuple(int(s) for s in volume.shape)
+        if len(shape) != 3:
+            raise ValueError(
+                f"{source if isinstance(source, (str, os.PathLike)) else 'source'}: need a (Z, Y, X) volume, got shape {shape}"
+            )
+        roi = tuple(int(r) for r in roi_size)
+        if device is None:
+            device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        network = load_network(model, device)
+        net_device = next(network.parameters()).device
+        predictor = InferenceNetwork(network, precision, channels_last)
+
+        # normalisation (whole-volume statistics, as in memory)
+        if intensity_range is not None:
+            lo, hi = (float(v) for v in intensity_range)
+        elif normalize is not None:
+            lo, hi = estimate_percentiles(volume, normalize, max_samples=max_percentile_samples)
+        else:
+            lo, hi = 0.0, 1.0
+        if normalize is None and intensity_range is None and output_range == "input":
+            output_range = "normalized"
+        if not hi > lo:
+            raise ValueError(f"intensity range ({lo:g}, {hi:g}) is empty: the volume is (nearly) constant")
+        scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+
+        # geometry: padded image, MONAI's window grid, blocks spanning padded axes whole
+        pads, pad_mode = _padding(shape, roi)
+        before = [p // 2 for p in pads]
+        padded = tuple(s + p for s, p in zip(shape, pads))
+        block = tuple(padded[i] if pads[i] else max(int(block_size[i]), 1) for i in range(3))
+        windows = window_grid(padded, roi, overlap)
+        weight = compute_importance_map(
+            roi, mode=mode, sigma_scale=sigma_scale, device=net_device, dtype=torch.float32
         )
-    roi = tuple(int(r) for r in roi_size)
-    if device is None:
-        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    network = load_network(model, device)
-    net_device = next(network.parameters()).device
-    predictor = InferenceNetwork(network, precision, channels_last)
+        weight = weight.reshape(1, 1, *roi)
+        weight_cpu = weight.cpu()[0, 0]
+        starts = [sorted({w[i].start for w in windows}) for i in range(3)]  # the grid is a product
 
-    # normalisation (whole-volume statistics, as in memory)
-    if intensity_range is not None:
-        lo, hi = (float(v) for v in intensity_range)
-    elif normalize is not None:
-        lo, hi = estimate_percentiles(volume, normalize, max_samples=max_percentile_samples)
-    else:
-        lo, hi = 0.0, 1.0
-    if normalize is None and intensity_range is None and output_range == "input":
-        output_range = "normalized"
-    if not hi > lo:
-        raise ValueError(f"intensity range ({lo:g}, {hi:g}) is empty: the volume is (nearly) constant")
-    scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+        out_chunks = tuple(min(int(c), s) for c, s in zip(chunks or block, shape))
+        out = _create_ome_zarr(
+            destination,
+            shape,
+            out_chunks,
+            voxel_size or source_voxel,
+            overwrite=overwrite,
+            name=Path(destination).stem,
+        )
+        out.attrs.update(
+            {"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap}
+        )
 
-    # geometry: padded image, MONAI's window grid, blocks spanning padded axes whole
-    pads, pad_mode = _padding(shape, roi)
-    before = [p // 2 for p in pads]
-    padded = tuple(s + p for s, p in zip(shape, pads))
-    block = tuple(padded[i] if pads[i] else max(int(block_size[i]), 1) for i in range(3))
-    windows = window_grid(padded, roi, overlap)
-    weight = compute_importance_map(
-        roi, mode=mode, sigma_scale=sigma_scale, device=net_device, dtype=torch.float32
-    )
-    weight = weight.reshape(1, 1, *roi)
-    weight_cpu = weight.cpu()[0, 0]
-    starts = [sorted({w[i].start for w in windows}) for i in range(3)]  # the grid is a product
+        groups = list(_groups(windows, block))
+        iterator: Any = groups
+        if progress:
+            from tqdm import tqdm
 
-    out_chunks = tuple(min(int(c), s) for c, s in zip(chunks or block, shape))
-    out = _create_ome_zarr(
-        destination,
-        shape,
-        out_chunks,
-        voxel_size or source_voxel,
-        overwrite=overwrite,
-        name=Path(destination).stem,
-    )
-    out.attrs.update(
-        {"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap}
-    )
+            iterator = tqdm(groups, desc="blocks")
+        # pass 1: each group of windows adds prediction * weight into the output (read-modify-write)
+        for group in iterator:
+            box = tuple(slice(min(w[i].start for w in group), max(w[i].stop for w in group)) for i in range(3))
+            origin = [s.start for s in box]
+            # the box in source coordinates (padded axes are read whole, then padded like in memory)
+            src_box = tuple(slice(0, shape[i]) if pads[i] else box[i] for i in range(3))
+            x = torch.from_numpy(np.ascontiguousarray(volume[src_box], dtype=np.float32))
+            x = scale(x) if (normalize is not None or intensity_range is not None) else x
+            x = torch.as_tensor(x)[None, None]
+            if any(pads):
+                flat = [v for p, b in zip(reversed(pads), reversed(before)) for v in (b, p - b)]
+                x = F.pad(x, flat, mode=pad_mode)
+            acc = torch.zeros([s.stop - s.start for s in box], dtype=torch.float32)
+            for i in range(0, len(group), sw_batch_size):
+                batch = group[i : i + sw_batch_size]
+                win = torch.cat([x[(slice(None), slice(None), *_shift(w, origin))] for w in batch]).to(net_device)
+                with torch.inference_mode():
+                    pred = (predictor(win) * weight).cpu()
+                for p, w in zip(pred, batch):
+                    acc[_shift(w, origin)] += p[0]
+            # crop the padding away and add into the output
+            real = tuple(slice(max(s.start, b), min(s.stop, b + n)) for s, b, n in zip(box, before, shape))
+            if any(r.start >= r.stop for r in real):
+                continue
+            dst = tuple(slice(r.start - b, r.stop - b) for r, b in zip(real, before))
+            out[dst] = np.asarray(out[dst]) + acc[_shift(real, origin)].numpy()
 
-    groups = list(_groups(windows, block))
-    iterator: Any = groups
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(groups, desc="blocks")
-    # pass 1: each group of windows adds prediction * weight into the output (read-modify-write)
-    for group in iterator:
-        box = tuple(slice(min(w[i].start for w in group), max(w[i].stop for w in group)) for i in range(3))
-        origin = [s.start for s in box]
-        # the box in source coordinates (padded axes are read whole, then padded like in memory)
-        src_box = tuple(slice(0, shape[i]) if pads[i] else box[i] for i in range(3))
-        x = torch.from_numpy(np.ascontiguousarray(volume[src_box], dtype=np.float32))
-        x = scale(x) if (normalize is not None or intensity_range is not None) else x
-        x = torch.as_tensor(x)[None, None]
-        if any(pads):
-            flat = [v for p, b in zip(reversed(pads), reversed(before)) for v in (b, p - b)]
-            x = F.pad(x, flat, mode=pad_mode)
-        acc = torch.zeros([s.stop - s.start for s in box], dtype=torch.float32)
-        for i in range(0, len(group), sw_batch_size):
-            batch = group[i : i + sw_batch_size]
-            win = torch.cat([x[(slice(None), slice(None), *_shift(w, origin))] for w in batch]).to(net_device)
-            with torch.inference_mode():
-                pred = (predictor(win) * weight).cpu()
-            for p, w in zip(pred, batch):
-                acc[_shift(w, origin)] += p[0]
-        # crop the padding away and add into the output
-        real = tuple(slice(max(s.start, b), min(s.stop, b + n)) for s, b, n in zip(box, before, shape))
-        if any(r.start >= r.stop for r in real):
-            continue
-        dst = tuple(slice(r.start - b, r.stop - b) for r, b in zip(real, before))
-        out[dst] = np.asarray(out[dst]) + acc[_shift(real, origin)].numpy()
-
-    # pass 2: divide by the summed weights of the windows overlapping each block, restore intensities
-    for dst in _blocks(shape, out_chunks if all(c > 0 for c in out_chunks) else shape):
-        region = tuple(slice(d.start + b, d.stop + b) for d, b in zip(dst, before))  # padded coords
-        count = torch.zeros([r.stop - r.start for r in region], dtype=torch.float32)
-        origin = [r.start for r in region]
-        near = [
-            [a for a in axis if a < r.stop and a + n > r.start] for axis, r, n in zip(starts, region, roi)
-        ]
-        for corner in itertools.product(*near):  # the windows overlapping this block, in MONAI's order
-            w = tuple(slice(a, a + n) for a, n in zip(corner, roi))
-            o = _overlap(w, region)
-            count[_shift(o, origin)] += weight_cpu[_shift(o, corner)]
-        result = torch.from_numpy(np.asarray(out[dst], dtype=np.float32)) / count
-        if output_range == "input":
-            result = result * (hi - lo) + lo
-        out[dst] = result.numpy()
-    out.attrs["complete"] = True
-    logger.info(f"deconvolved {shape} in {len(groups)} groups of windows -> {destination}")
-    return out
+        # pass 2: divide by the summed weights of the windows overlapping each block, restore intensities
+        for dst in _blocks(shape, out_chunks if all(c > 0 for c in out_chunks) else shape):
+            region = tuple(slice(d.start + b, d.stop + b) for d, b in zip(dst, before))  # padded coords
+            count = torch.zeros([r.stop - r.start for r in region], dtype=torch.float32)
+            origin = [r.start for r in region]
+            near = [
+                [a for a in axis if a < r.stop and a + n > r.start] for axis, r, n in zip(starts, region, roi)
+            ]
+            for corner in itertools.product(*near):  # the windows overlapping this block, in MONAI's order
+                w = tuple(slice(a, a + n) for a, n in zip(corner, roi))
+                o = _overlap(w, region)
+                count[_shift(o, origin)] += weight_cpu[_shift(o, corner)]
+            result = torch.from_numpy(np.asarray(out[dst], dtype=np.float32)) / count
+            if output_range == "input":
+                result = result * (hi - lo) + lo
+            out[dst] = result.numpy()
+        out.attrs["complete"] = True
+        logger.info(f"deconvolved {shape} in {len(groups)} groups of windows -> {destination}")
+        return out

@@ -159,7 +159,7 @@ def test_plan_roi_size_bounds():
         # no allowed window computes fewer voxels (brute force over the same grid)
         from bundle.inference import _overlap_fraction, _windows_along
 
-        def work(r):
+        def work(r, shape=shape):
             n = [_windows_along(s, ri, _overlap_fraction(ri, 16)) for s, ri in zip(shape, r)]
             return int(np.prod(n)) * int(np.prod(r))
 
@@ -274,6 +274,7 @@ def test_workflow_properties_and_checkpoint_mismatch(tmp_path, small_model, monk
     assert not wf.check_properties()
     for key in ("network_def", "network", "inferer", "preprocessing", "postprocessing", "dataset", "evaluator"):
         assert wf.parser.get(key) is not None, key
+    assert wf.parser.get_parsed_content("deconvolver").allocator == "reuse"
     with pytest.raises(RuntimeError) as err:
         wf.run()
     chain, e = [], err.value

@@ -1,0 +1,112 @@
+"""glibc malloc policies (bundle.allocator) and where the bundle applies them."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+import bundle.inference
+import bundle.ooc
+from bundle.allocator import _glibc, apply_malloc_policy, malloc_policy
+from bundle.inference import Deconvolver
+from bundle.networks import DeblurUNet
+
+MiB = 1 << 20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
+
+
+def mallinfo2() -> _MallInfo2:
+    libc = _glibc()
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
+glibc_only = pytest.mark.skipif(
+    _glibc() is None or not hasattr(_glibc(), "mallinfo2"), reason="malloc policies act on glibc (>= 2.33) only"
+)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="malloc policy"):
+        apply_malloc_policy("fast")
+    with pytest.raises(ValueError, match="allocator"):
+        Deconvolver(DeblurUNet(features=(4, 4, 8, 8, 16, 4)), allocator="fast")
+    assert apply_malloc_policy("system") is False
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@glibc_only
+def test_reuse_keeps_freed_buffers_then_trims():
+    with malloc_policy("reuse") as applied:
+        assert applied
+        before = mallinfo2()
+        buf = torch.ones(64 * MiB, dtype=torch.uint8)  # touched: resident
+        assert mallinfo2().hblkhd == before.hblkhd  # from the heap, not a fresh mmap
+        del buf
+        kept = rss_bytes()
+        freed = mallinfo2()
+        assert freed.fordblks >= 64 * MiB  # kept in the heap for reuse
+        again = torch.empty(32 * MiB, dtype=torch.uint8)
+        assert mallinfo2().arena == freed.arena  # served from the freed memory: the heap did not grow
+        del again
+    assert rss_bytes() <= kept - 48 * MiB  # on exit malloc_trim gave the pages back to the OS
+
+
+@glibc_only
+def test_release_unmaps_large_buffers():
+    with malloc_policy("release"):
+        before = mallinfo2()
+        size = before.fordblks + MiB  # larger than all free heap memory: the threshold decides
+        buf = torch.empty(size, dtype=torch.uint8)
+        assert mallinfo2().hblkhd >= before.hblkhd + size  # its own mmap, unmapped on free
+        del buf
+        assert mallinfo2().hblkhd == before.hblkhd
+
+
+def _recording(calls: list[str]):
+    @contextlib.contextmanager
+    def policy(name: str):
+        calls.append(name)
+        yield False
+
+    return policy
+
+
+def test_deconvolver_runs_under_its_policy(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(bundle.inference, "malloc_policy", _recording(calls))
+    net = DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval()
+    x = torch.rand(1, 1, 20, 40, 36)
+    with torch.no_grad():
+        y = Deconvolver(net, roi_size=(32, 32, 32), sw_batch_size=2)(x)
+        z = Deconvolver(net, roi_size=(32, 32, 32), sw_batch_size=2, allocator="system")(x)
+    assert calls == ["reuse", "system"]
+    torch.testing.assert_close(y, z, rtol=0, atol=0)
+
+
+def test_out_of_core_runs_under_release(monkeypatch, tmp_path):
+    calls: list[str] = []
+    monkeypatch.setattr(bundle.ooc, "malloc_policy", _recording(calls))
+    net = DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval()
+    volume = np.random.default_rng(0).random((20, 40, 36), dtype=np.float32)
+    bundle.ooc.deconvolve_zarr(volume, tmp_path / "a.ome.zarr", net, roi_size=(32, 32, 32), sw_batch_size=2)
+    bundle.ooc.deconvolve_zarr(
+        volume, tmp_path / "b.ome.zarr", net, roi_size=(32, 32, 32), sw_batch_size=2, bounded_memory=False
+    )
+    assert calls == ["release", "system"]
