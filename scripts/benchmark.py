@@ -189,6 +189,27 @@ class SampledPeakMemory:
             self.peak = max(self.top, rss_bytes()) - self.base
 
 
+def live_tensor_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes of live tensors while ``fn`` runs on the CPU (weights, gradients, optimizer states,
+    activations): the CPU counterpart of ``torch.cuda.max_memory_allocated``, free of the C allocator's
+    slack and reuse policy that peak RSS includes. From the torch.profiler memory timeline (one extra
+    run under the profiler); its public export is deprecated in favour of a CUDA-only snapshot API."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        _, sizes = json.loads(Path(path).read_text())
+    return int(max(sum(s) for s in sizes))
+
+
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float | None = None) -> float:
     data_range = float(np.ptp(b)) if data_range is None else data_range
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
@@ -298,6 +319,11 @@ def case_train(cfg: dict, mode: str) -> dict:
             decollate=False,
         )
         t = timed(lambda: trainer._iteration(trainer, batch), cfg["train_repeats"])
+    if dev.type == "cuda":  # the allocator's peak already counts live tensors only
+        live, live_method = mem.peak, mem.method
+    else:
+        live = live_tensor_peak(lambda: trainer._iteration(trainer, batch))
+        live_method = "torch.profiler memory timeline (CPU), one more iteration"
     params = {
         "g_deblur": sum(q.numel() for q in g.parameters()),
         "blur": sum(q.numel() for q in blur.parameters() if q.requires_grad),
@@ -309,6 +335,8 @@ def case_train(cfg: dict, mode: str) -> dict:
         "times_s": t["times_s"],
         "peak_bytes": mem.peak,
         "memory_method": mem.method,
+        "peak_live_bytes": live,
+        "live_memory_method": live_method,
         "trainable_parameters": params,
     }
 
@@ -399,6 +427,8 @@ def case_inference(cfg: dict, model: str | None) -> dict:
         (f"{r}³, overlap 0.25, batch 4, optimised network, {half}", {"roi_size": (r,) * 3, "sw_batch_size": 4, "precision": half}),
         ("auto window (default budget), float32", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r}),
         (f"auto window (default budget), {half}", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half}),
+        (f"auto window (default budget), {half}, glibc's default allocator (allocator='system')",
+         {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half, "allocator": "system"}),
         (f"auto window, whole volume in one pass, {half}",
          {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half, "max_pass_voxels": whole}),
     ]
@@ -627,6 +657,7 @@ def write_report(results: dict, out_dir: Path) -> None:
     blind, nonblind, conv = tr["blind"], tr["nonblind"], tr["conventional"]
     t_ratio = blind["iteration_s"] / conv["iteration_s"]
     m_ratio = blind["peak_bytes"] / conv["peak_bytes"]
+    live_ratio = blind["peak_live_bytes"] / conv["peak_live_bytes"]
     best, ref = inf["best"], inf["reference"]
     fast = inf["best_not_worse"]
     roof = results["roofline"]["best"]["flop_per_s"]
@@ -658,7 +689,16 @@ def write_report(results: dict, out_dir: Path) -> None:
             t_ratio <= 0.5,
         ),
         ratio_line(
-            "training peak memory, proposed blind / conventional", f"{m_ratio:.2f}", "≤ 0.6", m_ratio <= 0.6
+            f"training peak memory (live tensors: {blind['live_memory_method']}), proposed blind / conventional",
+            f"{live_ratio:.3f}",
+            "≤ 0.6",
+            live_ratio <= 0.6,
+        ),
+        ratio_line(
+            f"the same in peak memory ({blind['memory_method']})",
+            f"{m_ratio:.3f}",
+            "≤ 0.6",
+            m_ratio <= 0.6,
         ),
         *[
             line
@@ -700,13 +740,13 @@ def write_report(results: dict, out_dir: Path) -> None:
         "",
         "## One training iteration (`CycleGANTrainer._iteration`, batch 1)",
         "",
-        "| model | time | peak memory | trainable parameters (G / blur path / discriminators) |",
-        "|---|---|---|---|",
+        "| model | time | peak live tensors | peak memory (RSS on the CPU) | trainable parameters (G / blur path / discriminators) |",
+        "|---|---|---|---|---|",
     ]
     for m in (blind, nonblind, conv):
         p = m["trainable_parameters"]
         lines.append(
-            f"| {m['mode']} | {m['iteration_s']:.2f} s | {m['peak_bytes'] * mb:.0f} MiB | "
+            f"| {m['mode']} | {m['iteration_s']:.2f} s | {m['peak_live_bytes'] * mb:.0f} MiB | {m['peak_bytes'] * mb:.0f} MiB | "
             f"{p['g_deblur'] / 1e6:.2f} M / {p['blur'] / 1e6:.4g} M / {p['discriminators'] / 1e6:.2f} M |"
         )
     d_one = blind["iteration_s"] - nonblind["iteration_s"]  # d_blurred's passes (and the PSF's NA gradient)
@@ -722,7 +762,10 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"(conventional − blind) {f_extra:.2f} s. On a shared machine a ratio this close to 0.5 can land on "
         "either side of the target from run to run: read it with its repeats in `benchmark.json`.",
         "",
-        f"Memory: {blind['memory_method']}. Both trainers backpropagate the two cycles one after the other, so one "
+        f"Memory: peak live tensors ({blind['live_memory_method']}) is what the model needs (on CUDA it is "
+        "`torch.cuda.max_memory_allocated`); peak memory ("
+        f"{blind['memory_method']}) adds the C allocator's slack (freed buffers not yet returned "
+        "to the OS) and varies by ±60 MiB from run to run. Both trainers backpropagate the two cycles one after the other, so one "
         "cycle's graph is alive at a time (G's in the proposed model, G's or F's in the conventional one); the "
         "parts both models share weigh more in the smaller total: parameters with gradients and Adam moments alone "
         + ", ".join(
