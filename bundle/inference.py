@@ -341,7 +341,7 @@ class Deconvolver(nn.Module):
         auto_overlap: overlap of planned windows in voxels (``overlap`` applies to fixed windows).
         auto_min_size: smallest side of a planned window (axes shorter than that are spanned whole).
         allocator: CPU ``malloc`` policy during a call (:mod:`bundle.allocator`): ``"reuse"`` keeps
-            freed activations for the next window instead of re-faulting fresh pages (glibc; 15-25 %
+            freed activations for the next window instead of re-faulting fresh pages (glibc; 1.05-1.3x
             faster CPU inference, ``docs/benchmark.md``; the heap is trimmed after the call),
             ``"release"`` unmaps them at once (lowest peak RSS), ``"system"`` leaves glibc's default.
 
