@@ -90,10 +90,16 @@ def malloc_trim() -> bool:
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
+_active: list[str] = []  # policies of the enclosing ``malloc_policy`` blocks, innermost last
+
+
 @contextlib.contextmanager
 def malloc_policy(policy: str) -> Iterator[bool]:
-    """Apply ``policy`` for the ``with`` block; afterwards restore glibc's steady state and trim the heap.
+    """Apply ``policy`` for the ``with`` block, then restore the enclosing block's policy and trim the heap.
 
+    Blocks nest: a ``Deconvolver`` call ("reuse") inside a training run under "reuse" leaves the run's
+    policy in effect when it returns; outside any block glibc's steady state (module docstring) is
+    restored. ``"system"`` changes nothing, so an enclosing policy stays in effect inside it.
     Yields whether the policy is in effect (False for ``"system"`` and on other C libraries).
     Not thread-safe across concurrent blocks with different policies (the settings are process-wide).
 
@@ -103,11 +109,17 @@ def malloc_policy(policy: str) -> Iterator[bool]:
         ...     y = deconvolver(x)  # activations reused between windows instead of re-faulted
     """
     applied = apply_malloc_policy(policy)
+    _active.append(policy)
     try:
         yield applied
     finally:
+        _active.pop()
         if applied:
-            libc = _glibc()
-            for k, v in _SETTINGS["steady"].items():
-                libc.mallopt(k, v)  # type: ignore[union-attr]
+            outer = next((p for p in reversed(_active) if p != "system"), None)
+            if outer is not None:
+                apply_malloc_policy(outer)
+            else:
+                libc = _glibc()
+                for k, v in _SETTINGS["steady"].items():
+                    libc.mallopt(k, v)  # type: ignore[union-attr]
             malloc_trim()

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: handlers every rank keeps: calibration changes the model; validation's MONAI metrics gather their
 #: buffers across ranks (a collective), so every rank validates (the whole validation set: the
 #: gathered mean equals the single-process one) while only rank 0 has validation handlers
-EVERY_RANK = ("BlurCalibration", "ValidationHandler")
+EVERY_RANK = ("BlurCalibration", "ValidationHandler", "MallocPolicy")
 
 
 def get_rank() -> int:

@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
+from bundle.allocator import MALLOC_POLICIES, malloc_policy
 from bundle.io import atomic_write, atomic_write_text
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "PSFSnapshot",
     "ValidationHistory",
     "BlurCalibration",
+    "MallocPolicy",
     "atomic_torch_save",
     "save_orthoslices",
 ]
@@ -376,3 +378,40 @@ class BlurCalibration:
                 sharp, blurred, low_percentile=self.low_percentile, high_percentile=self.high_percentile
             )
         logger.info(f"blur path calibrated from {self.n_samples} samples: {result}")
+
+
+class MallocPolicy:
+    """Run an engine under a CPU ``malloc`` policy (:func:`bundle.allocator.malloc_policy`), from
+    ``STARTED`` to ``COMPLETED``/``TERMINATE``.
+
+    With glibc's defaults every large activation is a fresh ``mmap``, zero-filled page by page and
+    unmapped when freed; ``"reuse"`` keeps freed memory for the next iteration. One full-size 64³
+    training iteration on 2 CPU cores (``scripts/benchmark.py``'s settings, fresh processes): blind
+    4.3-4.7 -> 3.2 s, conventional 8.0-8.3 -> 6.2 s, for a peak RSS of 1.6-1.7 GiB instead of 1.0
+    (blind). Host memory only: on a GPU the activations are CUDA's and this changes little. After an
+    exception the policy stays in effect (the next ``run`` re-enters it).
+
+    Args:
+        policy: ``"reuse"`` (faster, more resident memory), ``"release"`` (lowest resident memory,
+            slower) or ``"system"`` (glibc's defaults).
+    """
+
+    def __init__(self, policy: str = "reuse") -> None:
+        if policy not in MALLOC_POLICIES:
+            raise ValueError(f"policy must be one of {MALLOC_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self._block: Any = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self.stop)
+
+    def start(self, engine: Engine | None = None) -> None:
+        self.stop()
+        self._block = malloc_policy(self.policy)
+        self._block.__enter__()
+
+    def stop(self, engine: Engine | None = None) -> None:
+        if self._block is not None:
+            block, self._block = self._block, None
+            block.__exit__(None, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from bundle.inference import Deconvolver
 from bundle.networks import DeblurUNet
 
 MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -110,3 +112,58 @@ def test_out_of_core_runs_under_release(monkeypatch, tmp_path):
         volume, tmp_path / "b.ome.zarr", net, roi_size=(32, 32, 32), sw_batch_size=2, bounded_memory=False
     )
     assert calls == ["release", "system"]
+
+
+@glibc_only
+def test_policies_nest():
+    def big_buffer_is_kept() -> bool:
+        before = mallinfo2()
+        buf = torch.ones(64 * MiB, dtype=torch.uint8)
+        mapped = mallinfo2().hblkhd > before.hblkhd
+        del buf
+        return not mapped and mallinfo2().fordblks >= 64 * MiB
+
+    with malloc_policy("reuse"):
+        with malloc_policy("reuse"):
+            pass
+        with malloc_policy("system"):
+            assert big_buffer_is_kept()  # "system" changes nothing: the outer policy holds
+        assert big_buffer_is_kept()  # the inner block restored the outer policy
+    with malloc_policy("release"):
+        pass
+    assert not big_buffer_is_kept()  # outside every block: glibc's steady state (64 MiB > its 32 MiB threshold)
+
+
+def test_malloc_policy_handler_spans_the_run(monkeypatch):
+    from ignite.engine import Engine
+
+    import bundle.handlers
+    from bundle.handlers import MallocPolicy
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def policy(name: str):
+        events.append(f"enter {name}")
+        yield True
+        events.append("exit")
+
+    monkeypatch.setattr(bundle.handlers, "malloc_policy", policy)
+    engine = Engine(lambda e, batch: events.append("iteration"))
+    MallocPolicy("reuse").attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    assert events == ["enter reuse", "iteration", "iteration", "exit"]
+    with pytest.raises(ValueError, match="policy"):
+        MallocPolicy("fast")
+
+
+def test_training_configs_run_under_reuse():
+    from monai.bundle import ConfigParser
+
+    for files in (["configs/common.json", "configs/train.json"],
+                  ["configs/common.json", "configs/train.json", "configs/train_supervised.json"]):  # fmt: skip
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / f) for f in files])
+        handlers = parser.get("train#handlers")
+        assert handlers[-1] == {"_target_": "bundle.handlers.MallocPolicy", "policy": "@train_allocator"}, files
+        assert parser.get_parsed_content("train_allocator") == "reuse"
