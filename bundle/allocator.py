@@ -3,8 +3,8 @@
 PyTorch's CPU tensors come from the C library's ``malloc``. On Linux (glibc) every buffer above the
 *mmap threshold* is a fresh ``mmap`` that the kernel zero-fills page by page on first touch, and it is
 unmapped again when freed. A 3D U-Net allocates and frees tens of MiB of activations per layer, so
-with the default settings each window pays those page faults again: measured 15–25 % of CPU inference
-time (``docs/benchmark.md``, "allocator" rows). The settings are process-wide (``mallopt`` has no
+with the default settings each window pays those page faults again: up to a quarter of CPU inference
+time and of a training iteration (figures below, ``docs/benchmark.md``, ``allocator`` rows). The settings are process-wide (``mallopt`` has no
 narrower scope), so they are applied around one call with :func:`malloc_policy`:
 
 * ``"reuse"``: mmap threshold and trim threshold set very high, so freed activations stay in the
