@@ -33,7 +33,7 @@ import ctypes.util
 import functools
 from collections.abc import Iterator
 
-__all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "malloc_policy", "malloc_trim"]
+__all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "check_malloc_policy", "malloc_policy", "malloc_trim"]
 
 MALLOC_POLICIES = ("reuse", "release", "system")
 
@@ -63,9 +63,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def _check(policy: str) -> None:
+def check_malloc_policy(policy: str, name: str = "malloc policy") -> str:
+    """``policy`` if it is one of :data:`MALLOC_POLICIES`; else ValueError naming ``name`` (the caller's argument)."""
     if policy not in MALLOC_POLICIES:
-        raise ValueError(f"malloc policy must be one of {MALLOC_POLICIES}, got {policy!r}")
+        raise ValueError(f"{name} must be one of {MALLOC_POLICIES}, got {policy!r}")
+    return policy
 
 
 def apply_malloc_policy(policy: str) -> bool:
@@ -77,7 +79,7 @@ def apply_malloc_policy(policy: str) -> bool:
     Raises:
         ValueError: unknown policy.
     """
-    _check(policy)
+    check_malloc_policy(policy)
     libc = _glibc()
     if policy == "system" or libc is None:
         return False

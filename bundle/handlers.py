@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-from bundle.allocator import MALLOC_POLICIES, malloc_policy
+from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.io import atomic_write, atomic_write_text
 
 __all__ = [
@@ -397,9 +397,7 @@ class MallocPolicy:
     """
 
     def __init__(self, policy: str = "reuse") -> None:
-        if policy not in MALLOC_POLICIES:
-            raise ValueError(f"policy must be one of {MALLOC_POLICIES}, got {policy!r}")
-        self.policy = policy
+        self.policy = check_malloc_policy(policy, "policy")
         self._block: Any = None
 
     def attach(self, engine: Engine) -> None:

@@ -42,7 +42,7 @@ from monai.transforms import MapTransform, ScaleIntensityRange
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from torch import nn
 
-from bundle.allocator import MALLOC_POLICIES, malloc_policy
+from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.data import list_volumes
 from bundle.io import VolumeError, _extension, load_volume, save_volume, validate_volume
 
@@ -374,9 +374,7 @@ class Deconvolver(nn.Module):
         allocator: str = "reuse",
     ) -> None:
         super().__init__()
-        if allocator not in MALLOC_POLICIES:
-            raise ValueError(f"allocator must be one of {MALLOC_POLICIES}, got {allocator!r}")
-        self.allocator = allocator
+        self.allocator = check_malloc_policy(allocator, "allocator")
         self.auto = isinstance(roi_size, str)
         if self.auto and roi_size != "auto":
             raise ValueError(f"roi_size must be 'auto' or a window size (D, H, W), got {roi_size!r}")
