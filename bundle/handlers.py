@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "BlurCalibration",
     "MallocPolicy",
     "atomic_torch_save",
+    "load_training_checkpoint",
     "save_orthoslices",
 ]
 
@@ -39,6 +41,34 @@ logger = logging.getLogger(__name__)
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename: never a partial file."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint with ``torch.load(weights_only=True)``: tensors and plain data only.
+
+    A full unpickle would run whatever code a crafted ``.pt`` names (``--resume_path``, or a file
+    dropped into ``<ckpt_dir>/checkpoints/`` and picked up by ``--resume true``). Everything
+    :class:`ResumableCheckpoint` saves — ignite's trainer state, state dicts of networks and optimizers,
+    the image pools (tensors and a generator state) — is plain data, so no global needs allowing.
+
+    Raises:
+        RuntimeError: naming the file, when it is unreadable or holds anything but plain data.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's advice to allow it: not shown
+        first = f"it names the global {found.group(1)!r}" if found else type(e).__name__
+        raise RuntimeError(
+            f"{path}: refused to resume from this checkpoint: it holds objects other than tensors and plain "
+            f"data, which would run code when loaded ({first}). Resume only from checkpoints this bundle wrote"
+        ) from e
+    except Exception as e:  # truncated or not a torch file
+        raise RuntimeError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: not a training checkpoint (a {type(state).__name__}, expected a dict)")
+    return state
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -88,6 +118,9 @@ class ResumableCheckpoint:
         n_saved: how many recent checkpoints to keep.
         resume: load the newest checkpoint at start.
         load_path: an explicit checkpoint file to resume from (implies ``resume``).
+        overwrite: for a fresh run (not resuming) whose ``save_dir`` holds checkpoints of an earlier
+            run: delete them (True) or refuse to start (False, the default). Kept, they would make a
+            later ``--resume true`` continue the earlier run instead of this one.
     """
 
     PREFIX = "checkpoint"
@@ -101,8 +134,10 @@ class ResumableCheckpoint:
         n_saved: int = 2,
         resume: bool = False,
         load_path: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.save_dir = Path(save_dir)
+        self.overwrite = bool(overwrite)
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.engine_objects = tuple(engine_objects)
         self.save_interval = max(1, int(save_interval))
@@ -121,7 +156,29 @@ class ResumableCheckpoint:
                 found.append((int(m.group(1)), f))
         return max(found)[1] if found else None
 
+    def _earlier_checkpoints(self) -> list[Path]:
+        if not self.save_dir.is_dir():
+            return []
+        return sorted(f for f in self.save_dir.glob(f"{self.PREFIX}_*.pt") if re.search(r"_(\d+)\.pt$", f.name))
+
+    def _start_fresh(self) -> None:
+        """A fresh run: refuse, or with ``overwrite`` delete, the checkpoints of an earlier run."""
+        earlier = self._earlier_checkpoints()
+        if not earlier:
+            return
+        if not self.overwrite:
+            raise FileExistsError(
+                f"{self.save_dir}: holds checkpoints of an earlier training run (newest: {self.latest().name}). "
+                "Continue that run with --resume true, train into another --ckpt_dir, or start over with "
+                "--overwrite true (deletes them and replaces the earlier model)"
+            )
+        for f in earlier:
+            f.unlink()
+        logger.warning(f"--overwrite: deleted {len(earlier)} checkpoint(s) of an earlier run from {self.save_dir}")
+
     def attach(self, engine: Engine) -> None:
+        if not self.resume:
+            self._start_fresh()
         self.save_dict["trainer"] = engine
         for name in self.engine_objects:
             if getattr(engine, name, None) is not None:
@@ -155,11 +212,11 @@ class ResumableCheckpoint:
             return
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint to resume from does not exist")
+        state = load_training_checkpoint(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
             max_epochs = engine.state.max_epochs
             Checkpoint.load_objects(to_load=self.save_dict, checkpoint=state)
-        except Exception as e:  # a checkpoint of another network or a corrupt file
+        except Exception as e:  # a checkpoint of another network
             raise RuntimeError(f"{path}: cannot resume from this checkpoint: {e}") from e
         if max_epochs is not None:
             if engine.state.epoch > max_epochs:
@@ -173,8 +230,13 @@ class BestModelSaver:
 
     Writes ``save_dir/model.pt`` (the ``network``'s state dict: the model-zoo convention), the
     companions' state dicts as ``<name>.pt``, calls ``export(save_dir/<name>.tif)`` on companions that
-    have it (the PSF layer), and records the score in ``save_dir/model.json``; all writes atomic. The
-    best score is read back from ``model.json`` at attach time, so a resumed run keeps its best model.
+    have it (the PSF layer), and records the score in ``save_dir/model.json``; all writes atomic.
+
+    A resumed run (``resume=True``) reads the best score back from ``model.json``, so it keeps its best
+    model. A fresh run starts a fresh record: it never compares itself with an earlier run's score
+    (which would silently keep that run's model). If ``save_dir`` already holds an earlier model, a
+    fresh run refuses to start unless ``overwrite`` (then the earlier model is replaced at the first
+    validation, and a warning says so).
 
     Args:
         save_dir: output folder (usually ``ckpt_dir``).
@@ -182,6 +244,8 @@ class BestModelSaver:
         metric_name: metric in ``engine.state.metrics`` to maximise (default: the key metric).
         companions: other modules to save with it, e.g. ``{"blur": blur}``.
         filename: name of the network's file.
+        resume: this run continues an earlier one (keep its record).
+        overwrite: a fresh run may replace an earlier model found in ``save_dir``.
     """
 
     def __init__(
@@ -191,7 +255,11 @@ class BestModelSaver:
         metric_name: str | None = None,
         companions: dict[str, torch.nn.Module] | None = None,
         filename: str = "model.pt",
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
+        self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
         self.save_dir = Path(save_dir)
         self.network = network
         self.metric_name = metric_name
@@ -204,8 +272,17 @@ class BestModelSaver:
         return self.save_dir / (Path(self.filename).stem + ".json")
 
     def attach(self, engine: Engine) -> None:
-        if self.record_path.is_file():
-            self.best = json.loads(self.record_path.read_text()).get("score")
+        earlier = [p for p in (self.save_dir / self.filename, self.record_path) if p.is_file()]
+        if self.resume:
+            if self.record_path.is_file():
+                self.best = json.loads(self.record_path.read_text()).get("score")
+        elif earlier and not self.overwrite:
+            raise FileExistsError(
+                f"{earlier[0]}: a model of an earlier training run is in {self.save_dir}. Continue that run with "
+                "--resume true, train into another --ckpt_dir, or replace it with --overwrite true"
+            )
+        elif earlier:
+            logger.warning(f"--overwrite: this fresh run replaces the earlier model in {self.save_dir} at its first validation")
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -307,19 +384,27 @@ class ValidationHistory:
         path: output JSON file, e.g. ``<output_dir>/validation.json``.
         blur: optional PSF layer whose ``physical_parameters()`` are recorded too.
         epoch_length: iterations per trainer epoch, to record the iteration as well.
+        resume: this run continues an earlier one: keep the earlier entries up to the epoch validated
+            now (a validation cut off by a kill is replaced by its re-run). A fresh run starts a fresh
+            file at its first validation.
     """
 
-    def __init__(self, path: str, blur: torch.nn.Module | None = None, epoch_length: int | None = None) -> None:
+    def __init__(
+        self, path: str, blur: torch.nn.Module | None = None, epoch_length: int | None = None, resume: bool = False
+    ) -> None:
         self.path = Path(path)
         self.blur = blur
         self.epoch_length = epoch_length
+        self._keep_earlier = bool(resume)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        history = json.loads(self.path.read_text()) if self.path.is_file() else []
         epoch = engine.state.epoch  # a validator run by ValidationHandler carries the trainer's epoch
+        history = json.loads(self.path.read_text()) if self._keep_earlier and self.path.is_file() else []
+        history = [e for e in history if e.get("epoch", 0) < epoch]
+        self._keep_earlier = True  # from now on this run's own entries
         entry: dict[str, Any] = {
             "epoch": epoch,
             "iteration": epoch * self.epoch_length if self.epoch_length else None,

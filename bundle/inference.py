@@ -473,10 +473,17 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
     first = state_dict["unet.conv_0.conv_0.conv.weight"]
     features = [out_ch("conv_0.conv_0")] + [out_ch(f"down_{i}.convs.conv_0") for i in range(1, 5)]
     features.append(out_ch("upcat_1.convs.conv_0"))
+    if "unet.conv_0.conv_0.adn.N.running_mean" in state_dict:
+        norm = "batch"
+    elif "unet.conv_0.conv_0.adn.N.weight" in state_dict:
+        norm = "instance"
+    else:
+        norm = "none"
     return DeblurUNet(
         in_channels=int(first.shape[1]),
         out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
         features=features,
+        norm=norm,
     )
 
 

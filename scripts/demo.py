@@ -47,7 +47,11 @@ def main() -> int:
     bundle_run("simulate", ["configs/simulate.json"], "--dataset_dir", args.dataset_dir)
     train = ["configs/common.json", "configs/train.json"] + ([] if args.blind else ["configs/train_nonblind.json"])
     paths = ["--dataset_dir", args.dataset_dir, "--ckpt_dir", args.ckpt_dir, "--output_dir", args.output_dir]
-    bundle_run("training", train + ["configs/quick.json"], *paths, "--max_epochs", str(args.epochs), "--val_interval", "2")
+    # the demo owns its folders: a re-run replaces its earlier model (--overwrite true)
+    bundle_run(
+        "training", train + ["configs/quick.json"], *paths,
+        "--max_epochs", str(args.epochs), "--val_interval", "2", "--overwrite", "true",
+    )
     bundle_run(
         "evaluate",
         ["configs/common.json", "configs/quick.json", "configs/inference.json", "configs/evaluate.json"],

@@ -36,10 +36,15 @@ def tiny_dataset(tmp_path_factory):
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_NONBLIND = "['configs/common.json','configs/train.json','configs/train_nonblind.json','configs/quick.json']"
+# A wall-clock limit only catches a hung subprocess: it must be far above any test's idle time (the longest,
+# the blind NA-recovery training, takes about 95 s on 2 idle cores) so a busy machine never fails a test.
+SUBPROCESS_TIMEOUT = 3600
 QUICK_EPOCHS = 12  # x 25 iterations; see tests/test_training.py for what it must reach
 
 
-def run_bundle(run_id: str, config_file: str, *overrides: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+def run_bundle(
+    run_id: str, config_file: str, *overrides: str, timeout: float = SUBPROCESS_TIMEOUT
+) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run <run_id>`` from the repository root; fail with its log tail."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *overrides]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -24,6 +24,8 @@ from bundle.io import load_volume
 from bundle.losses import LSGANLoss
 from bundle.networks import DeblurUNet, MultiScalePatchDiscriminator
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["configs/common.json", "configs/train.json"]
 METHODS = {
@@ -38,7 +40,7 @@ def _config_list(files: list[str]) -> str:
     return "[" + ",".join(f"'{f}'" for f in files) + "]"
 
 
-def _run(run_id: str, files: list[str], *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(run_id: str, files: list[str], *overrides: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", _config_list(files), *overrides]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -13,6 +13,8 @@ import torch
 from bundle.networks import PSFLayer
 from bundle.ops import fft_convolve
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +59,7 @@ def test_quick_benchmark_writes_report(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())

@@ -15,6 +15,8 @@ from bundle.distributed import ddp, rank_handlers, state_hash, unwrap
 from bundle.handlers import BlurCalibration, ResumableCheckpoint
 from bundle.networks import PSFLayer
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["configs/common.json", "configs/train.json", "configs/quick.json", "configs/multi_gpu_train.json"]
 
@@ -76,7 +78,7 @@ def test_torchrun_two_processes(tiny_dataset, tmp_path):
         str(tiny_dataset),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
     if res.returncode != 0:
         pytest.fail(f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     hashes = [(out / f"hash_{r}.txt").read_text().strip() for r in (0, 1)]  # both ranks ran to the end

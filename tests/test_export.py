@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from export_bundle import export_bundle  # noqa: E402
@@ -25,7 +25,7 @@ QUICK_COMMON = "['configs/common.json','configs/quick.json']"
 
 def _monai_bundle(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, f"{args}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
 

@@ -42,7 +42,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_queries():
     torch.save(pool.state_dict(), buffer)
     buffer.seek(0)
     resumed = ImagePool(pool_size=3, seed=999)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for _ in range(5):
         x = torch.rand(2, 1, 4, 4, 4)
         assert torch.equal(pool.query(x), resumed.query(x))

@@ -32,7 +32,7 @@ from bundle.io import VolumeError, load_volume, save_volume
 from bundle.metrics import affine_fit, psnr
 from bundle.networks import DeblurUNet
 
-from conftest import ROOT, run_bundle
+from conftest import ROOT, SUBPROCESS_TIMEOUT, run_bundle
 
 SMALL = (4, 4, 8, 8, 16, 4)
 QUICK = "['configs/common.json','configs/quick.json','configs/inference.json']"
@@ -292,7 +292,7 @@ def test_cli_bad_file_in_folder_writes_nothing(tmp_path, small_model):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            "['configs/common.json','configs/inference.json']", "--input", str(folder),
            "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(small_model)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode != 0
     assert "zz_nan.tif" in res.stderr and "NaN" in res.stderr
     assert not (tmp_path / "out").exists()

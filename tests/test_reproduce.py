@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -25,7 +27,7 @@ def _run(out: Path) -> subprocess.CompletedProcess:
         sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--work-dir", str(out / "work"),
         "--threads", "1", "--jobs", "2",
     ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if res.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res

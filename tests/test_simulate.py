@@ -10,6 +10,8 @@ import tifffile
 from bundle.io import load_volume
 from bundle.simulate import SimulateDataset
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,7 +83,7 @@ def test_bundle_command_line(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "simulate", "--config_file", "configs/simulate.json",
            "--dataset_dir", str(out), "--shape", "[16,32,32]", "--eval_shape", "[16,32,32]", "--n_train", "1",
            "--n_val", "1", "--n_test", "0", "--psf_shape", "[9,9,9]", "--psf_model", "vectorial"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((out / "dataset.json").read_text())
     assert manifest["parameters"]["psf_model"] == "vectorial"

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import QUICK_NONBLIND, ROOT, run_bundle
+from conftest import QUICK_NONBLIND, ROOT, SUBPROCESS_TIMEOUT, run_bundle
 
 QUICK_BLIND = "['configs/common.json','configs/train.json','configs/quick.json']"
 
@@ -87,7 +87,7 @@ def test_killed_training_resumes_where_it_stopped(tiny_dataset, tmp_path):
     saved = sorted(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("checkpoint_*.pt"))
     assert saved and max(saved) < 120, "the run was killed before finishing"
     last = max(saved)
-    state = torch.load(ckpt_dir / f"checkpoint_{last}.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_dir / f"checkpoint_{last}.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == last
 
     res = run_bundle(
@@ -97,7 +97,7 @@ def test_killed_training_resumes_where_it_stopped(tiny_dataset, tmp_path):
     )
     log = res.stdout + res.stderr
     assert f"resumed from {ckpt_dir / f'checkpoint_{last}.pt'} at iteration {last}" in log
-    final = torch.load(ckpt_dir / f"checkpoint_{last + 8}.pt", map_location="cpu", weights_only=False)
+    final = torch.load(ckpt_dir / f"checkpoint_{last + 8}.pt", map_location="cpu", weights_only=True)
     assert final["trainer"]["iteration"] == last + 8
 
 
@@ -113,3 +113,30 @@ def test_blind_parametric_psf_recovers_the_true_na(quick_dataset, tmp_path):
     learned = history[-1]["psf"]["na"]
     print(f"\nblind: NA 1.0 -> {learned:.3f} after {history[-1]['iteration']} iterations (true {true_na})")
     assert abs(learned - true_na) <= 0.05
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_crafted_checkpoint_and_resumes_a_real_one(tiny_dataset, tmp_path):
+    """A crafted ``.pt`` runs no code through ``--resume_path`` or ``--resume true``; real checkpoints still resume."""
+    from test_handlers import crafted_checkpoint
+
+    paths = ["--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"),
+             "--output_dir", str(tmp_path / "eval"), "--epoch_length", "2", "--val_interval", "100"]
+    ckpt_dir = tmp_path / "models/checkpoints"
+    run_bundle("training", QUICK_NONBLIND, *paths, "--max_epochs", "1")
+    res = run_bundle("training", QUICK_NONBLIND, *paths, "--max_epochs", "2",
+                     "--resume_path", str(ckpt_dir / "checkpoint_2.pt"))  # positive control
+    assert f"resumed from {ckpt_dir / 'checkpoint_2.pt'} at iteration 2" in res.stdout + res.stderr
+    assert (ckpt_dir / "checkpoint_4.pt").is_file()
+
+    marker = tmp_path / "marker"
+    crafted = crafted_checkpoint(tmp_path / "crafted.pt", marker)
+    planted = crafted_checkpoint(ckpt_dir / "checkpoint_999.pt", marker)  # the newest: picked by --resume true
+    for how in (["--resume_path", str(crafted)], ["--resume", "true"]):
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", QUICK_NONBLIND,
+               *paths, "--max_epochs", "3", *how]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert res.returncode != 0
+        name = crafted.name if how[0] == "--resume_path" else planted.name
+        assert f"{name}: refused to resume from this checkpoint" in res.stderr
+        assert not marker.exists(), f"{how}: the crafted checkpoint ran code"

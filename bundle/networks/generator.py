@@ -11,6 +11,8 @@ from torch import nn
 __all__ = ["DeblurUNet"]
 
 _OUT_ACTIVATIONS = ("sigmoid", "none")
+# name -> MONAI norm argument of BasicUNet (None: no normalisation layer)
+_NORMS = {"instance": ("instance", {"affine": True}), "batch": ("batch", {}), "none": None}
 
 
 class DeblurUNet(nn.Module):
@@ -41,6 +43,10 @@ class DeblurUNet(nn.Module):
         dropout: dropout ratio inside the conv blocks.
         last_bias: initial bias of the final conv (pre-sigmoid logit of the initial output).
         out_activation: ``"sigmoid"`` (the paper) or ``"none"`` (raw logits).
+        norm: normalisation after each conv: ``"instance"`` (the paper; its statistics are taken over
+            whatever window the network sees, so a sliding-window result depends on the window plan),
+            ``"batch"`` (running statistics at inference) or ``"none"``; the last two give the same value
+            for a voxel whatever window it is computed in.
 
     Example::
 
@@ -56,19 +62,22 @@ class DeblurUNet(nn.Module):
         dropout: float = 0.0,
         last_bias: float = -4.0,
         out_activation: str = "sigmoid",
+        norm: str = "instance",
     ) -> None:
         super().__init__()
         if len(tuple(features)) != 6:
             raise ValueError(f"features must have 6 entries (BasicUNet convention), got {tuple(features)}")
         if out_activation not in _OUT_ACTIVATIONS:
             raise ValueError(f"out_activation must be one of {_OUT_ACTIVATIONS}, got {out_activation!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {tuple(_NORMS)}, got {norm!r}")
         self.unet = BasicUNet(
             spatial_dims=3,
             in_channels=in_channels,
             out_channels=out_channels,
             features=tuple(int(f) for f in features),
             act="relu",
-            norm=("instance", {"affine": True}),
+            norm=_NORMS[norm],
             bias=True,
             dropout=dropout,
             upsample="nontrainable",
@@ -76,6 +85,7 @@ class DeblurUNet(nn.Module):
         with torch.no_grad():
             self.unet.final_conv.bias.fill_(float(last_bias))
         self.out_activation = out_activation
+        self.norm = norm
         self.divisor = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

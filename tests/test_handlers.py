@@ -1,0 +1,126 @@
+"""Handlers: checkpoints load no code, a fresh run starts a fresh record, history follows resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from bundle.handlers import BestModelSaver, ResumableCheckpoint, ValidationHistory, load_training_checkpoint
+
+
+class _WritesMarker:
+    """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    """A ``.pt`` shaped like a training checkpoint whose pickle runs code when fully unpickled."""
+    torch.save({"trainer": {"epoch": 1, "iteration": 1}, "g_deblur": _WritesMarker(marker)}, path)
+    return path
+
+
+def test_crafted_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "marker"
+    path = crafted_checkpoint(tmp_path / "checkpoint_7.pt", marker)
+    with pytest.raises(RuntimeError, match=r"checkpoint_7\.pt: refused to resume.*names the global 'exec'"):
+        load_training_checkpoint(path)
+    assert not marker.exists()
+    # positive control: the same file does run code when fully unpickled (the test's premise holds)
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_load_training_checkpoint_names_bad_files(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"empty\.pt: cannot read"):
+        load_training_checkpoint(tmp_path / "empty.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(RuntimeError, match=r"list\.pt: not a training checkpoint"):
+        load_training_checkpoint(tmp_path / "list.pt")
+
+
+def _engine_with_checkpoints(save_dir: Path, **kwargs) -> tuple[Engine, torch.nn.Module]:
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(str(save_dir), {"net": net}, **kwargs).attach(engine)
+    return engine, net
+
+
+def test_resumable_checkpoint_round_trip_and_refusal(tmp_path):
+    engine, net = _engine_with_checkpoints(tmp_path)
+    engine.run([0] * 3, max_epochs=2)
+    assert (tmp_path / "checkpoint_6.pt").is_file()
+    state = load_training_checkpoint(tmp_path / "checkpoint_6.pt")  # written by the bundle: loads
+    assert state["trainer"]["iteration"] == 6
+    torch.testing.assert_close(state["net"]["weight"], net.weight.detach())
+
+    # a fresh run into the same folder refuses instead of mixing runs ...
+    with pytest.raises(FileExistsError, match=r"earlier training run \(newest: checkpoint_6\.pt\).*--resume true"):
+        _engine_with_checkpoints(tmp_path)
+    # ... resumes with resume=True ...
+    resumed, _ = _engine_with_checkpoints(tmp_path, resume=True)
+    resumed.run([0] * 3, max_epochs=3)
+    assert resumed.state.iteration == 9
+    # ... and starts over with overwrite=True (the earlier checkpoints are gone)
+    _engine_with_checkpoints(tmp_path, overwrite=True)
+    assert not list(tmp_path.glob("checkpoint_*.pt"))
+
+
+def _validate(handler, epoch: int, score: float) -> None:
+    """Call a validation handler as ``ValidationHandler`` would after the trainer's ``epoch``."""
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch = epoch
+    engine.state.metrics = {"val_psnr": score}
+    engine.state.key_metric_name = "val_psnr"
+    handler(engine)
+
+
+def test_fresh_run_never_keeps_an_earlier_model_silently(tmp_path):
+    first = BestModelSaver(str(tmp_path), torch.nn.Linear(2, 1))
+    first.attach(Engine(lambda e, b: None))
+    _validate(first, 1, 25.78)
+    old = torch.load(tmp_path / "model.pt", weights_only=True)
+
+    with pytest.raises(FileExistsError, match=r"model\.(pt|json): a model of an earlier training run"):
+        BestModelSaver(str(tmp_path), torch.nn.Linear(2, 1)).attach(Engine(lambda e, b: None))
+
+    # --overwrite: a worse first score than the earlier run's is still written
+    net = torch.nn.Linear(2, 1)
+    fresh = BestModelSaver(str(tmp_path), net, overwrite=True)
+    fresh.attach(Engine(lambda e, b: None))
+    _validate(fresh, 1, 21.48)
+    assert json.loads((tmp_path / "model.json").read_text())["score"] == pytest.approx(21.48)
+    new = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(new["weight"], net.weight.detach())
+    assert not torch.equal(new["weight"], old["weight"])
+
+    # resuming keeps the record: a worse score does not replace the model
+    resumed = BestModelSaver(str(tmp_path), torch.nn.Linear(2, 1), resume=True)
+    resumed.attach(Engine(lambda e, b: None))
+    _validate(resumed, 2, 20.0)
+    assert json.loads((tmp_path / "model.json").read_text())["score"] == pytest.approx(21.48)
+
+
+def test_validation_history_fresh_and_resumed(tmp_path):
+    path = tmp_path / "validation.json"
+    path.write_text(json.dumps([{"epoch": 2, "val_psnr": 30.0}, {"epoch": 4, "val_psnr": 31.0}]))
+    fresh = ValidationHistory(str(path), epoch_length=10)
+    _validate(fresh, 2, 20.0)
+    _validate(fresh, 4, 21.0)
+    assert [(e["iteration"], e["val_psnr"]) for e in json.loads(path.read_text())] == [(20, 20.0), (40, 21.0)]
+
+    # resumed after a kill at epoch 5 (its validation at epoch 4 is re-run): no duplicate entry
+    path.write_text(json.dumps([{"epoch": 2, "val_psnr": 20.0}, {"epoch": 4, "val_psnr": 21.0}]))
+    resumed = ValidationHistory(str(path), epoch_length=10, resume=True)
+    _validate(resumed, 4, 22.0)
+    _validate(resumed, 6, 23.0)
+    assert [(e["epoch"], e["val_psnr"]) for e in json.loads(path.read_text())] == [(2, 20.0), (4, 22.0), (6, 23.0)]
