@@ -20,7 +20,9 @@ from bundle import (  # noqa: F401
     ooc,
     ops,
     physics,
+    sampling,
     simulate,
+    stability,
 )
 from bundle.physics import forward, phantom, psf  # noqa: F401
 

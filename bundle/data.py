@@ -20,11 +20,13 @@ from monai.transforms import (
     RandFlipd,
     RandRotate90d,
     RandSpatialCropd,
+    RandWeightedCropd,
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
 )
 
 from bundle.io import TiffStackReader
+from bundle.sampling import ForegroundWeightd
 
 __all__ = [
     "VOLUME_EXTENSIONS",
@@ -124,12 +126,25 @@ def augment_transforms(
     rotate_axes: Sequence[int] = (1, 2),
     flip_prob: float = 0.5,
     rotate_prob: float = 0.5,
+    background_share: float | None = None,
 ) -> list:
     """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
-    random crop, random 90° rotations in ``rotate_axes``, random flips along each axis."""
+    random crop, random 90° rotations in ``rotate_axes``, random flips along each axis.
+
+    ``background_share`` None: uniform crops (the paper). A number in [0, 1]: crop centres drawn in
+    proportion to the first key's smoothed intensity, that share of them uniformly
+    (:class:`~bundle.sampling.ForegroundWeightd` + MONAI's ``RandWeightedCropd``; the pipeline then
+    returns a list of one item)."""
+    if background_share is None:
+        crop = [RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)]
+    else:
+        crop = [
+            ForegroundWeightd(keys=keys[0], weight_key="crop_weight", background_share=background_share),
+            RandWeightedCropd(keys=keys, w_key="crop_weight", spatial_size=patch_size, num_samples=1),
+        ]
     return [
         SpatialPadd(keys=keys, spatial_size=patch_size),
-        RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False),
+        *crop,
         RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
         RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
         RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
@@ -144,6 +159,7 @@ def train_transforms(
     rotate_axes: Sequence[int] = (1, 2),
     flip_prob: float = 0.5,
     rotate_prob: float = 0.5,
+    background_share: float | None = None,
 ) -> Compose:
     """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
 
@@ -155,12 +171,19 @@ def train_transforms(
             because microscope voxels are anisotropic. Rotations need a square crop in that plane.
         flip_prob: probability of a flip along each axis.
         rotate_prob: probability of a random 90° rotation.
+        background_share: None for uniform crops, else foreground-weighted crops with this share of
+            uniform ones (see :func:`augment_transforms`).
     """
     keys = ("image",)
     return Compose(
         normalize_transforms(keys, percentiles, clip)
-        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share)
     )
+
+
+def _first(item: dict | list) -> dict:
+    """The item of a pipeline that returns one dict, or a list of one (weighted crops)."""
+    return item[0] if isinstance(item, list) else item
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
@@ -188,7 +211,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         i = int(torch.randint(len(self.sharp), ()))  # type: ignore[arg-type]
         j = int(torch.randint(len(self.blurred), ()))  # type: ignore[arg-type]
-        return {"sharp": self.sharp[i]["image"], "blurred": self.blurred[j]["image"]}
+        return {"sharp": _first(self.sharp[i])["image"], "blurred": _first(self.blurred[j])["image"]}
 
 
 def unpaired_dataset(
@@ -201,6 +224,7 @@ def unpaired_dataset(
     rotate_axes: Sequence[int] = (1, 2),
     cache_rate: float = 1.0,
     num_workers: int = 0,
+    background_share: float | None = None,
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -217,10 +241,12 @@ def unpaired_dataset(
         rotate_axes: spatial axes of the random 90° rotations.
         cache_rate: fraction of volumes cached in memory after normalisation.
         num_workers: threads used to fill the cache.
+        background_share: crops of both domains are centred in proportion to their (smoothed)
+            intensity except this share, drawn uniformly; ``None``: uniform crops (the paper).
     """
 
     def domain(files: list[str], percentiles: Sequence[float]) -> Dataset:
-        transform = train_transforms(patch_size, percentiles, True, rotate_axes)
+        transform = train_transforms(patch_size, percentiles, True, rotate_axes, background_share=background_share)
         return CacheDataset(
             [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
         )

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: handlers every rank keeps: calibration changes the model; validation's MONAI metrics gather their
 #: buffers across ranks (a collective), so every rank validates (the whole validation set: the
 #: gathered mean equals the single-process one) while only rank 0 has validation handlers
-EVERY_RANK = ("BlurCalibration", "ValidationHandler", "MallocPolicy")
+EVERY_RANK = ("BlurCalibration", "ValidationHandler", "MallocPolicy", "LrScheduleHandler", "AttachHandler")
 
 
 def get_rank() -> int:
@@ -96,7 +96,7 @@ class DistributedModule(DistributedDataParallel):
 def ddp(
     module: nn.Module | None,
     device: torch.device | str | None = None,
-    broadcast_buffers: bool = False,
+    broadcast_buffers: bool = True,
     find_unused_parameters: bool = False,
 ) -> nn.Module | None:
     """Wrap ``module`` for data-parallel training when a process group is running.
@@ -108,8 +108,8 @@ def ddp(
     Args:
         module: the network, already on ``device``.
         device: its device; CUDA devices become DDP's ``device_ids``.
-        broadcast_buffers: re-broadcast buffers from rank 0 at every forward (not needed here:
-            the bundle's networks have no running statistics; :class:`BroadcastModules` syncs once).
+        broadcast_buffers: re-broadcast buffers from rank 0 at every forward: a generator with batch
+            norm keeps rank 0's running statistics on every rank (each rank's batches differ).
         find_unused_parameters: as DDP's.
     """
     if module is None or get_world_size() == 1 or not any(p.requires_grad for p in module.parameters()):

@@ -126,6 +126,10 @@ class CycleGANTrainer(Trainer):
             ``generator_loss(preds)``, ``discriminator_loss(real_preds, fake_preds)`` and optionally
             ``gradient_penalty(discriminator, real, fake)``.
         cycle_loss: weighted L1, default ``CycleLoss(weight=10.0)`` (γ = 10, both directions).
+        blurred_cycle_loss: a separate loss (weight) for the y-cycle ``‖y − h*G(y)‖``; default
+            ``cycle_loss``. Weight 0 with ``adversarial_weight`` 0 leaves the sharp cycle alone: G
+            trained on synthetic pairs ``(h*x + noise, x)``, the baseline that tells what the unpaired
+            terms add.
         adversarial_weight: weight of the generator's adversarial terms.
         sharp_pool: history pool of generated sharp volumes G(y) shown to φ; default 50 volumes.
         blurred_pool: history pool of generated blurred volumes h*x shown to ψ; default 50 volumes.
@@ -154,6 +158,7 @@ class CycleGANTrainer(Trainer):
         adversarial_loss: Any | None = None,
         cycle_loss: torch.nn.Module | None = None,
         adversarial_weight: float = 1.0,
+        blurred_cycle_loss: torch.nn.Module | None = None,
         sharp_pool: ImagePool | None = None,
         blurred_pool: ImagePool | None = None,
         epoch_length: int | None = None,
@@ -197,11 +202,12 @@ class CycleGANTrainer(Trainer):
         self.blur = blur
         self.d_sharp = d_sharp
         self.d_blurred = d_blurred
-        self.blur_noise = blur_noise
+        self.blur_noise = None if blur_noise is None else blur_noise.to(device)
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.adversarial_loss = LSGANLoss() if adversarial_loss is None else adversarial_loss
         self.cycle_loss = CycleLoss(weight=10.0) if cycle_loss is None else cycle_loss
+        self.blurred_cycle_loss = self.cycle_loss if blurred_cycle_loss is None else blurred_cycle_loss
         self.adversarial_weight = float(adversarial_weight)
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
@@ -252,7 +258,7 @@ class CycleGANTrainer(Trainer):
         with self._autocast():
             gy = self.g_deblur(y)  # G(y): blurred → sharp
             y_cycle = self.blur(gy)  # h*G(y) ≈ y
-            cycle_blurred = self.cycle_loss(y_cycle.float(), y)
+            cycle_blurred = self.blurred_cycle_loss(y_cycle.float(), y)
             adv_sharp = self.adversarial_loss.generator_loss(self.d_sharp(gy))
             loss_y = cycle_blurred + self.adversarial_weight * adv_sharp
         if adv_blurred is None:

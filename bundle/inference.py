@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import MapTransform, ScaleIntensityRange
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from torch import nn
@@ -48,6 +48,7 @@ from bundle.io import VolumeError, _extension, load_volume, save_volume, validat
 
 __all__ = [
     "Deconvolver",
+    "TiledInferer",
     "CheckpointLoader",
     "InferenceNetwork",
     "LoadVolumed",
@@ -90,6 +91,44 @@ def _pad_to(x: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, tuple[s
         flat += [p // 2, p - p // 2]
     reflect_ok = all(p - p // 2 < s for p, s in zip(pads, spatial))
     return F.pad(x, flat, mode="reflect" if reflect_ok else "replicate"), crop
+
+
+def _pad_for_tiles(
+    x: torch.Tensor, roi: Sequence[int], halo: int
+) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad ``(B, C, *spatial)`` by ``halo`` on every side (mirror) and at the end up to ``roi + k·(roi − 2·halo)``.
+
+    Then MONAI's sliding window with scan interval ``roi − 2·halo`` puts every window at a multiple of
+    the interval (the last one flush with the end falls on the grid too), and the windows' cores
+    (``roi`` less ``halo`` on each side) tile the volume exactly. Returns the padded tensor and the crop
+    back to the input.
+    """
+    flat: list[int] = []
+    crop = []
+    for size, r in zip(reversed(x.shape[2:]), reversed(tuple(roi))):
+        step = int(r) - 2 * halo
+        total = int(size) + 2 * halo
+        k = max(0, math.ceil((total - int(r)) / step))
+        flat += [halo, int(r) + k * step - int(size) - halo]
+    for size in x.shape[2:]:
+        crop.append(slice(halo, halo + int(size)))
+    mirror = all(p < s for p, s in zip(flat[::2], reversed(x.shape[2:]))) and all(
+        p < s for p, s in zip(flat[1::2], reversed(x.shape[2:]))
+    )
+    if mirror:
+        return F.pad(x, flat, mode="reflect"), tuple(crop)
+    # mirror the halo where the axis allows it, replicate the rest (a tiny volume or a long end pad)
+    head = [min(p, int(s) - 1) for p, s in zip(flat, [v for v in reversed(x.shape[2:]) for _ in range(2)])]
+    y = F.pad(x, head, mode="reflect") if any(head) else x
+    rest = [p - h for p, h in zip(flat, head)]
+    return (F.pad(y, rest, mode="replicate") if any(rest) else y), tuple(crop)
+
+
+def _core_weight_map(roi: Sequence[int], halo: int) -> torch.Tensor:
+    """``(1, 1, *roi)`` weights: 1 in the window's core, 0 within ``halo`` of its faces."""
+    w = torch.zeros((1, 1, *[int(r) for r in roi]))
+    w[(slice(None), slice(None), *[slice(halo, int(r) - halo) for r in roi])] = 1.0
+    return w
 
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
@@ -318,8 +357,8 @@ class Deconvolver(nn.Module):
     Args:
         network: the generator, ``(B, 1, d, h, w) -> (B, 1, d, h, w)`` in [0, 1].
         inferer: a ``SlidingWindowInferer`` (e.g. ``common.json``'s ``inferer``); if None one is
-            built from the arguments below. With ``roi_size="auto"`` its settings are kept and its
-            window replaced by the planned one.
+            built from the arguments below. With ``roi_size="auto"`` or a given ``roi_size`` its
+            settings are kept and its window replaced by the planned or given one.
         roi_size: window size ``(D, H, W)``, multiples of ``divisor`` (default 64³, or the
             ``inferer``'s), or ``"auto"``.
         sw_batch_size: windows per forward pass (keep it >= 2 on CPU for windows of 32³ or less:
@@ -329,7 +368,7 @@ class Deconvolver(nn.Module):
         sw_device: device of the windows (the network's device); None = the input's.
         device: device of the stitched output; None = the input's.
         progress: tqdm bar over the windows.
-        divisor: the network's size divisor (16 for 4 poolings).
+        divisor: the network's size divisor (default: its ``divisor`` attribute, else 16 for 4 poolings).
         precision: ``"float32"``, ``"bfloat16"``, ``"float16"`` (CUDA) or ``"auto"`` (see
             :func:`resolve_precision`).
         channels_last: run the network in ``channels_last_3d``.
@@ -344,6 +383,13 @@ class Deconvolver(nn.Module):
             freed activations for the next window instead of re-faulting fresh pages (glibc; 1.05-1.3x
             faster CPU inference, ``docs/benchmark.md``; the heap is trimmed after the call),
             ``"release"`` unmaps them at once (lowest peak RSS), ``"system"`` leaves glibc's default.
+        halo: voxels of context discarded at each face of every window (0: MONAI's blending of
+            overlapping windows, the paper's setting). With a halo the volume is mirror-padded by it,
+            windows step by ``roi − 2·halo`` on a grid aligned with the network's poolings, and only
+            each window's core is kept: for a network whose output at a voxel depends on the input
+            within ``halo`` voxels (:attr:`DeblurUNet.tiling_halo`: batch or no norm,
+            ``align_corners=False``), the result does not depend on the window plan. ``"auto"``: the
+            network's ``tiling_halo`` (0 for networks without one, e.g. instance norm).
 
     Example::
 
@@ -364,7 +410,7 @@ class Deconvolver(nn.Module):
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = "cpu",
         progress: bool = False,
-        divisor: int = 16,
+        divisor: int | None = None,
         precision: str = "float32",
         channels_last: bool = True,
         optimize: bool = True,
@@ -372,18 +418,39 @@ class Deconvolver(nn.Module):
         auto_overlap: int = 16,
         auto_min_size: int = 64,
         allocator: str = "reuse",
+        halo: int | str = "auto",
     ) -> None:
         super().__init__()
         self.allocator = check_malloc_policy(allocator, "allocator")
+        divisor = int(getattr(network, "divisor", 16)) if divisor is None else int(divisor)
+        if halo == "auto":
+            halo = int(getattr(network, "tiling_halo", 0))
+        if isinstance(halo, str) or int(halo) < 0 or int(halo) % max(1, int(divisor) // 2):
+            raise ValueError(f"halo must be 'auto' or a multiple of {max(1, int(divisor) // 2)} voxels >= 0, got {halo!r}")
+        self.halo = int(halo)
         self.auto = isinstance(roi_size, str)
         if self.auto and roi_size != "auto":
             raise ValueError(f"roi_size must be 'auto' or a window size (D, H, W), got {roi_size!r}")
         if inferer is not None and roi_size is not None and not self.auto:
-            raise ValueError("give roi_size or an inferer (whose roi_size is used), not both")
+            # a window given with an inferer: the window wins, the inferer's other settings stay
+            window = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size), (3,)))
+            inferer = SlidingWindowInferer(
+                roi_size=window,
+                sw_batch_size=inferer.sw_batch_size,
+                overlap=inferer.overlap,
+                mode=inferer.mode,
+                sigma_scale=inferer.sigma_scale,
+                padding_mode=inferer.padding_mode,
+                cval=inferer.cval,
+                sw_device=inferer.sw_device,
+                device=inferer.device,
+                progress=inferer.progress,
+            )
         if roi_size is None:
             roi_size = (64, 64, 64)
         self.divisor, self.max_pass_voxels = int(divisor), int(max_pass_voxels)
-        self.auto_overlap, self.auto_min_size = int(auto_overlap), int(auto_min_size)
+        self.auto_overlap = 2 * self.halo if self.halo else int(auto_overlap)
+        self.auto_min_size = int(auto_min_size)
         if inferer is None:
             inferer = SlidingWindowInferer(
                 roi_size=(2 * divisor,) * 3 if self.auto else tuple(int(r) for r in roi_size),  # type: ignore[union-attr]
@@ -416,9 +483,16 @@ class Deconvolver(nn.Module):
         d = self.divisor
         if any(r <= 0 or r % d for r in roi) or all(r == d for r in roi):
             raise ValueError(f"roi_size must be multiples of {d} (and not {d}^3), got {roi}")
+        if any(r - 2 * self.halo < d for r in roi):
+            raise ValueError(
+                f"roi_size {roi} leaves a core smaller than {d} after a halo of {self.halo} voxels on each side; "
+                f"use windows of at least {2 * self.halo + d}"
+            )
 
     def inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
         """The window and the ``SlidingWindowInferer`` used for a volume of spatial ``shape``."""
+        if self.halo:
+            return self._halo_inferer_for(shape)
         if not self.auto:
             return self.roi_size, self.inferer  # type: ignore[return-value]
         roi = plan_roi_size(shape, self.max_pass_voxels, self.auto_overlap, self.divisor, self.auto_min_size)
@@ -439,6 +513,31 @@ class Deconvolver(nn.Module):
             )
         return roi, self._inferers[roi]
 
+    def _halo_inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
+        """Windows whose cores tile the volume (see ``halo``): no blending, the cores' grid aligned."""
+        h = self.halo
+        if self.auto:
+            padded = [int(s) + 2 * h for s in shape]
+            roi = plan_roi_size(padded, self.max_pass_voxels, 2 * h, self.divisor, max(self.auto_min_size, 2 * h + self.divisor))
+        else:
+            roi = self.roi_size  # type: ignore[assignment]
+        key = ("halo", *roi)
+        if key not in self._inferers:
+            base = self.inferer
+            batch = max(1, min(int(base.sw_batch_size), self.max_pass_voxels // int(np.prod(roi)))) if self.auto else int(base.sw_batch_size)
+            inferer = SlidingWindowInferer(
+                roi_size=roi,
+                sw_batch_size=batch,
+                overlap=[_overlap_fraction(r, 2 * h) for r in roi],
+                mode="constant",
+                sw_device=base.sw_device,
+                device=base.device,
+                progress=base.progress,
+            )
+            inferer.roi_weight_map = _core_weight_map(roi, h)  # read by SlidingWindowInferer.__call__
+            self._inferers[key] = inferer
+        return roi, self._inferers[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: ``(B, 1, D, H, W)`` normalised to [0, 1], any D, H, W >= 1.
 
@@ -448,10 +547,56 @@ class Deconvolver(nn.Module):
             raise ValueError(f"Deconvolver expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         roi, inferer = self.inferer_for(x.shape[2:])
         self.last_roi_size = roi
-        padded, crop = _pad_to(torch.as_tensor(x), roi)
+        if self.halo:
+            padded, crop = _pad_for_tiles(torch.as_tensor(x), roi, self.halo)
+        else:
+            padded, crop = _pad_to(torch.as_tensor(x), roi)
         with malloc_policy(self.allocator), torch.inference_mode(not torch.is_grad_enabled()):
             out = inferer(padded, self.predictor)
         return out[(slice(None), slice(None), *crop)]
+
+
+class TiledInferer(Inferer):
+    """MONAI ``Inferer`` running a network over a whole volume the way :class:`Deconvolver` does.
+
+    For evaluators (``SupervisedEvaluator(inferer=...)``): validation then sees the same windows,
+    halo and padding as inference, so a window-free generator is scored on exactly what users get. The
+    network runs as given (no inference rewrite), in the evaluator's precision, so it always reflects
+    the current weights.
+
+    Args:
+        roi_size: window ``(D, H, W)`` or ``"auto"``.
+        halo: as :class:`Deconvolver` (``"auto"``: the network's ``tiling_halo``).
+        sw_batch_size: windows per forward pass.
+        max_pass_voxels: as :class:`Deconvolver`.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | str = "auto",
+        halo: int | str = "auto",
+        sw_batch_size: int = 2,
+        max_pass_voxels: int = 1 << 22,
+    ) -> None:
+        super().__init__()
+        self.roi_size, self.halo = roi_size, halo
+        self.sw_batch_size, self.max_pass_voxels = int(sw_batch_size), int(max_pass_voxels)
+        self._deconvolvers: dict[int, Deconvolver] = {}
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        key = id(network)
+        if key not in self._deconvolvers:
+            self._deconvolvers[key] = Deconvolver(
+                network,
+                roi_size=self.roi_size,
+                halo=self.halo,
+                sw_batch_size=self.sw_batch_size,
+                max_pass_voxels=self.max_pass_voxels,
+                optimize=False,
+                device=None,
+                allocator="system",
+            )
+        return self._deconvolvers[key](inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,19 +616,23 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
         return int(state_dict[f"unet.{key}.conv.weight"].shape[0])
 
     first = state_dict["unet.conv_0.conv_0.conv.weight"]
-    features = [out_ch("conv_0.conv_0")] + [out_ch(f"down_{i}.convs.conv_0") for i in range(1, 5)]
+    depth = 0
+    while f"unet.down_{depth + 1}.convs.conv_0.conv.weight" in state_dict:
+        depth += 1
+    features = [out_ch("conv_0.conv_0")] + [out_ch(f"down_{i}.convs.conv_0") for i in range(1, depth + 1)]
     features.append(out_ch("upcat_1.convs.conv_0"))
-    if "unet.conv_0.conv_0.adn.N.running_mean" in state_dict:
-        norm = "batch"
-    elif "unet.conv_0.conv_0.adn.N.weight" in state_dict:
-        norm = "instance"
-    else:
-        norm = "none"
+    if "settings" in state_dict:
+        settings = DeblurUNet.describe(state_dict["settings"])
+    else:  # written before the settings were stored: BasicUNet's upsampling; the norm shows in the keys
+        norm = "batch" if "unet.conv_0.conv_0.adn.N.running_mean" in state_dict else "instance"
+        if "unet.conv_0.conv_0.adn.N.weight" not in state_dict:
+            norm = "none"
+        settings = {"depth": depth, "align_corners": True, "norm": norm}
     return DeblurUNet(
         in_channels=int(first.shape[1]),
         out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
         features=features,
-        norm=norm,
+        **settings,
     )
 
 

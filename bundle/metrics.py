@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-__all__ = ["affine_fit", "psnr", "ssim", "AffineFitPSNRMetric", "AffineFitSSIMMetric"]
+__all__ = ["affine_fit", "psnr", "ssim", "dim_structure", "AffineFitPSNRMetric", "AffineFitSSIMMetric"]
 
 
 def affine_fit(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,48 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float | Non
     win = max(3, min(7, *[s if s % 2 else s - 1 for s in tgt.shape[2:]]))
     metric = SSIMMetric(spatial_dims=3, data_range=rng, win_size=win, k1=0.01, k2=0.03)
     return float(metric(pred.float(), tgt.float()).mean())
+
+
+def dim_structure(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    low: float = 0.05,
+    high: float = 0.3,
+    keep: float = 0.5,
+    fit: bool = True,
+) -> dict[str, float]:
+    """How much faint structure an output keeps: recall of dim truth voxels, and its precision.
+
+    A PSNR can rise while dim filaments vanish (they hold little energy), so this scores them alone.
+    With ``m`` the truth's maximum (after ``prediction`` is mapped onto ``target`` by
+    :func:`affine_fit` when ``fit``, as PSNR is):
+
+    - *dim truth voxels*: ``low·m <= target <= high·m``;
+    - ``recall``: the share of them that the output brings back to at least ``keep`` × their value;
+    - ``precision``: of the output voxels in the same dim band, the share where the truth is not
+      background (``target >= low·m``); output dim where the truth is empty counts against it.
+
+    Args:
+        prediction: ``(D, H, W)`` or ``(B, C, D, H, W)``.
+        target: ground truth, same shape.
+        low, high: the dim band as fractions of the truth's maximum (default 5-30 %).
+        keep: fraction of the true value a dim voxel must reach to count as recovered.
+        fit: map ``prediction`` onto ``target`` by the least-squares affine fit first.
+
+    Returns:
+        ``{"dim_recall", "dim_precision", "dim_voxels"}`` (NaN where a share has no voxel).
+    """
+    pred, tgt = _batched(prediction).double(), _batched(target).double()
+    if fit:
+        pred = affine_fit(pred, tgt)
+    m = float(tgt.max())
+    dim = (tgt >= low * m) & (tgt <= high * m)
+    n_dim = int(dim.sum())
+    recall = float((pred[dim] >= keep * tgt[dim]).double().mean()) if n_dim else float("nan")
+    out_dim = (pred >= low * m) & (pred <= high * m)
+    n_out = int(out_dim.sum())
+    precision = float((tgt[out_dim] >= low * m).double().mean()) if n_out else float("nan")
+    return {"dim_recall": recall, "dim_precision": precision, "dim_voxels": n_dim}
 
 
 def _batched(x: torch.Tensor) -> torch.Tensor:

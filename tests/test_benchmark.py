@@ -53,6 +53,7 @@ def test_half_inputs_and_autocast_convolve_in_float32(parameterization):
         assert layer.na_raw.grad is not None and torch.isfinite(layer.na_raw.grad)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_report(tmp_path):
     res = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(tmp_path)],

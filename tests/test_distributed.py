@@ -40,6 +40,7 @@ def test_rank_handlers_keep_files_and_logs_on_rank_zero(tmp_path):
     assert [type(h).__name__ for h in on_one] == ["ResumeOnly", "BlurCalibration"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_torchrun_two_processes(tiny_dataset, tmp_path):
     out = tmp_path / "run"

@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
 
 from bundle.data import normalize_transforms
@@ -75,6 +76,52 @@ def test_deconvolver_any_shape(shape):
 def test_deconvolver_rejects_bad_roi():
     with pytest.raises(ValueError, match="multiples of 16"):
         Deconvolver(DeblurUNet(features=SMALL), roi_size=(32, 30, 32))
+
+
+def _window_free(seed=0):
+    """A depth-2 generator with batch norm (non-trivial running statistics) and shift-aligned upsampling."""
+    torch.manual_seed(seed)
+    net = DeblurUNet(features=(2, 4, 4, 2), depth=2, norm="batch", align_corners=False, out_activation="none")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 20, 70, 45), (1, 1, 5, 7, 9)])
+def test_output_does_not_depend_on_the_window_plan(shape):
+    """With a halo of the receptive radius, 32³ and 64³ tiles, planned windows and one window agree."""
+    net = _window_free()
+    halo = net.tiling_halo
+    assert halo == 26  # the receptive radius of a depth-2 network
+    x = torch.rand(shape)
+    whole = tuple(-(-(s + 2 * halo) // 4) * 4 for s in shape[2:])
+    with torch.no_grad():
+        ref = Deconvolver(net, roi_size=whole, precision="float32")(x)
+        outs = {
+            tile: Deconvolver(net, roi_size=(tile + 2 * halo,) * 3, precision="float32", sw_batch_size=2)(x)
+            for tile in (32, 64)
+        }
+        outs["auto"] = Deconvolver(net, roi_size="auto", precision="float32", max_pass_voxels=300_000)(x)
+    for plan, out in outs.items():
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, msg=f"plan {plan}")
+    # a halo short of the receptive radius gives a different result: the test can fail
+    short = Deconvolver(net, roi_size=(40, 40, 40), halo=4, precision="float32")(x)
+    if shape[3] > 40:
+        assert float((short - ref).abs().max()) > 1e-4
+
+
+def test_halo_arguments():
+    net = _window_free()
+    with pytest.raises(ValueError, match="core smaller than 4"):
+        Deconvolver(net, roi_size=(52, 52, 52))  # 52 - 2·26 = 0
+    with pytest.raises(ValueError, match="multiple of 2"):
+        Deconvolver(net, roi_size=(64, 64, 64), halo=3)
+    assert Deconvolver(DeblurUNet(features=SMALL)).halo == 0  # instance norm: MONAI's blending
 
 
 def _trained_like(seed=0):
@@ -186,8 +233,9 @@ def test_deconvolver_auto_and_conflicts():
     with torch.no_grad():
         tiled = small(torch.rand(1, 1, 40, 90, 60))
     assert tiled.shape == (1, 1, 40, 90, 60) and np.prod(small.last_roi_size) <= 48**3
-    with pytest.raises(ValueError, match="not both"):
-        Deconvolver(net, inferer=auto.inferer, roi_size=(64, 64, 64))
+    # a window with an inferer: the window wins, the inferer's other settings stay (the README's override)
+    both = Deconvolver(net, inferer=SlidingWindowInferer((32, 32, 32), sw_batch_size=3, mode="gaussian"), roi_size=(64, 64, 64))
+    assert both.roi_size == (64, 64, 64) and both.inferer.sw_batch_size == 3 and both.inferer.mode == "gaussian"
     with pytest.raises(ValueError, match="'auto'"):
         Deconvolver(net, roi_size="big")
 

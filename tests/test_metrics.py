@@ -38,3 +38,21 @@ def test_affine_fit_metrics_score_a_rescaled_input_as_perfect():
     s(3 * t + 1, t)
     assert float(s.aggregate()) == pytest.approx(1.0, abs=1e-4)
     assert ssim(3 * t + 1, t) < 0.9  # plain SSIM is not scale invariant
+
+
+def test_dim_structure_on_a_hand_made_case():
+    from bundle.metrics import dim_structure
+
+    truth = torch.zeros(4, 4, 4, dtype=torch.float64)
+    truth[0, 0, :] = 1.0  # bright: outside the dim band
+    truth[1, 0, :] = 0.2  # four dim voxels
+    pred = truth.clone()
+    pred[1, 0, :2] = 0.05  # two of them lost (below half their value)
+    pred[3, 3, 3] = 0.2  # a dim voxel where the truth is background
+    scores = dim_structure(pred, truth, fit=False)
+    assert scores["dim_voxels"] == 4
+    assert scores["dim_recall"] == pytest.approx(0.5)
+    # output voxels in the 5-30 % band: two kept dim voxels, two lost ones at 0.05, one false: 4 of 5 on structure
+    assert scores["dim_precision"] == pytest.approx(4 / 5)
+    perfect = dim_structure(truth * 3.0 + 1.0, truth)  # the affine fit undoes a scaling
+    assert perfect["dim_recall"] == pytest.approx(1.0) and perfect["dim_precision"] == pytest.approx(1.0)

@@ -52,6 +52,7 @@ def _table_rows(md: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_tables_matching_the_json(tiny_run):
     out, seconds = tiny_run
     report = json.loads((out / "results.json").read_text())
@@ -91,6 +92,7 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
     print(f"tiny reproduce run: {seconds:.0f} s")
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_steps(tiny_run):
     out, _ = tiny_run
     models = {m: (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns for m in reproduce.METHOD_CONFIGS}

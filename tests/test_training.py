@@ -20,6 +20,7 @@ from conftest import QUICK_NONBLIND, ROOT, SUBPROCESS_TIMEOUT, run_bundle
 QUICK_BLIND = "['configs/common.json','configs/train.json','configs/quick.json']"
 
 
+@pytest.mark.slow
 def test_quick_nonblind_beats_the_input_and_does_not_collapse(quick_model):
     """Validation PSNR >= input PSNR + 1 dB, the input scored at its best affine scaling."""
     history = json.loads((quick_model["output_dir"] / "validation.json").read_text())
@@ -34,11 +35,9 @@ def test_quick_nonblind_beats_the_input_and_does_not_collapse(quick_model):
 
     # not collapsed: the best generator's output on a validation volume has structure like the truth
     from bundle.data import paired_datalist, paired_transforms
-    from bundle.networks import DeblurUNet
+    from bundle.inference import load_network
 
-    net = DeblurUNet(features=(16, 16, 32, 64, 128, 16))
-    net.load_state_dict(torch.load(quick_model["ckpt_dir"] / "model.pt", map_location="cpu"))
-    net.eval()
+    net = load_network(quick_model["ckpt_dir"] / "model.pt")  # sizes and settings read from the state dict
     item = paired_transforms()(paired_datalist(str(quick_model["dataset_dir"] / "val/blurred"),
                                                str(quick_model["dataset_dir"] / "val/ground_truth"))[0])
     with torch.no_grad():
@@ -48,6 +47,7 @@ def test_quick_nonblind_beats_the_input_and_does_not_collapse(quick_model):
     assert np.corrcoef(out.numpy().ravel(), truth.numpy().ravel())[0, 1] > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parameterization", ["parametric", "constrained"])
 def test_blind_training_keeps_a_valid_psf(tiny_dataset, tmp_path, parameterization):
     run_bundle(
@@ -68,6 +68,7 @@ def test_blind_training_keeps_a_valid_psf(tiny_dataset, tmp_path, parameterizati
     assert [e["iteration"] for e in history] == [3, 6]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_where_it_stopped(tiny_dataset, tmp_path):
     args = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", QUICK_NONBLIND,
@@ -101,6 +102,7 @@ def test_killed_training_resumes_where_it_stopped(tiny_dataset, tmp_path):
     assert final["trainer"]["iteration"] == last + 8
 
 
+@pytest.mark.slow
 def test_blind_parametric_psf_recovers_the_true_na(quick_dataset, tmp_path):
     """Blind training from a wrong NA (1.0) moves the learned NA to within 0.05 of the truth (1.4)."""
     true_na = json.loads((quick_dataset / "dataset.json").read_text())["parameters"]["na"]
@@ -140,3 +142,23 @@ def test_resume_refuses_a_crafted_checkpoint_and_resumes_a_real_one(tiny_dataset
         name = crafted.name if how[0] == "--resume_path" else planted.name
         assert f"{name}: refused to resume from this checkpoint" in res.stderr
         assert not marker.exists(), f"{how}: the crafted checkpoint ran code"
+
+
+@pytest.mark.slow
+def test_model_is_the_ema_generator_and_noise_is_estimated(tiny_dataset, tmp_path):
+    """model.pt holds the EMA weights (not the raw ones); the blur-path noise is set from the data."""
+    run_bundle(
+        "training", QUICK_NONBLIND,
+        "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "2",
+    )
+    model = torch.load(tmp_path / "models/model.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(tmp_path / "models/checkpoints/checkpoint_6.pt", map_location="cpu", weights_only=True)
+    key = "unet.conv_0.conv_0.conv.weight"
+    torch.testing.assert_close(model[key], ckpt["g_deblur_ema"][key])
+    assert not torch.allclose(model[key], ckpt["g_deblur"][key])
+    record = json.loads((tmp_path / "eval/calibration.json").read_text())
+    est = record["noise_estimate"]
+    assert 0 < est["slope"] and est["voxels"] > 10_000
+    assert record["blur_noise"]["photons_per_unit"] == pytest.approx(est["photons_per_unit"], rel=1e-5)
+    assert torch.is_tensor(ckpt["blur_noise"]["inv_photons"]) and float(ckpt["blur_noise"]["inv_photons"]) > 0

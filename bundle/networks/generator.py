@@ -2,57 +2,137 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets import BasicUNet
+from monai.networks.layers import Conv
+from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
-__all__ = ["DeblurUNet"]
+__all__ = ["DeblurUNet", "UNetLevels"]
 
 _OUT_ACTIVATIONS = ("sigmoid", "none")
-# name -> MONAI norm argument of BasicUNet (None: no normalisation layer)
+
+# name -> MONAI norm argument of the conv blocks (None: no normalisation layer)
 _NORMS = {"instance": ("instance", {"affine": True}), "batch": ("batch", {}), "none": None}
+
+
+_MAX_DEPTH = 4
+
+
+class _NoLevel(nn.Module):
+    """Stands in for the levels a shallow U-Net does not have (no parameters, so no state-dict keys),
+    so that ``forward`` is one straight piece of code that TorchScript compiles for every depth."""
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+class UNetLevels(nn.Module):
+    """MONAI's ``BasicUNet`` with a chosen number of poolings (``BasicUNet`` always has 4).
+
+    Built from ``BasicUNet``'s own blocks and attribute names (``conv_0``, ``down_i``, ``upcat_i``,
+    ``final_conv``), so a depth-4 instance has exactly ``BasicUNet``'s state-dict keys (checkpoints of
+    either load into the other) and :class:`~bundle.inference.InferenceNetwork` rewrites it the same way.
+
+    Args:
+        in_channels, out_channels: channels.
+        features: ``depth + 2`` counts: the ``depth + 1`` encoder levels, then the last decoder level.
+        depth: poolings by 2.
+        act, norm, bias, dropout: as ``BasicUNet``.
+        align_corners: of the trilinear upsampling. ``True`` (``BasicUNet``'s default) samples at
+            positions that depend on the input's size, so a voxel's value changes with the window it is
+            computed in; ``False`` makes the network commute with shifts by multiples of ``2**depth``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        features: Sequence[int],
+        depth: int,
+        act: str | tuple = "relu",
+        norm: str | tuple | None = ("instance", {"affine": True}),
+        bias: bool = True,
+        dropout: float = 0.0,
+        align_corners: bool = True,
+    ) -> None:
+        super().__init__()
+        fea = [int(f) for f in features]
+        if not 1 <= depth <= _MAX_DEPTH or len(fea) != depth + 2:
+            raise ValueError(f"a U-Net of depth {depth} (1-{_MAX_DEPTH}) needs {depth + 2} features, got {tuple(fea)}")
+        self.depth = int(depth)
+        self.conv_0 = TwoConv(3, in_channels, fea[0], act, norm, bias, dropout)
+        for i in range(1, depth + 1):
+            setattr(self, f"down_{i}", Down(3, fea[i - 1], fea[i], act, norm, bias, dropout))
+        for i in range(depth, 1, -1):
+            up = UpCat(3, fea[i], fea[i - 1], fea[i - 1], act, norm, bias, dropout, "nontrainable", align_corners=align_corners)
+            setattr(self, f"upcat_{i}", up)
+        self.upcat_1 = UpCat(
+            3, fea[1], fea[0], fea[-1], act, norm, bias, dropout, "nontrainable", align_corners=align_corners, halves=False
+        )
+        for i in range(depth + 1, _MAX_DEPTH + 1):
+            setattr(self, f"down_{i}", _NoLevel())
+            setattr(self, f"upcat_{i}", _NoLevel())
+        self.final_conv = Conv["conv", 3](fea[-1], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BasicUNet.forward, with the missing levels passing their input through
+        x0 = self.conv_0(x)
+        x1 = self.down_1(x0)
+        x2 = self.down_2(x1)
+        x3 = self.down_3(x2)
+        x4 = self.down_4(x3)
+        u = self.upcat_4(x4, x3)
+        u = self.upcat_3(u, x2)
+        u = self.upcat_2(u, x1)
+        return self.final_conv(self.upcat_1(u, x0))
 
 
 class DeblurUNet(nn.Module):
     """3D U-Net generator G of Lim et al. 2020 ("CycleGAN with a Blur Kernel for Deconvolution Microscopy").
 
-    As in the paper (Sec. III-A, Fig. 3): blocks conv 3×3×3 – InstanceNorm – ReLU, a pooling layer
-    and a skip connection every other convolution, a symmetric encoder/decoder and a sigmoid at
-    the end. Built from MONAI's ``BasicUNet`` (two convs per level, 4 max-poolings) with
-    ``upsample="nontrainable"``: each decoder step is a 1×1×1 conv, trilinear interpolation
-    (BasicUNet's ``"linear"`` interp mode, ``align_corners=True``) and two 3×3×3 convs, i.e. no
-    transposed convolution and so no checkerboard artefacts.
+    As in the paper (Sec. III-A, Fig. 3): blocks conv 3×3×3 – norm – ReLU, a pooling layer and a skip
+    connection every other convolution, a symmetric encoder/decoder and a sigmoid at the end. Built
+    from MONAI's ``BasicUNet`` blocks (two convs per level) with non-trainable upsampling: each decoder
+    step is a 1×1×1 conv, trilinear interpolation and two 3×3×3 convs, i.e. no transposed convolution
+    and so no checkerboard artefacts.
 
     ``last_bias`` initialises the bias of the final 1×1×1 conv so the sigmoid output starts near
     ``sigmoid(last_bias)`` (≈ 0.018 for −4), the sparse dark background of fluorescence volumes.
     Trials showed that an output starting at 0.5 lets the L1 cycle loss drive the network to
     "predict background" and collapse.
 
-    Input size: every spatial side must be divisible by 16 (4 poolings by 2), and the input must
-    not be exactly 16³ (the bottleneck would be a single voxel, where instance norm is undefined);
-    e.g. 32³ or 64³ patches and a sliding-window ``roi_size`` that is a multiple of 16.
+    **Tiling.** With ``norm="instance"`` (the paper) the statistics are taken over whatever window the
+    network sees, and a 4-pooling U-Net sees ±90 voxels: a sliding-window result then depends on the
+    window plan. With ``norm="batch"`` (running statistics at inference) or ``"none"``,
+    ``align_corners=False`` and a shallow ``depth``, a voxel's value depends only on the input within
+    :attr:`receptive_radius` voxels, and :class:`~bundle.inference.Deconvolver` (with a halo of at least
+    that) gives the same output for any window plan.
+
+    Input size: every spatial side must be divisible by :attr:`divisor` = ``2**depth``, and (instance
+    norm) the input must not be exactly ``divisor``³ (the bottleneck would be a single voxel).
 
     Args:
         in_channels: input channels (1 for a single-channel stack).
         out_channels: output channels.
-        features: six feature counts, BasicUNet's convention: five encoder levels and the last
-            decoder level. The paper's U-Net is larger; the default is MONAI's (5.44 M parameters;
-            ``(16, 16, 32, 64, 128, 16)`` has 1.36 M).
+        features: ``depth + 2`` feature counts, ``BasicUNet``'s convention: the encoder levels and the
+            last decoder level (default: MONAI's ``BasicUNet``, 5.44 M parameters at depth 4).
         dropout: dropout ratio inside the conv blocks.
         last_bias: initial bias of the final conv (pre-sigmoid logit of the initial output).
         out_activation: ``"sigmoid"`` (the paper) or ``"none"`` (raw logits).
-        norm: normalisation after each conv: ``"instance"`` (the paper; its statistics are taken over
-            whatever window the network sees, so a sliding-window result depends on the window plan),
-            ``"batch"`` (running statistics at inference) or ``"none"``; the last two give the same value
-            for a voxel whatever window it is computed in.
+        norm: ``"instance"``, ``"batch"`` or ``"none"`` (see *Tiling*).
+        depth: poolings by 2 (4 = ``BasicUNet``; 2 is CSBDeep/CARE's default).
+        align_corners: of the trilinear upsampling (see :class:`UNetLevels`).
 
     Example::
 
         >>> g_deblur = DeblurUNet(features=(16, 16, 32, 64, 128, 16))
         >>> x_hat = g_deblur(torch.rand(2, 1, 32, 32, 32))  # (B, 1, D, H, W) in (0, 1)
     """
+
+    __jit_unused_properties__ = ["receptive_radius", "tiling_halo"]  # TorchScript export: not compiled
 
     def __init__(
         self,
@@ -63,33 +143,74 @@ class DeblurUNet(nn.Module):
         last_bias: float = -4.0,
         out_activation: str = "sigmoid",
         norm: str = "instance",
+        depth: int = 4,
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
-        if len(tuple(features)) != 6:
-            raise ValueError(f"features must have 6 entries (BasicUNet convention), got {tuple(features)}")
         if out_activation not in _OUT_ACTIVATIONS:
             raise ValueError(f"out_activation must be one of {_OUT_ACTIVATIONS}, got {out_activation!r}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {tuple(_NORMS)}, got {norm!r}")
-        self.unet = BasicUNet(
-            spatial_dims=3,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            features=tuple(int(f) for f in features),
-            act="relu",
-            norm=_NORMS[norm],
-            bias=True,
-            dropout=dropout,
-            upsample="nontrainable",
+        if len(tuple(features)) != int(depth) + 2:
+            raise ValueError(f"features must have depth + 2 = {int(depth) + 2} entries, got {tuple(features)}")
+        self.unet = UNetLevels(
+            in_channels, out_channels, features, int(depth), "relu", _NORMS[norm], True, dropout, bool(align_corners)
         )
         with torch.no_grad():
             self.unet.final_conv.bias.fill_(float(last_bias))
         self.out_activation = out_activation
         self.norm = norm
-        self.divisor = 16
+        self.depth = int(depth)
+        self.align_corners = bool(align_corners)
+        self.divisor = 2 ** int(depth)
+        # the settings that the weights do not reveal travel in the state dict (model.pt alone rebuilds
+        # the network: bundle.inference.network_from_state_dict); checkpoints without them still load
+        self.register_buffer("settings", torch.tensor([self.depth, int(self.align_corners), list(_NORMS).index(norm)]))
+        self._register_load_state_dict_pre_hook(self._fill_settings)
+
+    def _fill_settings(self, state_dict, prefix, *args) -> None:
+        key = prefix + "settings"
+        if key not in state_dict:  # a checkpoint written before the settings were stored
+            state_dict[key] = self.settings.clone()
+        elif not torch.equal(state_dict[key].to(self.settings), self.settings):
+            raise RuntimeError(
+                f"checkpoint of a DeblurUNet with settings {self.describe(state_dict[key])}, "
+                f"this one has {self.describe(self.settings)}"
+            )
+
+    @staticmethod
+    def describe(settings: torch.Tensor) -> dict[str, object]:
+        """``{"depth", "align_corners", "norm"}`` of a ``settings`` buffer."""
+        depth, align, norm = (int(v) for v in settings)
+        return {"depth": depth, "align_corners": bool(align), "norm": list(_NORMS)[norm]}
+
+    @property
+    def tiling_halo(self) -> int:
+        """Halo for plan-independent sliding windows (:class:`~bundle.inference.Deconvolver`), 0 if none works.
+
+        Instance norm or corner-aligned upsampling make the output depend on the window whatever the
+        halo. Otherwise it is the :attr:`receptive_radius` (rounded up to a multiple of half the
+        divisor): no window's border is within reach of a kept voxel, so every window plan gives the same
+        output up to float rounding (measured on a trained depth-2 model: identical; a halo of 16 voxels
+        instead of 26 already agreed to 71-87 dB).
+        """
+        if self.norm == "instance" or self.align_corners:
+            return 0
+        step = max(1, self.divisor // 2)
+        return int(math.ceil(self.receptive_radius / step) * step)
+
+    @property
+    def receptive_radius(self) -> int:
+        """Voxels on each side of an output voxel that can change it: ``8·2**depth − 6``.
+
+        Measured exactly (autograd through the network with its ReLUs removed, so no path is cut, the
+        largest reach over the positions within one pooling period): 10, 26, 58, 122 voxels for depths
+        1-4; the tests check depths 1-3.
+        """
+        return 8 * 2**self.depth - 6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: ``(B, in_channels, D, H, W)`` with D, H, W divisible by 16, not 16³.
+        """Args: x: ``(B, in_channels, D, H, W)`` with D, H, W divisible by :attr:`divisor`.
 
         Returns: ``(B, out_channels, D, H, W)``, in (0, 1) with the sigmoid.
         """
@@ -106,12 +227,12 @@ class DeblurUNet(nn.Module):
         bad = [s for s in x.shape[2:] if s % self.divisor]
         if bad:
             raise ValueError(
-                f"DeblurUNet needs spatial sizes divisible by {self.divisor} (4 poolings), got "
+                f"DeblurUNet needs spatial sizes divisible by {self.divisor} ({self.depth} poolings), got "
                 f"{tuple(x.shape[2:])}; crop/pad the volume or use a sliding-window roi_size that is a multiple "
                 f"of {self.divisor}"
             )
-        if all(s == self.divisor for s in x.shape[2:]):
+        if self.norm == "instance" and all(s == self.divisor for s in x.shape[2:]):
             raise ValueError(
                 f"DeblurUNet needs an input larger than {self.divisor}^3 (its bottleneck would be one voxel, "
-                "where instance norm is undefined); use e.g. 32^3 patches"
+                f"where instance norm is undefined); use e.g. {2 * self.divisor}^3 patches"
             )

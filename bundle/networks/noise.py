@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,19 +16,23 @@ class PoissonGaussianNoise(nn.Module):
     The forward model of Lim et al. 2020 (IEEE TCI, "CycleGAN with a Blur Kernel for
     Deconvolution Microscopy") is ``y = h * x + w`` with Gaussian and Poisson noise ``w``. The
     paper lets the learned kernel absorb the noise; here (the paper's stated future work) the noise
-    is an explicit module placed after the PSF layer so the kernel can stay physical. Poisson noise
-    is replaced by its Gaussian approximation so the module is differentiable (reparameterisation):
+    is an explicit module placed after the PSF layer so the kernel can stay physical, and the sharp
+    cycle ``x → h*x + w → G(h*x + w)`` shows G the noise it meets at inference. Poisson noise is
+    replaced by its Gaussian approximation so the module is differentiable (reparameterisation):
 
-        ``y + sqrt(clamp(y, 0) / photons_per_unit) * eps + gaussian_sigma * eps'``,
-        ``eps, eps' ~ N(0, 1)``,
+        ``y + sqrt(clamp(y − black_level, 0) / photons_per_unit + gaussian_sigma²) · eps``,
+        ``eps ~ N(0, 1)``,
 
-    i.e. an intensity of ``y`` corresponds to ``y * photons_per_unit`` detected photons. In eval
-    mode (``module.eval()``) it is the identity.
+    i.e. an intensity of ``y`` above ``black_level`` corresponds to ``(y − black_level) ·
+    photons_per_unit`` detected photons. The three parameters are buffers (saved in checkpoints) and
+    can be set from data with :meth:`set_parameters` (``bundle.handlers.BlurCalibration`` does, from
+    :func:`bundle.physics.noise_estimation.estimate_poisson_gaussian`). In eval mode it is the identity.
 
     Args:
         photons_per_unit: photons per unit of intensity (higher = less shot noise); ``None``
             disables the Poisson part.
         gaussian_sigma: standard deviation of the additive Gaussian read noise (intensity units).
+        black_level: intensity without shot noise (a camera offset left after normalisation).
 
     Example::
 
@@ -34,27 +40,61 @@ class PoissonGaussianNoise(nn.Module):
         >>> y_noisy = noise(torch.rand(2, 1, 16, 16, 16))  # (B, 1, D, H, W), same shape
     """
 
-    def __init__(self, photons_per_unit: float | None = None, gaussian_sigma: float = 0.0) -> None:
+    def __init__(
+        self, photons_per_unit: float | None = None, gaussian_sigma: float = 0.0, black_level: float = 0.0
+    ) -> None:
         super().__init__()
+        self.register_buffer("inv_photons", torch.tensor(0.0))
+        self.register_buffer("sigma", torch.tensor(0.0))
+        self.register_buffer("black", torch.tensor(0.0))
+        self.set_parameters(photons_per_unit, gaussian_sigma, black_level)
+
+    def set_parameters(
+        self, photons_per_unit: float | None = None, gaussian_sigma: float = 0.0, black_level: float = 0.0
+    ) -> None:
+        """Set the noise level (``photons_per_unit`` ``None`` or ``inf``: no shot noise)."""
         if photons_per_unit is not None and not photons_per_unit > 0:
             raise ValueError(f"photons_per_unit must be > 0 or None, got {photons_per_unit}")
         if not gaussian_sigma >= 0:
             raise ValueError(f"gaussian_sigma must be >= 0, got {gaussian_sigma}")
-        self.photons_per_unit = None if photons_per_unit is None else float(photons_per_unit)
-        self.gaussian_sigma = float(gaussian_sigma)
+        if not math.isfinite(black_level):
+            raise ValueError(f"black_level must be finite, got {black_level}")
+        inv = 0.0 if photons_per_unit is None or math.isinf(photons_per_unit) else 1.0 / float(photons_per_unit)
+        self.inv_photons.fill_(inv)
+        self.sigma.fill_(float(gaussian_sigma))
+        self.black.fill_(float(black_level))
+
+    @property
+    def photons_per_unit(self) -> float | None:
+        inv = float(self.inv_photons)
+        return None if inv == 0.0 else 1.0 / inv
+
+    @property
+    def gaussian_sigma(self) -> float:
+        return float(self.sigma)
+
+    @property
+    def black_level(self) -> float:
+        return float(self.black)
+
+    def parameters_dict(self) -> dict[str, float | None]:
+        """The current noise level, for logs and reports."""
+        return {
+            "photons_per_unit": self.photons_per_unit,
+            "gaussian_sigma": self.gaussian_sigma,
+            "black_level": self.black_level,
+        }
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """Args: y: ``(B, C, D, H, W)`` noise-free blurred intensities. Returns: same shape."""
-        if not self.training:
+        if not self.training or (float(self.inv_photons) == 0.0 and float(self.sigma) == 0.0):
             return y
-        out = y
-        if self.photons_per_unit is not None:
-            # clamp away from 0: d sqrt / dy is infinite at 0 (and the clamp's zero gradient times inf is NaN)
-            std = torch.sqrt(y.clamp(min=1e-12) / self.photons_per_unit)
-            out = out + std * torch.randn_like(y)
-        if self.gaussian_sigma > 0:
-            out = out + self.gaussian_sigma * torch.randn_like(y)
-        return out
+        # clamp away from 0: d sqrt / dy is infinite at 0 (and the clamp's zero gradient times inf is NaN)
+        var = (y - self.black).clamp(min=0.0) * self.inv_photons + self.sigma**2
+        return y + torch.sqrt(var.clamp(min=1e-12)) * torch.randn_like(y)
 
     def extra_repr(self) -> str:
-        return f"photons_per_unit={self.photons_per_unit}, gaussian_sigma={self.gaussian_sigma}"
+        return (
+            f"photons_per_unit={self.photons_per_unit}, gaussian_sigma={self.gaussian_sigma}, "
+            f"black_level={self.black_level}"
+        )

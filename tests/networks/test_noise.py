@@ -39,3 +39,21 @@ def test_bad_arguments():
         PoissonGaussianNoise(photons_per_unit=0.0)
     with pytest.raises(ValueError, match="gaussian_sigma"):
         PoissonGaussianNoise(gaussian_sigma=-1.0)
+
+
+def test_black_level_and_checkpointed_parameters():
+    torch.manual_seed(0)
+    noise = PoissonGaussianNoise(photons_per_unit=20.0, gaussian_sigma=0.0, black_level=0.2).train()
+    below = noise(torch.full((1, 1, 16, 16, 16), 0.1))
+    assert below.var().item() < 1e-10  # no shot noise below the black level
+    above = noise(torch.full((1, 1, 32, 32, 32), 0.7))
+    assert above.var().item() == pytest.approx(0.5 / 20.0, rel=0.1)
+
+    other = PoissonGaussianNoise()
+    assert other.photons_per_unit is None and other.gaussian_sigma == 0.0
+    y = torch.rand(1, 1, 8, 8, 8)
+    assert torch.equal(other.train()(y), y)  # no noise configured: identity
+    other.load_state_dict(noise.state_dict())  # the estimated level travels in checkpoints
+    assert other.parameters_dict() == pytest.approx({"photons_per_unit": 20.0, "gaussian_sigma": 0.0, "black_level": 0.2})
+    other.set_parameters(float("inf"), 0.01)
+    assert other.photons_per_unit is None and other.gaussian_sigma == pytest.approx(0.01)
