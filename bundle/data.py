@@ -14,9 +14,7 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     RandFlipd,
     RandRotate90d,
     RandSpatialCropd,
@@ -25,7 +23,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from bundle.io import TiffStackReader
+from bundle.io import LoadVolumed
 from bundle.sampling import ForegroundWeightd
 
 __all__ = [
@@ -98,8 +96,7 @@ def normalize_transforms(
     """
     lower, upper = percentiles
     return [
-        LoadImaged(keys=keys, reader=TiffStackReader, image_only=True),
-        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+        LoadVolumed(keys=keys),  # the loader of inference: (Z, Y, X) for every format, errors name the file
         ScaleIntensityRangePercentilesd(
             keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
         ),

@@ -44,7 +44,7 @@ from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.data import list_volumes
-from bundle.io import VolumeError, _extension, load_volume, save_volume, validate_volume
+from bundle.io import LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
 
 __all__ = [
     "Deconvolver",
@@ -753,39 +753,6 @@ def _matches(net: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # MONAI transforms
 # ----------------------------------------------------------------------------------------------------------
-
-
-class LoadVolumed(MapTransform):
-    """Load ``(Z, Y, X)`` stacks with :func:`bundle.io.load_volume` into ``(1, Z, Y, X)`` float32 MetaTensors.
-
-    TIFF (ImageJ, OME), NIfTI and the formats ITK reads, with the voxel size (µm) in
-    ``meta["voxel_size"]`` (NaN if unknown) and ``meta["filename_or_obj"]``; invalid files raise
-    ``VolumeError`` naming the file (2D, multichannel without ``channel``, NaN/Inf, constant, ...).
-
-    Args:
-        keys: keys holding file paths.
-        channel: channel to keep from multichannel files.
-    """
-
-    def __init__(self, keys: KeysCollection = "image", channel: int | None = None, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.channel = channel
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            volume, meta = load_volume(d[key], channel=self.channel, dtype=np.float32)
-            voxel = meta["voxel_size"]
-            d[key] = MetaTensor(
-                torch.from_numpy(volume)[None],
-                affine=torch.diag(torch.tensor([*(voxel or (1.0, 1.0, 1.0)), 1.0], dtype=torch.float64)),
-                meta={
-                    "filename_or_obj": str(meta["path"]),
-                    "voxel_size": torch.tensor(voxel if voxel else [float("nan")] * 3, dtype=torch.float64),
-                    "original_dtype": meta["original_dtype"],
-                },
-            )
-        return d
 
 
 def _percentile_range(img: torch.Tensor, percentiles: Sequence[float]) -> tuple[float, float]:

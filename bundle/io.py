@@ -30,22 +30,25 @@ import logging
 import os
 import uuid
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
-from monai.config import DtypeLike, NdarrayOrTensor, PathLike
-from monai.data import ImageReader, ImageWriter
+import torch
+from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor, PathLike
+from monai.data import ImageReader, ImageWriter, MetaTensor
 from monai.data import image_writer as monai_image_writer
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.data.utils import affine_to_spacing
+from monai.transforms import MapTransform
 from monai.utils import MetaKeys, convert_data_type, ensure_tuple
 
 __all__ = [
     "VolumeError",
     "TiffStackReader",
+    "LoadVolumed",
     "TiffStackWriter",
     "load_volume",
     "save_volume",
@@ -324,16 +327,28 @@ class TiffStackReader(ImageReader):
         self.channel = channel
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        """Whether every file name ends in ``.tif``/``.tiff`` (including ``.ome.tif(f)``)."""
-        return all(_extension(f) in TIFF_EXTENSIONS for f in ensure_tuple(filename))
+        """Whether every file is of a format :func:`load_volume` reads (TIFF, NIfTI, ITK's)."""
+        return all(_extension(f) in SUPPORTED_EXTENSIONS for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> _TiffStack | list[_TiffStack]:
         """Read one file, or several files (stacked as channels by :meth:`get_data`).
 
+        Every format is read as :func:`load_volume` reads it — NIfTI and ITK files too, so training,
+        validation and inference all see ``(Z, Y, X)`` (MONAI's own NIfTI/ITK readers return
+        ``(X, Y, Z)``) — and checked the same way (NaN/Inf, constant), errors naming the file.
+
         Raises:
-            VolumeError: missing, empty, corrupt file, bad channel index, unsupported axes.
+            VolumeError: missing, empty, corrupt file, bad channel index, unsupported axes, bad values.
         """
-        stacks = [_TiffStack(str(f), *_read_tiff(Path(f), self.channel)) for f in ensure_tuple(data)]
+        stacks = []
+        for f in ensure_tuple(data):
+            path = Path(f)
+            if _extension(path) not in SUPPORTED_EXTENSIONS:
+                raise _unsupported_extension(path)
+            array, axes, voxel_size, original_dtype = _read_any(path, self.channel)
+            if not axes.startswith("C"):
+                validate_volume(array, path)
+            stacks.append(_TiffStack(str(path), array, axes, voxel_size, original_dtype))
         return stacks if len(stacks) > 1 else stacks[0]
 
     def get_data(self, img: _TiffStack | Sequence[_TiffStack]) -> tuple[np.ndarray, dict]:
@@ -677,6 +692,21 @@ def _read_itk(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None, st
     return np.ascontiguousarray(data), axes, spacing if n_spatial == 3 else None, str(data.dtype)
 
 
+def _read_any(path: Path, channel: int | None) -> tuple[np.ndarray, str, tuple[float, ...] | None, str]:
+    """``(data, axes, voxel_size, original_dtype)`` of any supported file, spatial axes ``(Z, Y, X)``."""
+    _check_exists(path)
+    if _extension(path) in TIFF_EXTENSIONS:
+        return _read_tiff(path, channel)
+    data, axes, voxel_size, original_dtype = (_read_nifti if _extension(path) in NIFTI_EXTENSIONS else _read_itk)(path)
+    if axes.startswith("C") and channel is not None:
+        if not 0 <= channel < data.shape[0]:
+            raise _err(path, f"channel={channel} requested but the file has {data.shape[0]} channel(s)")
+        data, axes = data[channel], axes[1:]
+    elif channel not in (None, 0):
+        raise _err(path, f"channel={channel} requested but the file has 1 channel")
+    return data, axes, voxel_size, original_dtype
+
+
 def load_volume(
     path: PathLike, *, channel: int | None = None, dtype: DtypeLike | None = np.float32
 ) -> tuple[np.ndarray, dict]:
@@ -706,17 +736,7 @@ def load_volume(
         if not path.exists():
             raise _err(path, "file not found")
         raise _unsupported_extension(path)
-    _check_exists(path)
-    if ext in TIFF_EXTENSIONS:
-        data, axes, voxel_size, original_dtype = _read_tiff(path, channel)
-    else:
-        data, axes, voxel_size, original_dtype = (_read_nifti if ext in NIFTI_EXTENSIONS else _read_itk)(path)
-        if axes.startswith("C") and channel is not None:
-            if not 0 <= channel < data.shape[0]:
-                raise _err(path, f"channel={channel} requested but the file has {data.shape[0]} channel(s)")
-            data, axes = data[channel], axes[1:]
-        elif channel not in (None, 0):
-            raise _err(path, f"channel={channel} requested but the file has 1 channel")
+    data, axes, voxel_size, original_dtype = _read_any(path, channel)
     if axes.startswith("C"):
         raise _err(path, _channel_hint(data.shape, data.shape[0]))
     validate_volume(data, path)
@@ -822,3 +842,36 @@ def save_volume(
 
 
 register()
+
+
+class LoadVolumed(MapTransform):
+    """Load ``(Z, Y, X)`` stacks with :func:`bundle.io.load_volume` into ``(1, Z, Y, X)`` float32 MetaTensors.
+
+    TIFF (ImageJ, OME), NIfTI and the formats ITK reads, with the voxel size (µm) in
+    ``meta["voxel_size"]`` (NaN if unknown) and ``meta["filename_or_obj"]``; invalid files raise
+    ``VolumeError`` naming the file (2D, multichannel without ``channel``, NaN/Inf, constant, ...).
+
+    Args:
+        keys: keys holding file paths.
+        channel: channel to keep from multichannel files.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", channel: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channel = channel
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume, meta = load_volume(d[key], channel=self.channel, dtype=np.float32)
+            voxel = meta["voxel_size"]
+            d[key] = MetaTensor(
+                torch.from_numpy(volume)[None],
+                affine=torch.diag(torch.tensor([*(voxel or (1.0, 1.0, 1.0)), 1.0], dtype=torch.float64)),
+                meta={
+                    "filename_or_obj": str(meta["path"]),
+                    "voxel_size": torch.tensor(voxel if voxel else [float("nan")] * 3, dtype=torch.float64),
+                    "original_dtype": meta["original_dtype"],
+                },
+            )
+        return d

@@ -361,3 +361,36 @@ def test_valid_psf_passes_with_rounding_negatives():
     psf = _psf()
     psf[0, 0, 0] = -1e-9
     validate_psf(psf, "psf.tif", volume_shape=(5, 5, 5))
+
+
+@pytest.mark.parametrize("ext", [".tif", ".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_training_loader_reads_every_format_as_zyx(tmp_path, ext):
+    """Training's MONAI pipeline and load_volume agree on (Z, Y, X) for every format (NIfTI was transposed)."""
+    from monai.transforms import Compose
+
+    from bundle.data import normalize_transforms
+
+    vol = np.random.default_rng(0).random((5, 7, 9)).astype(np.float32)
+    path = save_volume(tmp_path / f"v{ext}", vol, voxel_size=(0.3, 0.1, 0.05))
+    loaded, meta = load_volume(path)
+    np.testing.assert_allclose(loaded, vol, rtol=1e-6)
+    assert meta["voxel_size"] == pytest.approx((0.3, 0.1, 0.05))
+    train = Compose(normalize_transforms(("image",), (0.0, 100.0)))({"image": str(path)})["image"]
+    assert tuple(train.shape) == (1, 5, 7, 9)
+    expected = (vol - vol.min()) / (vol.max() - vol.min())
+    np.testing.assert_allclose(np.asarray(train)[0], expected, atol=1e-5)
+
+
+def test_training_loader_names_a_file_with_nan(tmp_path):
+    from monai.transforms import Compose
+
+    from bundle.data import normalize_transforms
+
+    vol = np.random.default_rng(0).random((5, 7, 9)).astype(np.float32)
+    vol[2, 3, 4] = np.nan
+    path = tmp_path / "bad.tif"
+    tifffile.imwrite(path, vol)
+    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; the cause names the file
+        Compose(normalize_transforms(("image",)))({"image": str(path)})
+    assert isinstance(info.value.__cause__, VolumeError)
+    assert str(info.value.__cause__).startswith(str(path)) and "NaN" in str(info.value.__cause__)

@@ -88,3 +88,16 @@ def test_refuses_to_overwrite(tmp_path, tiny_net):
     deconvolve_zarr(volume, tmp_path / "o.zarr", tiny_net, roi_size=(32, 32, 32), device="cpu")
     with pytest.raises(FileExistsError):
         deconvolve_zarr(volume, tmp_path / "o.zarr", tiny_net, roi_size=(32, 32, 32), device="cpu")
+
+
+def test_window_free_network_equals_in_memory_with_default_settings(tmp_path):
+    """The bundle's default generator (depth 2, batch norm): blocks with a halo = in-memory defaults."""
+    torch.manual_seed(1)
+    net = DeblurUNet(features=(2, 4, 4, 2), depth=2, norm="batch", align_corners=False, last_bias=0.0).eval()
+    volume = _volume((20, 70, 45), seed=2)
+    write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(16, 32, 32))
+    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32")
+    out = deconvolve_zarr(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", net, device="cpu",
+                          block_size=(16, 32, 32), precision="float32")
+    assert out.attrs["halo"] == net.tiling_halo == 26
+    np.testing.assert_allclose(np.asarray(out[...]), ref, rtol=1e-5, atol=1e-4 * float(np.abs(ref).max()))
