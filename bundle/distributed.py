@@ -132,7 +132,8 @@ def unwrap(module: nn.Module | None) -> nn.Module | None:
 
 
 class BroadcastModules:
-    """On ``Events.STARTED``, copy rank 0's parameters and buffers to every rank.
+    """On ``Events.STARTED``, copy rank 0's parameters and buffers to every rank; after every
+    iteration, its buffers again (batch norm's running statistics follow each rank's own batches).
 
     Attach it after the handlers that change the model at start (``BlurCalibration`` computes gain
     and offset from each rank's own random samples; resuming loads a checkpoint): DDP synchronises
@@ -149,6 +150,7 @@ class BroadcastModules:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.broadcast_buffers)
 
     @torch.no_grad()
     def __call__(self, engine: Engine | None = None) -> None:
@@ -156,6 +158,15 @@ class BroadcastModules:
             return
         for module in self.modules:
             for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=self.src)
+
+    @torch.no_grad()
+    def broadcast_buffers(self, engine: Engine | None = None) -> None:
+        """Rank 0's buffers to every rank (a few kB: running statistics, the noise level, the PSF cache)."""
+        if get_world_size() == 1:
+            return
+        for module in self.modules:
+            for tensor in module.buffers():
                 dist.broadcast(tensor.data, src=self.src)
 
 

@@ -494,7 +494,9 @@ class BlurCalibration:
             logger.info(f"blur-path noise estimated from {est['voxels']} voxels: {self.noise.parameters_dict()}")
         if self.noise is not None:
             record["blur_noise"] = self.noise.parameters_dict()
-        if self.record_path is not None:
+        from bundle.distributed import get_rank
+
+        if self.record_path is not None and get_rank() == 0:  # it runs on every rank; rank 0 writes
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_json(record, self.record_path)
 
