@@ -359,8 +359,8 @@ class Deconvolver(nn.Module):
         inferer: a ``SlidingWindowInferer`` (e.g. ``common.json``'s ``inferer``); if None one is
             built from the arguments below. With ``roi_size="auto"`` or a given ``roi_size`` its
             settings are kept and its window replaced by the planned or given one.
-        roi_size: window size ``(D, H, W)``, multiples of ``divisor`` (default 64³, or the
-            ``inferer``'s), or ``"auto"``.
+        roi_size: window size ``(D, H, W)``, multiples of ``divisor`` (default: ``"auto"`` for a
+            network with a halo, else 64³ or the ``inferer``'s), or ``"auto"``.
         sw_batch_size: windows per forward pass (keep it >= 2 on CPU for windows of 32³ or less:
             PyTorch's conv3d takes a slow path for batch 1 at small sizes).
         overlap: window overlap fraction (0.25 = 16 voxels at 64³, as in the paper).
@@ -428,6 +428,10 @@ class Deconvolver(nn.Module):
         if isinstance(halo, str) or int(halo) < 0 or int(halo) % max(1, int(divisor) // 2):
             raise ValueError(f"halo must be 'auto' or a multiple of {max(1, int(divisor) // 2)} voxels >= 0, got {halo!r}")
         self.halo = int(halo)
+        if roi_size is None and inferer is None and halo not in (0, "0") and (
+            halo != "auto" or getattr(network, "tiling_halo", 0)
+        ):
+            roi_size = "auto"  # fixed 64³ windows would keep only 64 - 2·halo voxels of each
         self.auto = isinstance(roi_size, str)
         if self.auto and roi_size != "auto":
             raise ValueError(f"roi_size must be 'auto' or a window size (D, H, W), got {roi_size!r}")
@@ -488,6 +492,14 @@ class Deconvolver(nn.Module):
                 f"roi_size {roi} leaves a core smaller than {d} after a halo of {self.halo} voxels on each side; "
                 f"use windows of at least {2 * self.halo + d}"
             )
+        if self.halo:
+            work = float(np.prod([r / (r - 2 * self.halo) for r in roi]))
+            if work > 4.0:
+                logger.warning(
+                    f"windows of {roi} with a halo of {self.halo} voxels keep only their "
+                    f"{tuple(r - 2 * self.halo for r in roi)} cores: {work:.0f}x the work of one pass; "
+                    "roi_size='auto' plans larger windows"
+                )
 
     def inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
         """The window and the ``SlidingWindowInferer`` used for a volume of spatial ``shape``."""
