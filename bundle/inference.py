@@ -335,6 +335,15 @@ def plan_roi_size(
     return best[1]
 
 
+def _inferer_like(base: SlidingWindowInferer, roi: Sequence[int], **changes: Any) -> SlidingWindowInferer:
+    """A ``SlidingWindowInferer`` with ``base``'s settings, window ``roi`` and the given ``changes``."""
+    settings = {
+        name: getattr(base, name)
+        for name in ("sw_batch_size", "overlap", "mode", "sigma_scale", "padding_mode", "cval", "sw_device", "device", "progress")
+    }
+    return SlidingWindowInferer(roi_size=tuple(roi), **{**settings, **changes})
+
+
 class Deconvolver(nn.Module):
     """Apply the deblurring generator G to a volume of any size: pad, sliding window, crop.
 
@@ -438,18 +447,7 @@ class Deconvolver(nn.Module):
         if inferer is not None and roi_size is not None and not self.auto:
             # a window given with an inferer: the window wins, the inferer's other settings stay
             window = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size), (3,)))
-            inferer = SlidingWindowInferer(
-                roi_size=window,
-                sw_batch_size=inferer.sw_batch_size,
-                overlap=inferer.overlap,
-                mode=inferer.mode,
-                sigma_scale=inferer.sigma_scale,
-                padding_mode=inferer.padding_mode,
-                cval=inferer.cval,
-                sw_device=inferer.sw_device,
-                device=inferer.device,
-                progress=inferer.progress,
-            )
+            inferer = _inferer_like(inferer, window)
         if roi_size is None:
             roi_size = (64, 64, 64)
         self.divisor, self.max_pass_voxels = int(divisor), int(max_pass_voxels)
@@ -511,18 +509,8 @@ class Deconvolver(nn.Module):
         if roi not in self._inferers:
             base = self.inferer
             batch = max(1, min(int(base.sw_batch_size), self.max_pass_voxels // int(np.prod(roi))))
-            self._inferers[roi] = SlidingWindowInferer(
-                roi_size=roi,
-                sw_batch_size=batch,
-                overlap=[_overlap_fraction(r, self.auto_overlap) for r in roi],
-                mode=base.mode,
-                sigma_scale=base.sigma_scale,
-                padding_mode=base.padding_mode,
-                cval=base.cval,
-                sw_device=base.sw_device,
-                device=base.device,
-                progress=base.progress,
-            )
+            overlap = [_overlap_fraction(r, self.auto_overlap) for r in roi]
+            self._inferers[roi] = _inferer_like(base, roi, sw_batch_size=batch, overlap=overlap)
         return roi, self._inferers[roi]
 
     def _halo_inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
