@@ -36,22 +36,58 @@ def border_background(volume: np.ndarray, *, width: int = 2) -> float:
 
 
 def _bead_centre(volume: np.ndarray, *, radius: Sequence[int]) -> np.ndarray:
-    """Sub-voxel centre of the brightest blob: centre of mass in a box around the smoothed peak.
+    """Sub-voxel position of the bead's peak: the smoothed maximum refined by a Gaussian fit per axis.
+
+    The peak, not the centre of mass: an aberrated PSF is asymmetric along z, and its centre of mass
+    lies up to a voxel away from the focus that the bundle's PSF convention puts at ``s // 2``.
+    The maximum is found on a smoothed copy (a hot pixel is not the bead); the refinement fits a
+    parabola to the logarithm of the three raw values around it along each axis (exact for a
+    Gaussian peak, 0 for a symmetric one; smoothing would pull it towards the heavier side of an
+    asymmetric peak).
 
     Args:
         volume: ``(Z, Y, X)`` background-subtracted, non-negative stack.
-        radius: half-size of the box in voxels along each axis.
+        radius: kept for the signature (box half-size in voxels); the fit uses the 3 voxels around
+            the maximum.
 
     Returns:
         ``(z, y, x)`` centre in voxel coordinates.
     """
+    del radius
     smoothed = ndimage.gaussian_filter(volume, sigma=1.0)  # a hot pixel is not the bead
     peak = np.unravel_index(int(np.argmax(smoothed)), volume.shape)
-    box = tuple(
-        slice(max(p - r, 0), min(p + r + 1, n)) for p, r, n in zip(peak, radius, volume.shape, strict=True)
-    )
-    com = ndimage.center_of_mass(volume[box])
-    return np.array([b.start + c for b, c in zip(box, com, strict=True)], dtype=np.float64)
+    centre = np.array(peak, dtype=np.float64)
+    for axis, p in enumerate(peak):
+        if not 0 < p < volume.shape[axis] - 1:
+            continue  # peak on the stack's face: no neighbour on one side
+        index = list(peak)
+        values = []
+        for q in (p - 1, p, p + 1):
+            index[axis] = q
+            values.append(float(volume[tuple(index)]))
+        if min(values) <= 0:
+            continue
+        lm, l0, lp = np.log(values)
+        curvature = lm - 2.0 * l0 + lp
+        if curvature < 0:
+            centre[axis] += float(np.clip(0.5 * (lm - lp) / curvature, -0.5, 0.5))
+    return centre
+
+
+def _resample(stack: np.ndarray, grid: list[np.ndarray]) -> np.ndarray:
+    """Cubic-spline samples of ``stack`` at ``grid``; where the spline undershoots below 0, linear ones.
+
+    A cubic spline overshoots next to a sharp peak (the dark rings of a well-sampled PSF are near 0),
+    and clipping that overshoot punched zero holes next to the centre; linear interpolation of a
+    non-negative stack is non-negative, so it fills those voxels instead. At integer positions both
+    return the stack's own values (an integer shift is exact).
+    """
+    cubic = ndimage.map_coordinates(stack, grid, order=3, mode="constant", cval=0.0)
+    negative = cubic < 0
+    if np.any(negative):
+        linear = ndimage.map_coordinates(stack, [g[negative] for g in grid], order=1, mode="constant", cval=0.0)
+        cubic[negative] = linear
+    return cubic
 
 
 def load_measured_psf(
@@ -69,7 +105,8 @@ def load_measured_psf(
     the border voxels) and clip negatives to 0; find the brightest blob's centre (centre of mass in a
     box around the smoothed peak); then sample the stack on a ``shape`` grid of ``target_voxel_size``
     whose voxel ``s // 2`` is that centre, by cubic-spline interpolation
-    (``scipy.ndimage.map_coordinates``). Doing centring (sub-voxel shift), resampling (zoom) and
+    (``scipy.ndimage.map_coordinates``; linear where the spline would undershoot below 0, so no
+    zero holes appear next to the centre, :func:`_resample`). Doing centring (sub-voxel shift), resampling (zoom) and
     central crop/pad in this single interpolation avoids smoothing the PSF twice and keeps the centre
     exact; outside the measured stack the PSF is 0. Finally clip negatives (spline overshoot) and
     normalise to sum 1. This is the fix for "the PSF voxel size does not match the image".
@@ -134,8 +171,7 @@ def load_measured_psf(
         ],
         indexing="ij",
     )
-    psf = ndimage.map_coordinates(stack, grid, order=3, mode="constant", cval=0.0)
-    psf = np.clip(psf, 0.0, None)
+    psf = np.clip(_resample(stack, grid), 0.0, None)
     total = psf.sum()
     if not total > 0:
         raise VolumeError(

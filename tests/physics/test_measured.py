@@ -94,3 +94,40 @@ def test_stack_without_bead_raises(tmp_path):
     path = save_volume(tmp_path / "noise.tif", noise, voxel_size=SOURCE_VOXEL)
     with pytest.raises(VolumeError, match=r"noise.tif: nothing above the background \(80.0\)"):
         load_measured_psf(path, target_voxel_size=SOURCE_VOXEL, shape=(5, 5, 5), background=80.0)
+
+
+def _vectorial_bead(tmp_path, *, shift=(0, 0, 0), n_sample=1.515, seed=None):
+    """An aberrated (n_sample != immersion) vectorial bead, peak at voxel 24 + shift, peak 15000 over 100."""
+    psfmodels = pytest.importorskip("psfmodels")
+    zv = (np.arange(64) - 32) * 0.1
+    params = {"NA": 1.4, "ni": 1.515, "ni0": 1.515, "ns": n_sample}
+    raw = np.asarray(psfmodels.vectorial_psf(zv=zv, nx=65, dxy=0.1, pz=1.0, wvl=0.52, params=params))
+    peak = np.unravel_index(np.argmax(raw), raw.shape)
+    start = [p - 24 - s for p, s in zip(peak, shift, strict=True)]
+    raw = raw[tuple(slice(a, a + 48) for a in start)]
+    stack = raw / raw.max() * 15000.0 + 100.0
+    if seed is not None:
+        stack = np.random.default_rng(seed).poisson(stack)
+    path = save_volume(tmp_path / f"bead_{shift}_{seed}.tif", stack.astype(np.float32), voxel_size=(0.1, 0.1, 0.1))
+    crop = tuple(slice(24 + s - 15, 24 + s + 16) for s in shift)
+    return path, np.clip(raw[crop], 0, None)
+
+
+def test_an_already_centred_aberrated_bead_keeps_its_kernel(tmp_path):
+    """The centre is the peak, not the centre of mass (0.988 for an aberrated bead): re-centring keeps the kernel."""
+    from bundle.physics.psf import psf_correlation
+
+    path, raw = _vectorial_bead(tmp_path, n_sample=1.38, seed=0)
+    psf = load_measured_psf(path, target_voxel_size=(0.1, 0.1, 0.1), shape=(31, 31, 31))
+    assert psf_correlation(psf, raw) >= 0.99
+    assert np.unravel_index(np.argmax(psf), psf.shape) == (15, 15, 15)
+    near = np.abs(np.indices(psf.shape) - 15).max(axis=0) <= 3
+    assert np.all(psf[near] > 0)  # no holes next to the centre
+
+
+def test_a_known_shift_is_recovered_exactly(tmp_path):
+    centred, _ = _vectorial_bead(tmp_path)
+    shifted, _ = _vectorial_bead(tmp_path, shift=(3, -4, 5))
+    a = load_measured_psf(centred, target_voxel_size=(0.1, 0.1, 0.1), shape=(31, 31, 31), background=100.0)
+    b = load_measured_psf(shifted, target_voxel_size=(0.1, 0.1, 0.1), shape=(31, 31, 31), background=100.0)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
