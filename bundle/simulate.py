@@ -1,4 +1,4 @@
-"""Simulated datasets: synthetic microtubule networks seen through a widefield microscope.
+"""Simulated datasets: synthetic phantoms (microtubules, or vesicles) seen through a widefield microscope.
 
 The paper's simulation (Sec. IV-A): random filament networks blurred by a Born & Wolf PSF
 (NA 1.4, n_i 1.5, λ 500 nm, 100 nm voxels, 31³ kernel) with Gaussian then Poisson noise at an
@@ -22,12 +22,15 @@ from tqdm.auto import tqdm
 
 from bundle.io import save_volume
 from bundle.physics.forward import simulate_acquisition
-from bundle.physics.phantom import microtubule_phantom
+from bundle.physics.phantom import PHANTOM_MODELS, make_phantom
 from bundle.physics.psf import make_psf
 
 __all__ = ["SimulateDataset"]
 
 logger = logging.getLogger(__name__)
+
+# parameters added after the first datasets were made, with the value those datasets used
+_ADDED_DEFAULTS: dict[str, Any] = {"phantom_model": "microtubules", "n_sample": None, "psf_depth": 0.0}
 
 
 class SimulateDataset:
@@ -57,6 +60,9 @@ class SimulateDataset:
         n_val: validation volumes.
         n_test: test volumes.
         psf_model: ``"born_wolf"`` (the paper's eq. 23), ``"vectorial"``, ``"scalar"`` or ``"gaussian"``.
+        n_sample: sample refractive index of the ``psfmodels`` PSFs (None: the immersion index).
+        psf_depth: source depth below the coverslip in µm for the ``psfmodels`` PSFs; with
+            ``n_sample`` != ``n_immersion`` it adds the spherical aberration of the mismatch.
         psf_shape: kernel size ``(Z, Y, X)``.
         na: numerical aperture.
         n_immersion: refractive index of the immersion medium.
@@ -64,7 +70,10 @@ class SimulateDataset:
         voxel_size: ``(z, y, x)`` in µm.
         snr_db: target average SNR in dB of the blurred volumes; ``None`` for noise-free.
         poisson_fraction: share of the noise power that is Poisson (the rest Gaussian).
-        phantom: extra keyword arguments of :func:`bundle.physics.phantom.microtubule_phantom`.
+        phantom_model: structure family, a key of :data:`bundle.physics.phantom.PHANTOM_MODELS`
+            (``"microtubules"``, the paper's; ``"vesicles"``: shells and puncta, an independent test domain).
+        phantom: extra keyword arguments of the phantom function (e.g.
+            :func:`bundle.physics.phantom.microtubule_phantom`).
         seed: seed of everything random; the same seed gives the same dataset.
         overwrite: replace an existing dataset made with other parameters.
         progress: show a progress bar.
@@ -88,11 +97,18 @@ class SimulateDataset:
         poisson_fraction: float = 0.5,
         phantom: dict[str, Any] | None = None,
         seed: int = 0,
+        phantom_model: str = "microtubules",
+        n_sample: float | None = None,
+        psf_depth: float = 0.0,
         overwrite: bool = False,
         progress: bool = True,
     ) -> None:
         if min(n_train, n_val, n_test) < 0 or n_train < 1:
             raise ValueError(f"need n_train >= 1 and n_val, n_test >= 0, got {n_train}, {n_val}, {n_test}")
+        if phantom_model not in PHANTOM_MODELS:
+            raise ValueError(f"unknown phantom_model {phantom_model!r}; choose one of {sorted(PHANTOM_MODELS)}")
+        if (n_sample is not None or psf_depth) and psf_model not in ("vectorial", "scalar"):
+            raise ValueError(f"n_sample and psf_depth apply to the psfmodels PSFs (vectorial, scalar), not {psf_model!r}")
         self.dataset_dir = Path(dataset_dir)
         self.params: dict[str, Any] = {
             "shape": [int(s) for s in shape],
@@ -110,6 +126,9 @@ class SimulateDataset:
             "poisson_fraction": float(poisson_fraction),
             "phantom": dict(phantom or {}),
             "seed": int(seed),
+            "phantom_model": phantom_model,
+            "n_sample": None if n_sample is None else float(n_sample),
+            "psf_depth": float(psf_depth),
         }
         self.overwrite = overwrite
         self.progress = progress
@@ -120,6 +139,8 @@ class SimulateDataset:
         kwargs: dict[str, Any] = {"shape": p["psf_shape"], "voxel_size": p["voxel_size"]}
         if p["psf_model"] != "gaussian":
             kwargs.update(na=p["na"], n_immersion=p["n_immersion"], wavelength=p["wavelength"])
+        if p["psf_model"] in ("vectorial", "scalar"):
+            kwargs.update(n_sample=p["n_sample"], depth=p["psf_depth"])
         return make_psf(p["psf_model"], **kwargs)
 
     def _existing_params(self) -> dict | None:
@@ -127,9 +148,11 @@ class SimulateDataset:
         if not manifest.is_file():
             return None
         try:
-            return json.loads(manifest.read_text()).get("parameters")
+            params = json.loads(manifest.read_text()).get("parameters")
         except (OSError, json.JSONDecodeError):
             return None
+        # datasets made before a parameter existed were made with its default
+        return None if params is None else {**_ADDED_DEFAULTS, **params}
 
     def run(self) -> dict[str, Any]:
         """Simulate and write the dataset; returns the manifest (also written as ``dataset.json``)."""
@@ -176,7 +199,7 @@ class SimulateDataset:
             list(zip(jobs, seeds)), desc="simulating", disable=not self.progress, unit="vol"
         ):
             rng = np.random.default_rng(ss)
-            sharp = microtubule_phantom(shape=tuple(shape), seed=rng, **p["phantom"])
+            sharp = make_phantom(p["phantom_model"], shape=tuple(shape), seed=rng, **p["phantom"])
             record: dict[str, Any] = {"split": split}
             if kind == "sharp":
                 record["sharp"] = self._save(root, f"train/sharp/sharp_{i:03d}.tif", sharp, voxel)
@@ -197,7 +220,7 @@ class SimulateDataset:
             records.append(record)
         snrs = [r["noise"]["average_snr_db"] for r in records if r.get("noise", {}).get("average_snr_db") is not None]
         manifest = {
-            "description": "simulated widefield microscopy of synthetic microtubule networks (bundle.simulate)",
+            "description": f"simulated widefield microscopy of synthetic {p['phantom_model']} phantoms (bundle.simulate)",
             "axes": "ZYX",
             "voxel_size_um": list(voxel),
             "psf": "psf.tif",

@@ -54,7 +54,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     import bundle.simulate as sim
 
     calls = {"n": 0}
-    real = sim.microtubule_phantom
+    real = sim.make_phantom
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -62,10 +62,37 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sim, "microtubule_phantom", failing)
+    monkeypatch.setattr(sim, "make_phantom", failing)
     with pytest.raises(KeyboardInterrupt):
         SimulateDataset(str(tmp_path / "data"), shape=(16, 32, 32), n_train=2, psf_shape=(7, 7, 7), progress=False).run()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vesicle_domain_with_an_aberrated_vectorial_psf(tmp_path):
+    pytest.importorskip("psfmodels")
+    kw = dict(shape=(16, 48, 48), n_train=1, n_val=1, n_test=0, psf_shape=(15, 15, 15), seed=5, progress=False,
+              phantom_model="vesicles", psf_model="vectorial", n_immersion=1.515, n_sample=1.33, psf_depth=2.0)
+    manifest = SimulateDataset(str(tmp_path / "v"), **kw).run()
+    assert manifest["parameters"]["phantom_model"] == "vesicles" and "vesicles" in manifest["description"]
+    psf, _ = load_volume(tmp_path / "v/psf.tif")
+    axial = psf[:, 7, 7]
+    assert np.argmax(axial) == 7 and np.abs(axial - axial[::-1]).max() > 0.1 * axial.max()  # aberrated
+    with pytest.raises(ValueError, match="phantom_model"):
+        SimulateDataset(str(tmp_path / "w"), phantom_model="beads")
+    with pytest.raises(ValueError, match="psf_depth"):
+        SimulateDataset(str(tmp_path / "w"), psf_model="born_wolf", psf_depth=2.0)
+
+
+def test_a_dataset_made_before_the_new_parameters_is_kept(tmp_path):
+    kw = dict(shape=(16, 32, 32), n_train=1, n_val=0, n_test=0, psf_shape=(7, 7, 7), seed=2, progress=False)
+    SimulateDataset(str(tmp_path / "a"), **kw).run()
+    manifest = json.loads((tmp_path / "a/dataset.json").read_text())
+    for key in ("phantom_model", "n_sample", "psf_depth"):
+        del manifest["parameters"][key]
+    (tmp_path / "a/dataset.json").write_text(json.dumps(manifest))
+    before = (tmp_path / "a/psf.tif").stat().st_mtime_ns
+    SimulateDataset(str(tmp_path / "a"), **kw).run()
+    assert (tmp_path / "a/psf.tif").stat().st_mtime_ns == before
 
 
 def test_same_seed_same_data(tmp_path):

@@ -289,6 +289,7 @@ def _psfmodels_psf(
     wavelength: float,
     voxel_size: Sequence[float],
     n_sample: float | None,
+    depth: float = 0.0,
 ) -> np.ndarray:
     import psfmodels  # local: only these two models need it
 
@@ -305,9 +306,16 @@ def _psfmodels_psf(
     params = {"NA": float(na), "ni": n_i, "ni0": n_i, "ng": n_i, "ng0": n_i, "ns": ns}
     m = max(ny, nx)
     m += 1 - m % 2  # psfmodels needs an odd lateral size; crop afterwards
-    zv = (np.arange(nz) - nz // 2) * dz
+    if not (math.isfinite(depth) and depth >= 0):
+        raise ValueError(f"depth (of the source below the coverslip, µm) must be >= 0, got {depth}")
     fn = psfmodels.vectorial_psf if kind == "vectorial" else psfmodels.scalar_psf
-    psf = np.asarray(fn(zv=zv, nx=m, dxy=dy, pz=0.0, wvl=float(wavelength), params=params, normalize=False))
+    focus = 0.0
+    if depth > 0:  # the refractive-index mismatch moves the intensity peak: find it on the axis
+        scan = np.arange(-3.0, 1.5 * depth + 3.0, min(dz, 0.1) / 4)
+        axial = np.asarray(fn(zv=scan, nx=1, dxy=dy, pz=float(depth), wvl=float(wavelength), params=params, normalize=False))
+        focus = float(scan[int(np.argmax(axial.reshape(len(scan), -1)[:, 0]))])
+    zv = focus + (np.arange(nz) - nz // 2) * dz
+    psf = np.asarray(fn(zv=zv, nx=m, dxy=dy, pz=float(depth), wvl=float(wavelength), params=params, normalize=False))
     psf = psf.reshape(nz, m, m)
     y0, x0 = m // 2 - ny // 2, m // 2 - nx // 2  # keeps the focus at s // 2 for even sizes
     return _normalise(psf[:, y0 : y0 + ny, x0 : x0 + nx])
@@ -320,11 +328,15 @@ def vectorial_psf(
     wavelength: float = 0.5,
     voxel_size: Sequence[float] = (0.1, 0.1, 0.1),
     n_sample: float | None = None,
+    depth: float = 0.0,
 ) -> np.ndarray:
     """Vectorial (Richards & Wolf / Gibson-Lanni) PSF from ``psfmodels`` (Aguet et al. 2009).
 
     The paper's generalisation-test PSF. Coverslip and sample indices default to the immersion
     index and the source sits at the coverslip, so the PSF is aberration-free and symmetric in z.
+    A source ``depth`` µm below the coverslip in a sample of another index (``n_sample``) gives the
+    spherical aberration of a refractive-index mismatch; the intensity peak (shifted along z by the
+    mismatch) is then put at ``s // 2``.
     ``psfmodels`` integrates over pixels (3x oversampling) and needs odd, square lateral sizes:
     the PSF is computed on an odd square grid and cropped so its focus is at ``s // 2``.
 
@@ -335,11 +347,12 @@ def vectorial_psf(
         wavelength: emission wavelength, micrometres.
         voxel_size: ``(z, y, x)`` micrometres; ``y`` must equal ``x``.
         n_sample: sample refractive index; ``None`` = ``n_immersion``.
+        depth: source depth below the coverslip, µm (>= 0); aberrated when ``n_sample`` differs.
 
     Returns:
         ``(Z, Y, X)`` float32 array, non-negative, sum 1.
     """
-    return _psfmodels_psf("vectorial", shape, na, n_immersion, wavelength, voxel_size, n_sample)
+    return _psfmodels_psf("vectorial", shape, na, n_immersion, wavelength, voxel_size, n_sample, depth)
 
 
 def scalar_psf(
@@ -349,6 +362,7 @@ def scalar_psf(
     wavelength: float = 0.5,
     voxel_size: Sequence[float] = (0.1, 0.1, 0.1),
     n_sample: float | None = None,
+    depth: float = 0.0,
 ) -> np.ndarray:
     """Scalar non-paraxial Gibson-Lanni PSF from ``psfmodels``; same arguments as :func:`vectorial_psf`.
 
@@ -358,7 +372,7 @@ def scalar_psf(
     Returns:
         ``(Z, Y, X)`` float32 array, non-negative, sum 1.
     """
-    return _psfmodels_psf("scalar", shape, na, n_immersion, wavelength, voxel_size, n_sample)
+    return _psfmodels_psf("scalar", shape, na, n_immersion, wavelength, voxel_size, n_sample, depth)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,3 +99,31 @@ def test_bad_parameters_raise(kwargs, match):
     kwargs.setdefault("shape", (8, 16, 16))
     with pytest.raises(ValueError, match=match):
         microtubule_phantom(**kwargs)
+
+
+def test_vesicles_are_shells_and_spots_with_dim_ones():
+    from bundle.physics.phantom import vesicle_phantom
+
+    vol = vesicle_phantom((32, 96, 96), seed=0)
+    assert vol.shape == (32, 96, 96) and vol.dtype == np.float32
+    assert vol.min() >= 0 and vol.max() <= 1
+    np.testing.assert_array_equal(vol, vesicle_phantom((32, 96, 96), seed=0))
+    assert 0.002 < (vol > 0.25).mean() < 0.06
+    # a lone shell is hollow: bright wall at the radius, dark centre
+    shell = vesicle_phantom((32, 64, 64), n_vesicles=1, n_puncta=0, radius_range=(8, 8), intensity_range=(1, 1), seed=3)
+    centre = np.array(ndimage.center_of_mass(shell))
+    c = tuple(int(round(v)) for v in centre)
+    assert shell[c] < 0.05 * shell.max()
+    # log-uniform intensities: many structures are dim (peak below 30 % of the brightest possible)
+    spots = vesicle_phantom((32, 96, 96), n_vesicles=0, n_puncta=60, seed=4)
+    labels, count = ndimage.label(spots > 0.02)
+    peaks = ndimage.maximum(spots, labels, range(1, count + 1))
+    assert count > 30 and np.mean(np.asarray(peaks) < 0.3) > 0.3
+
+
+def test_make_phantom_names_the_families():
+    from bundle.physics.phantom import make_phantom
+
+    assert make_phantom("vesicles", shape=(8, 16, 16), seed=0).shape == (8, 16, 16)
+    with pytest.raises(ValueError, match="microtubules"):
+        make_phantom("beads", shape=(8, 16, 16))

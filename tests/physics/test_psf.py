@@ -225,3 +225,21 @@ def test_other_bad_parameters_raise():
         born_wolf_psf_torch(1.2, axial_scale=0.0)
     with pytest.raises(ValueError, match="na"):
         born_wolf_psf_torch(torch.tensor(1.6, requires_grad=True))
+
+
+def test_vectorial_psf_with_index_mismatch_is_aberrated_and_peaks_at_the_centre():
+    pytest.importorskip("psfmodels")
+    from bundle.physics.psf import psf_correlation, vectorial_psf
+
+    free = vectorial_psf((31, 31, 31), na=1.4, n_immersion=1.515, wavelength=0.52)
+    deep = vectorial_psf((31, 31, 31), na=1.4, n_immersion=1.515, wavelength=0.52, n_sample=1.33, depth=2.0)
+    assert np.unravel_index(np.argmax(deep), deep.shape) == (15, 15, 15)
+    assert deep.sum() == pytest.approx(1.0, abs=1e-5)
+    assert deep.max() < 0.8 * free.max()  # spherical aberration spreads the focus
+    axial = deep[:, 15, 15]
+    assert np.abs(axial - axial[::-1]).max() > 0.1 * axial.max()  # no longer symmetric in z (0.19 measured)
+    free_axial = free[:, 15, 15]
+    assert np.abs(free_axial - free_axial[::-1]).max() < 0.01 * free_axial.max()  # control: symmetric
+    assert psf_correlation(deep, free) < 0.95
+    with pytest.raises(ValueError, match="depth"):
+        vectorial_psf((9, 9, 9), depth=-1.0)
