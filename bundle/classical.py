@@ -67,13 +67,18 @@ class _SpectralBlur:
         centre = tuple(s // 2 for s in k)
         self.shape = n
         self.pad_mode = pad_mode
-        self.fft_shape = fast_fft_shape([a + b - 1 for a, b in zip(n, k, strict=True)])
         if pad_mode == "zeros":
+            # the circular wrap of an FFT of size N leaves a 'same' convolution intact when
+            # N >= n + max(c, k - 1 - c) (not n + k - 1): ~half the voxels of the full size for a 31³ PSF
+            self.fft_shape = fast_fft_shape(
+                [max(kk, a + max(c, kk - 1 - c)) for a, kk, c in zip(n, k, centre, strict=True)]
+            )
             self.fwd_pads: list[int] = []
             self.adj_pads: list[int] = []
             self.fwd_offset = (0, 0, 0)
             self.adj_offset = (0, 0, 0)
         else:
+            self.fft_shape = fast_fft_shape([a + b - 1 for a, b in zip(n, k, strict=True)])
             # forward needs voxels i - (k-1-c) .. i + c of the extended volume; the adjoint the mirror
             self.fwd_pads = [
                 p for kk, c in zip(reversed(k), reversed(centre), strict=True) for p in (kk - 1 - c, c)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,5 +70,7 @@ def test_quick_benchmark_writes_report(tmp_path):
     assert all(0 < row["peak_live_bytes"] for row in data["train"].values())
     assert data["psf"]["fixed_cache_max_abs_diff"] < 1e-5
     assert data["inference"]["reference"]["mvoxel_per_s"] > 0
+    rl = data["rl"]
+    assert rl["speedup_vs_skimage"] > 0 and np.isfinite(rl["psnr_db"]) and np.isfinite(rl["skimage_psnr_db"])
     report = (tmp_path / "benchmark.md").read_text()
-    assert "Against the targets" in report and "out-of-core" in report
+    assert "Against the targets" in report and "out-of-core" in report and "scikit-image" in report
