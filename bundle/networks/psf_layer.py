@@ -67,7 +67,12 @@ class PSFLayer(nn.Module):
       :func:`bundle.physics.psf.born_wolf_psf_torch`) with a learned NA (kept in
       ``(0, n_immersion)`` by ``na = n_immersion · sigmoid(θ)``) and optionally learned wavelength,
       axial scale and defocus; recomputed (≈ms) at each forward;
-    - ``"fixed"``: a non-trainable buffer (the paper's non-blind mode).
+    - ``"fixed"``: a non-trainable buffer (the paper's non-blind mode);
+    - a kernel module (``kernel=``, which replaces ``parameterization``): any ``nn.Module`` whose
+      ``forward()`` returns the ``(Z, Y, X)`` kernel, e.g. the vectorial high-NA model with a learned
+      NA and spherical aberration (:class:`bundle.physics.pupil.VectorialPSFKernel`), built in a
+      config by its own ``_target_``; its parameters are the layer's kernel parameters (the
+      layer's ``parameterization`` attribute then reads ``"module"``).
 
     ``init`` sets the starting kernel of the free, constrained and fixed modes (Gaussian of
     ``init_fwhm``, Born & Wolf or vectorial at ``na``, or a file); the parametric mode always
@@ -103,6 +108,11 @@ class PSFLayer(nn.Module):
         learn_offset: make ``offset`` a trainable parameter (else a buffer).
         pad_mode: boundary model of the convolution (``"zeros"``, ``"reflect"``, ``"replicate"``,
             ``"circular"``).
+        kernel: a kernel module (``forward()`` → ``(Z, Y, X)`` tensor of size ``kernel_size``) used
+            instead of the built-in parameterisations; then ``parameterization`` must be left at its
+            default, and ``init``, ``na``, ``wavelength``, ``axial_scale``, ``defocus`` and the
+            ``learn_*`` flags of the kernel are not used. A module with ``shape`` / ``voxel_size``
+            attributes must agree with ``kernel_size`` / ``voxel_size``.
 
     Example::
 
@@ -111,6 +121,8 @@ class PSFLayer(nn.Module):
         >>> h = blur.kernel()  # (31, 31, 31), sum 1
         >>> opt = torch.optim.Adam([{"params": blur.kernel_parameters(), "lr": 2e-2},
         ...                         {"params": blur.scale_parameters(), "lr": 1e-3}])
+        >>> from bundle.physics.pupil import VectorialPSFKernel
+        >>> vectorial = PSFLayer(kernel_size=(31, 31, 31), kernel=VectorialPSFKernel((31, 31, 31), na=1.2))
     """
 
     def __init__(
@@ -135,6 +147,7 @@ class PSFLayer(nn.Module):
         learn_gain: bool = True,
         learn_offset: bool = True,
         pad_mode: str = "zeros",
+        kernel: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
@@ -157,25 +170,37 @@ class PSFLayer(nn.Module):
             )
         if not n_immersion >= 1.0:
             raise ValueError(f"n_immersion must be a refractive index >= 1, got {n_immersion}")
-        uses_optics = parameterization == "parametric" or init in ("born_wolf", "vectorial")
+        if kernel is not None:
+            if parameterization != "parametric":
+                raise ValueError(
+                    f"kernel= replaces parameterization; leave parameterization at its default, got "
+                    f"{parameterization!r} with kernel {type(kernel).__name__}"
+                )
+            parameterization = "module"
+            self._check_kernel_module(kernel, ks, vs)
+        uses_optics = parameterization == "parametric" or (
+            parameterization != "module" and init in ("born_wolf", "vectorial")
+        )
         if uses_optics and not 0.0 < na < n_immersion:
             raise ValueError(f"na must satisfy 0 < na < n_immersion ({n_immersion}), got na={na}")
         if uses_optics and not wavelength > 0:
             raise ValueError(f"wavelength must be positive (µm), got {wavelength}")
         if parameterization == "parametric" and not axial_scale > 0:
             raise ValueError(f"axial_scale must be positive, got {axial_scale}")
-        if parameterization != "parametric" and init == "file" and not psf_file:
+        if parameterization not in ("parametric", "module") and init == "file" and not psf_file:
             raise ValueError("init='file' needs psf_file (a PSF stack, e.g. a TIFF)")
 
         self.kernel_size = ks
         self.parameterization = parameterization
-        self.init = init if parameterization != "parametric" else "born_wolf"
+        self.init = {"parametric": "born_wolf", "module": "module"}.get(parameterization, init)
         self.voxel_size = vs
-        self.n_immersion = float(n_immersion)
+        self.n_immersion = float(getattr(kernel, "n_immersion", n_immersion))
         self.pad_mode = pad_mode
         self.psf_file = psf_file
 
-        if parameterization == "parametric":
+        if kernel is not None:
+            self.kernel_module = kernel
+        elif parameterization == "parametric":
             # unconstrained raw values: na = n_i sigmoid(θ), wavelength = exp(θ), axial_scale = exp(θ)
             self._register("na_raw", math.log(na / (n_immersion - na)), learn_na)
             self._register("wavelength_raw", math.log(wavelength), learn_wavelength)
@@ -246,6 +271,17 @@ class PSFLayer(nn.Module):
             )
         return (psf / total).astype(np.float32)
 
+    @staticmethod
+    def _check_kernel_module(kernel: nn.Module, ks: tuple[int, ...], vs: tuple[float, ...]) -> None:
+        if not isinstance(kernel, nn.Module):
+            raise TypeError(f"kernel must be an nn.Module returning the (Z, Y, X) kernel, got {type(kernel)}")
+        shape = getattr(kernel, "shape", None)
+        if shape is not None and tuple(int(s) for s in shape) != ks:
+            raise ValueError(f"kernel module's shape {tuple(shape)} differs from kernel_size {ks}")
+        kvs = getattr(kernel, "voxel_size", None)
+        if kvs is not None and not np.allclose(tuple(float(v) for v in kvs), vs, rtol=1e-6):
+            raise ValueError(f"kernel module's voxel_size {tuple(kvs)} µm differs from voxel_size {vs} µm")
+
     # ------------------------------------------------------------------------------------------
     @property
     def na(self) -> torch.Tensor:
@@ -272,8 +308,16 @@ class PSFLayer(nn.Module):
 
         Returns:
             ``(Z, Y, X)`` float32 tensor (differentiable w.r.t. the kernel parameters); sums to one
-            except in the "free" mode.
+            except in the "free" mode (and as the kernel module makes it).
         """
+        if self.parameterization == "module":
+            h = self.kernel_module()
+            if tuple(h.shape) != self.kernel_size:
+                raise ValueError(
+                    f"{type(self.kernel_module).__name__} returned a kernel of shape {tuple(h.shape)}, "
+                    f"expected kernel_size {self.kernel_size}"
+                )
+            return h
         if self.parameterization == "free":
             return self.weight
         if self.parameterization == "constrained":
@@ -356,6 +400,8 @@ class PSFLayer(nn.Module):
     # ------------------------------------------------------------------------------------------
     def kernel_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters that shape the kernel (for their own optimiser group / learning rate)."""
+        if self.parameterization == "module":
+            return iter(list(self.kernel_module.parameters()))
         names = {
             "free": ("weight",),
             "constrained": ("logits",),
@@ -372,8 +418,11 @@ class PSFLayer(nn.Module):
 
     def physical_parameters(self) -> dict[str, float]:
         """Current ``na``, ``wavelength`` (µm), ``axial_scale``, ``defocus`` (µm) (parametric only),
-        ``gain`` and ``offset``, as plain floats."""
+        the kernel module's ``physical_parameters()`` (if it has them), ``gain`` and ``offset``, as
+        plain floats."""
         out: dict[str, float] = {}
+        if self.parameterization == "module" and hasattr(self.kernel_module, "physical_parameters"):
+            out.update(self.kernel_module.physical_parameters())
         if self.parameterization == "parametric":
             for name in ("na", "wavelength", "axial_scale", "defocus"):
                 out[name] = float(getattr(self, name).detach().cpu())
@@ -446,7 +495,8 @@ class PSFLayer(nn.Module):
             tif_path: output TIFF (ImageJ, with the voxel size).
             json_path: output JSON; default ``tif_path`` with suffix ``.json``. It holds
                 ``physical_parameters``, ``kernel_size``, ``parameterization``, ``init``,
-                ``voxel_size``, ``n_immersion`` and ``pad_mode``.
+                ``voxel_size``, ``n_immersion``, ``pad_mode`` and, with a kernel module, its class
+                as ``kernel_module`` (``"bundle.physics.pupil.VectorialPSFKernel"``).
 
         Returns:
             ``(tif_path, json_path)`` as written.
@@ -467,12 +517,16 @@ class PSFLayer(nn.Module):
             "pad_mode": self.pad_mode,
             "kernel_sum": float(h.sum()),
         }
+        if self.parameterization == "module":
+            cls = type(self.kernel_module)
+            info["kernel_module"] = f"{cls.__module__}.{cls.__qualname__}"
         atomic_write_text(json_path, json.dumps(info, indent=2))
         return tif_path, json_path
 
     def extra_repr(self) -> str:
+        init = f"init={self.init!r}, " if self.parameterization != "module" else ""  # a module prints itself
         return (
-            f"kernel_size={self.kernel_size}, parameterization={self.parameterization!r}, init={self.init!r}, "
+            f"kernel_size={self.kernel_size}, parameterization={self.parameterization!r}, {init}"
             f"voxel_size={self.voxel_size}, pad_mode={self.pad_mode!r}"
         )
 

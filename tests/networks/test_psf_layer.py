@@ -198,3 +198,148 @@ def test_bad_arguments(kwargs, match):
 def test_na_outside_range_is_fine_when_unused():
     layer = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed", init="gaussian", na=1.6)
     assert math.isclose(layer.kernel().sum().item(), 1.0, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# a kernel module (the vectorial PSF of bundle.physics.pupil) instead of a parameterization
+# ----------------------------------------------------------------------------------------------
+def _vectorial_layer(na=1.2, residual=False, **kwargs):
+    from bundle.physics.pupil import VectorialPSFKernel
+
+    kernel = VectorialPSFKernel(
+        (9, 9, 9), na=na, n_immersion=1.515, wavelength=0.52, learn=("na", "spherical"), residual=residual
+    )
+    return PSFLayer(kernel_size=(9, 9, 9), n_immersion=1.515, kernel=kernel, **kwargs)
+
+
+def test_kernel_module_forward_and_parameters():
+    layer = _vectorial_layer(gain=2.0, offset=0.1)
+    h = layer.kernel()
+    assert h.shape == (9, 9, 9) and h.dtype == torch.float32
+    assert h.sum().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(h, layer.kernel_module())
+    x = torch.rand(2, 1, 12, 10, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), 2.0 * _conv3d_reference(x, h) + 0.1, rtol=0, atol=1e-5)
+    kernel_params = list(layer.kernel_parameters())
+    assert {id(p) for p in kernel_params} == {id(p) for p in layer.kernel_module.parameters()}
+    assert len(kernel_params) == 2 and len(list(layer.scale_parameters())) == 2
+    assert len(list(layer.parameters())) == 4
+    layer(x).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in kernel_params)
+    assert layer.kernel_module.na_raw.grad.abs() > 0
+    params = layer.physical_parameters()
+    assert params["na"] == pytest.approx(1.2, abs=1e-6) and params["gain"] == pytest.approx(2.0)
+    assert {"spherical", "wavelength", "offset"} <= set(params)
+    assert layer.parameterization == "module" and "VectorialPSFKernel" in repr(layer)
+
+
+def test_kernel_module_fit_moves_na_toward_truth():
+    from bundle.physics.psf import vectorial_psf
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 20, 20, 20)
+    h_true = torch.from_numpy(vectorial_psf((9, 9, 9), na=1.35, n_immersion=1.515, wavelength=0.52))
+    y = _conv3d_reference(x, h_true)
+    layer = _vectorial_layer(na=1.2, learn_gain=False, learn_offset=False)
+    opt = torch.optim.Adam(layer.kernel_parameters(), lr=2e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        (layer(x) - y).pow(2).mean().backward()
+        opt.step()
+    na = layer.physical_parameters()["na"]
+    assert abs(na - 1.35) < 0.03, na  # measured 1.338
+
+
+def test_kernel_module_state_dict_round_trip(tmp_path):
+    layer = _vectorial_layer(na=1.3, residual=True)
+    with torch.no_grad():
+        layer.kernel_module.spherical_raw.fill_(0.05)
+        layer.gain.fill_(3.0)
+    layer.kernel_module.release_residual()
+    path = tmp_path / "blur.pt"
+    torch.save(layer.state_dict(), path)
+    assert {"kernel_module.na_raw", "kernel_module.residual_logits", "gain"} <= set(layer.state_dict())
+    other = _vectorial_layer(na=1.0, residual=True)
+    other.load_state_dict(torch.load(path))
+    assert other.kernel_module.released
+    torch.testing.assert_close(other.kernel(), layer.kernel())
+    assert other.physical_parameters() == pytest.approx(layer.physical_parameters())
+
+
+def test_kernel_module_residual_frozen_until_released():
+    torch.manual_seed(0)
+    layer = _vectorial_layer(residual=True, learn_gain=False, learn_offset=False)
+    logits = layer.kernel_module.residual_logits
+    assert any(p is logits for p in layer.kernel_parameters())  # in the optimizer from the start
+    opt = torch.optim.Adam(layer.kernel_parameters(), lr=5e-2)
+    x, y = torch.rand(1, 1, 12, 12, 12), torch.rand(1, 1, 12, 12, 12)
+    before = logits.detach().clone()
+    optical = layer.kernel_module.optical_kernel()
+
+    def step():
+        opt.zero_grad()
+        (layer(x) - y).pow(2).mean().backward()
+        opt.step()
+
+    torch.testing.assert_close(layer.kernel(), optical)
+    step()
+    assert logits.grad is None and torch.equal(logits.detach(), before)
+    layer.kernel_module.release_residual()
+    step()
+    step()
+    assert logits.grad is not None and not torch.equal(logits.detach(), before)
+    h = layer.kernel()
+    assert (h >= 0).all() and h.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kernel_module_export(tmp_path):
+    layer = _vectorial_layer(na=1.25)
+    tif, js = layer.export(tmp_path / "psf.tif")
+    np.testing.assert_allclose(tifffile.imread(tif), layer.kernel().detach().numpy(), rtol=0, atol=1e-7)
+    info = json.loads(js.read_text())
+    assert info["kernel_module"] == "bundle.physics.pupil.VectorialPSFKernel"
+    assert info["parameterization"] == "module" and info["n_immersion"] == pytest.approx(1.515)
+    assert info["physical_parameters"]["na"] == pytest.approx(1.25, abs=1e-6)
+
+
+def test_kernel_module_from_config():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(
+        {
+            "blur": {
+                "_target_": "bundle.networks.PSFLayer",
+                "kernel_size": [9, 9, 9],
+                "voxel_size": [0.2, 0.1, 0.1],
+                "kernel": {
+                    "_target_": "bundle.physics.pupil.VectorialPSFKernel",
+                    "shape": [9, 9, 9],
+                    "na": 1.1,
+                    "n_immersion": 1.33,
+                    "wavelength": 0.6,
+                    "voxel_size": [0.2, 0.1, 0.1],
+                    "learn": ["na"],
+                },
+            }
+        }
+    )
+    layer = parser.get_parsed_content("blur")
+    assert layer.physical_parameters()["na"] == pytest.approx(1.1, abs=1e-6)
+    assert len(list(layer.kernel_parameters())) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"parameterization": "fixed"}, ValueError, "replaces parameterization"),
+        ({"kernel_size": (9, 9, 7)}, ValueError, "kernel_size"),
+        ({"voxel_size": (0.2, 0.1, 0.1)}, ValueError, "voxel_size"),
+    ],
+)
+def test_kernel_module_bad_arguments(kwargs, err, match):
+    from bundle.physics.pupil import VectorialPSFKernel
+
+    kernel = VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515)
+    with pytest.raises(err, match=match):
+        PSFLayer(kernel=kernel, **{"kernel_size": (9, 9, 9), **kwargs})
