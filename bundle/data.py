@@ -46,13 +46,20 @@ VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"
 def list_volumes(source: str | Sequence[str]) -> list[str]:
     """Sorted volume files from a folder, a glob pattern, a single file, or a list of those.
 
+    Hidden files (names starting with a dot: the bundle's temporary files, e.g. left by a killed
+    run) are skipped in folders, as glob patterns skip them.
+
     Raises:
         FileNotFoundError: naming ``source`` when nothing matches.
     """
     if not isinstance(source, str):
         return [f for s in source for f in list_volumes(s)]
     if os.path.isdir(source):
-        files = [os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(VOLUME_EXTENSIONS)]
+        files = [
+            os.path.join(source, f)
+            for f in os.listdir(source)
+            if f.lower().endswith(VOLUME_EXTENSIONS) and not f.startswith(".")  # hidden: temporary files
+        ]
     elif any(c in source for c in "*?["):
         files = [f for f in glob.glob(source) if f.lower().endswith(VOLUME_EXTENSIONS)]
     elif os.path.isfile(source):

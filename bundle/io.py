@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -65,6 +66,8 @@ TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 ITK_EXTENSIONS = (".mha", ".mhd", ".nrrd", ".nhdr", ".vtk", ".mnc", ".gipl")
 SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS
+# header + separate data file: written as a pair (bundle.io.atomic_write)
+SIDECAR_EXTENSIONS = (".mhd", ".nhdr")
 
 # dtypes kept as they are (ImageJ-compatible); every other dtype is converted to float32
 KEPT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
@@ -399,13 +402,33 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
 
     The temporary file keeps the target's extension (libraries choose the format from it) and is
     removed on any error, so either the complete new file or nothing is left. Every file the bundle
-    writes goes through here.
+    writes goes through here. Temporary names start with a dot, and listings of input folders skip
+    hidden files (:func:`bundle.data.list_volumes`), so what a killed run leaves is never read.
+
+    Formats with a separate data file (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw``), whose header
+    names the data file, are written under the final name into a hidden temporary folder; the data
+    file is moved into place first and the header last, so the header never points to a temporary
+    name and a complete header always has its data.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ext = _extension(path)
+    tag = uuid.uuid4().hex[:12]
+    if ext in SIDECAR_EXTENSIONS:
+        folder = path.parent / f".{path.name}.{tag}.tmp"
+        folder.mkdir()
+        try:
+            header = folder / path.name
+            write(header)
+            for produced in sorted(folder.iterdir()):
+                if produced != header:
+                    os.replace(produced, path.parent / produced.name)
+            os.replace(header, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return path
     # a unique hidden name; created by the library itself so that it gets the usual permissions
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{ext}"
+    tmp = path.parent / f".{path.name}.{tag}.tmp{ext}"
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -394,3 +394,26 @@ def test_training_loader_names_a_file_with_nan(tmp_path):
         Compose(normalize_transforms(("image",)))({"image": str(path)})
     assert isinstance(info.value.__cause__, VolumeError)
     assert str(info.value.__cause__).startswith(str(path)) and "NaN" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("ext,data_ext", [(".mhd", ".raw"), (".nhdr", ".raw")])
+def test_header_and_data_file_are_written_as_a_pair(tmp_path, ext, data_ext):
+    """The header names the final data file, not a hidden temporary one; nothing else is left."""
+    volume = np.random.default_rng(0).random((5, 7, 9), dtype=np.float32)
+    path = save_volume(tmp_path / f"out{ext}", volume, voxel_size=(0.3, 0.1, 0.1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"out{ext}", f"out{data_ext}"])
+    header = path.read_bytes().decode("latin-1")
+    assert f"out{data_ext}" in header and ".tmp" not in header
+    again, meta = load_volume(path)
+    np.testing.assert_array_equal(again, volume)
+    assert meta["voxel_size"] == pytest.approx((0.3, 0.1, 0.1))
+
+
+def test_a_killed_write_leaves_nothing_that_is_read_as_input(tmp_path):
+    """A hidden temporary file (what a kill during saving leaves) is not listed as an input."""
+    from bundle.data import list_volumes
+
+    save_volume(tmp_path / "a.tif", np.ones((4, 8, 8), dtype=np.float32))
+    (tmp_path / ".b.tif.0123456789ab.tmp.tif").write_bytes(b"")  # 0-byte leftover
+    assert list_volumes(str(tmp_path)) == [str(tmp_path / "a.tif")]
+    assert list_volumes(str(tmp_path / "*.tif")) == [str(tmp_path / "a.tif")]
