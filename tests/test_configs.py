@@ -13,6 +13,7 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json"],
     ["configs/common.json", "configs/train.json", "configs/quick.json"],
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/quick.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/quick.json"],
 ]
 
 
@@ -35,6 +36,10 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         assert wf.parser.get(key) is not None, key
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
+    if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
+        blur = wf.parser.get_parsed_content("blur")
+        assert blur.parameterization == "module" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
+        assert {n for n, p in blur.kernel_module.named_parameters() if p.requires_grad} >= {"na_raw"}
 
 
 def test_paths_default_to_bundle_root():
