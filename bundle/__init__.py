@@ -7,6 +7,7 @@ after ``"$import bundle"``, so the submodules are imported here.
 
 from bundle import (  # noqa: F401
     data,
+    errors,
     distributed,
     engine,
     evaluate,
@@ -27,3 +28,5 @@ from bundle import (  # noqa: F401
 from bundle.physics import forward, phantom, psf  # noqa: F401
 
 __version__ = "0.1.0"
+
+errors.install_excepthook()  # a failed command-line run ends with the real message (bundle.errors)

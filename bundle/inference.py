@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.data import list_volumes
-from bundle.io import LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
+from bundle.io import SUPPORTED_EXTENSIONS, LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
 
 __all__ = [
     "Deconvolver",
@@ -852,6 +853,29 @@ def output_path(input_path: PathLike, output_dir: PathLike, suffix: str = "_deco
     return Path(output_dir) / f"{stem}{suffix}{ext}"
 
 
+def check_output_dir(output_dir: PathLike, output_ext: str | None = None) -> Path:
+    """Check, before any compute, that ``output_dir`` can take the outputs (created if missing).
+
+    Raises:
+        ValueError: ``output_ext`` is not a format the bundle writes (the message lists them).
+        VolumeError: naming the folder, when it is a file, cannot be created or is not writable.
+    """
+    if output_ext is not None:
+        ext = str(output_ext).lower()
+        if not ext.startswith(".") or ext not in SUPPORTED_EXTENSIONS:
+            raise ValueError(f"output_ext {output_ext!r} is not a format the bundle writes; use one of {SUPPORTED_EXTENSIONS}")
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise VolumeError(f"{folder}: the output folder is a file; choose another output_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise VolumeError(f"{folder}: cannot write the outputs there ({exc.strerror or exc}); choose another output_dir") from exc
+    return folder
+
+
 class SaveVolumed(MapTransform):
     """Write each prediction next to nothing it came from: ``output_dir/<name><suffix><ext>``.
 
@@ -916,6 +940,7 @@ def inference_datalist(
         VolumeError: naming the first bad file.
     """
     files = list_volumes(input)
+    check_output_dir(output_dir, output_ext)
     inputs = {Path(f).resolve() for f in files}
     seen: dict[Path, str] = {}
     for f in files:
