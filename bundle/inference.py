@@ -854,22 +854,27 @@ def output_path(input_path: PathLike, output_dir: PathLike, suffix: str = "_deco
 
 
 def check_output_dir(output_dir: PathLike, output_ext: str | None = None) -> Path:
-    """Check, before any compute, that ``output_dir`` can take the outputs (created if missing).
+    """Check, before any compute, that the outputs can be written to ``output_dir``; writes nothing.
+
+    The folder (created later, with the first output) or its nearest existing parent must be a
+    folder in which a file can be created (probed with a hidden temporary file, removed at once).
 
     Raises:
         ValueError: ``output_ext`` is not a format the bundle writes (the message lists them).
-        VolumeError: naming the folder, when it is a file, cannot be created or is not writable.
+        VolumeError: naming the folder, when it or a parent is a file, or it is not writable.
     """
     if output_ext is not None:
         ext = str(output_ext).lower()
         if not ext.startswith(".") or ext not in SUPPORTED_EXTENSIONS:
             raise ValueError(f"output_ext {output_ext!r} is not a format the bundle writes; use one of {SUPPORTED_EXTENSIONS}")
     folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise VolumeError(f"{folder}: the output folder is a file; choose another output_dir")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise VolumeError(f"{folder}: cannot write the outputs there ({existing} is a file); choose another output_dir")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as exc:
         raise VolumeError(f"{folder}: cannot write the outputs there ({exc.strerror or exc}); choose another output_dir") from exc

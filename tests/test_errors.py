@@ -61,8 +61,8 @@ def test_cli_errors_end_with_the_file_and_the_problem_and_write_nothing(tmp_path
         "missing input": (["--input", str(tmp_path / "nothing")], [str(tmp_path / "nothing"), "no such file"]),
         "NaN voxel": (["--input", str(tmp_path / "bad")], ["n.tif", "NaN"]),
         "bad extension": (["--input", str(tmp_path / "in"), "--output_ext", ".xyz"], [".xyz", "output_ext"]),
-        "output is a file": (["--input", str(tmp_path / "in"), "--output_dir", str(tmp_path / "afile")], ["afile", "output"]),
-        "under a file": (["--input", str(tmp_path / "in"), "--output_dir", str(tmp_path / "afile" / "o")], ["afile", "cannot write"]),
+        "output is a file": (["--input", str(tmp_path / "in"), "--output_dir", str(tmp_path / "afile")], ["afile", "is a file"]),
+        "under a file": (["--input", str(tmp_path / "in"), "--output_dir", str(tmp_path / "afile" / "o")], ["afile", "is a file"]),
     }  # fmt: skip
     for name, (overrides, words) in cases.items():
         out = tmp_path / "out"

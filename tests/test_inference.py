@@ -381,3 +381,16 @@ def test_done_when_64x256x256_cli_equals_python(quick_model, tmp_path):
     p_in, p_fit, p_out = psnr(x, gt), psnr(affine_fit(x, gt), gt), psnr(out, gt)
     print(f"64x256x256: PSNR input {p_in:.2f} / input affine-fit {p_fit:.2f} / output {p_out:.2f} dB")
     assert p_out > p_fit and p_out > p_in
+
+
+def test_output_folder_and_extension_are_checked_before_compute_and_nothing_is_created(tmp_path):
+    from bundle.inference import check_output_dir
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"\.xyz"):
+        check_output_dir(tmp_path / "o", ".xyz")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(VolumeError, match="is a file"):
+            check_output_dir(bad)
+    assert check_output_dir(tmp_path / "new" / "deeper", ".nii.gz") == tmp_path / "new" / "deeper"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created, no probe left
