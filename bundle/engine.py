@@ -130,7 +130,11 @@ class CycleGANTrainer(Trainer):
             ``cycle_loss``. Weight 0 with ``adversarial_weight`` 0 leaves the sharp cycle alone: G
             trained on synthetic pairs ``(h*x + noise, x)``, the baseline that tells what the unpaired
             terms add.
-        adversarial_weight: weight of the generator's adversarial terms.
+        adversarial_weight: weight of the generators' adversarial terms.
+        blur_adversarial_weight: weight of h's adversarial term (against ``d_blurred``) alone; None:
+            ``adversarial_weight``. That term moves only h (``x`` is real), and it is h's only signal
+            that ``h*x`` must look like the real blurred stacks: the sharp cycle alone rewards a
+            narrower PSF (less blur to undo), so a small weight lets a learned NA drift upwards.
         sharp_pool: history pool of generated sharp volumes G(y) shown to φ; default 50 volumes.
         blurred_pool: history pool of generated blurred volumes h*x shown to ψ; default 50 volumes.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -159,6 +163,7 @@ class CycleGANTrainer(Trainer):
         cycle_loss: torch.nn.Module | None = None,
         adversarial_weight: float = 1.0,
         blurred_cycle_loss: torch.nn.Module | None = None,
+        blur_adversarial_weight: float | None = None,
         sharp_pool: ImagePool | None = None,
         blurred_pool: ImagePool | None = None,
         epoch_length: int | None = None,
@@ -209,6 +214,9 @@ class CycleGANTrainer(Trainer):
         self.cycle_loss = CycleLoss(weight=10.0) if cycle_loss is None else cycle_loss
         self.blurred_cycle_loss = self.cycle_loss if blurred_cycle_loss is None else blurred_cycle_loss
         self.adversarial_weight = float(adversarial_weight)
+        self.blur_adversarial_weight = (
+            self.adversarial_weight if blur_adversarial_weight is None else float(blur_adversarial_weight)
+        )
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
         self.optim_set_to_none = optim_set_to_none
@@ -252,7 +260,7 @@ class CycleGANTrainer(Trainer):
             x_cycle = self.g_deblur(hx)  # G(h*x) ≈ x
             cycle_sharp = self.cycle_loss(x_cycle.float(), x)
             adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else None
-            loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.adversarial_weight * adv_blurred
+            loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.blur_adversarial_weight * adv_blurred
         self._backward(loss_x)
         del x_cycle
         with self._autocast():

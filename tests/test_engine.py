@@ -211,3 +211,22 @@ def test_gradients_are_freed_after_each_step(set_to_none):
         assert not any(kept) and not any(during)
     else:  # zeroed in place, kept allocated: the switch still means what it says
         assert all(kept) and all(during)
+
+
+def test_blur_adversarial_weight_moves_only_the_psf():
+    """h's adversarial term has its own weight; it reaches h's gradient and not G's."""
+    grads = {}
+    for w in (0.0, 5.0):
+        trainer = _build("blind", loader=_loader(n=1))
+        trainer.blur_adversarial_weight = w
+        seen = {}
+        trainer.g_optimizer.step = lambda *a, seen=seen, t=trainer, **k: seen.update(
+            g=[p.grad.clone() for p in t.g_deblur.parameters() if p.grad is not None],
+            h=[p.grad.clone() for p in t.blur.kernel_parameters() if p.grad is not None],
+        )
+        trainer.run()
+        grads[w] = seen
+    for a, b in zip(grads[0.0]["g"], grads[5.0]["g"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0]["h"], grads[5.0]["h"], strict=True))
+    assert _build("blind").blur_adversarial_weight == 1.0  # default: adversarial_weight
