@@ -23,7 +23,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from bundle.io import LoadVolumed
+from bundle.io import CheckVoxelSized, LoadVolumed
 from bundle.sampling import ForegroundWeightd
 
 __all__ = [
@@ -93,6 +93,7 @@ def normalize_transforms(
     keys: Sequence[str] = ("image",),
     percentiles: Sequence[float] = (0.0, 99.9),
     clip: bool = True,
+    voxel_size: Sequence[float] | None = None,
 ) -> list:
     """Load, add a channel, and map the given percentiles to [0, 1]: ``(1, Z, Y, X)`` float32.
 
@@ -100,10 +101,13 @@ def normalize_transforms(
         keys: dictionary keys holding file paths.
         percentiles: ``(lower, upper)`` percentiles mapped to 0 and 1.
         clip: clip to [0, 1] after scaling.
+        voxel_size: the ``(z, y, x)`` µm the training is configured for (``--voxel_size``): a file whose
+            metadata says otherwise is logged with both values (:class:`bundle.io.CheckVoxelSized`).
     """
     lower, upper = percentiles
     return [
         LoadVolumed(keys=keys),  # the loader of inference: (Z, Y, X) for every format, errors name the file
+        CheckVoxelSized(keys=keys, reference=voxel_size, what="the configured voxel_size"),
         ScaleIntensityRangePercentilesd(
             keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
         ),
@@ -164,6 +168,7 @@ def train_transforms(
     flip_prob: float = 0.5,
     rotate_prob: float = 0.5,
     background_share: float | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> Compose:
     """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
 
@@ -177,10 +182,11 @@ def train_transforms(
         rotate_prob: probability of a random 90° rotation.
         background_share: None for uniform crops, else foreground-weighted crops with this share of
             uniform ones (see :func:`augment_transforms`).
+        voxel_size: configured voxel size, checked against each file's (:func:`normalize_transforms`).
     """
     keys = ("image",)
     return Compose(
-        normalize_transforms(keys, percentiles, clip)
+        normalize_transforms(keys, percentiles, clip, voxel_size)
         + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share)
     )
 
@@ -229,6 +235,7 @@ def unpaired_dataset(
     cache_rate: float = 1.0,
     num_workers: int = 0,
     background_share: float | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -247,10 +254,13 @@ def unpaired_dataset(
         num_workers: threads used to fill the cache.
         background_share: crops of both domains are centred in proportion to their (smoothed)
             intensity except this share, drawn uniformly; ``None``: uniform crops (the paper).
+        voxel_size: the configured ``(z, y, x)`` µm; files whose metadata differ are logged (both values).
     """
 
     def domain(files: list[str], percentiles: Sequence[float]) -> Dataset:
-        transform = train_transforms(patch_size, percentiles, True, rotate_axes, background_share=background_share)
+        transform = train_transforms(
+            patch_size, percentiles, True, rotate_axes, background_share=background_share, voxel_size=voxel_size
+        )
         return CacheDataset(
             [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
         )

@@ -45,7 +45,7 @@ from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.data import list_volumes
-from bundle.io import SUPPORTED_EXTENSIONS, LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
+from bundle.io import SUPPORTED_EXTENSIONS, CheckVoxelSized, LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
 
 __all__ = [
     "Deconvolver",
@@ -629,10 +629,12 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
         if "unet.conv_0.conv_0.adn.N.weight" not in state_dict:
             norm = "none"
         settings = {"depth": depth, "align_corners": True, "norm": norm}
+    voxel = state_dict.get("voxel_size")
     return DeblurUNet(
         in_channels=int(first.shape[1]),
         out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
         features=features,
+        voxel_size=None if voxel is None else [float(v) for v in voxel],
         **settings,
     )
 
@@ -672,6 +674,40 @@ def load_checkpoint(network: nn.Module, path: PathLike) -> nn.Module:
             "the model was trained with (e.g. add configs/quick.json for a quick model)"
         ) from exc
     return network
+
+
+def network_for_checkpoint(network: nn.Module, ckpt_path: PathLike | None) -> nn.Module:
+    """The config's ``network`` with the checkpoint's weights, or one built from the checkpoint.
+
+    The command line builds ``network_def`` from the configs, and a model trained with other sizes
+    (e.g. ``configs/quick.json``) or settings would not fit it; the checkpoint holds them (its
+    shapes, and the ``settings`` / ``voxel_size`` buffers), so a ``DeblurUNet`` that does not match
+    is rebuilt from the checkpoint (logged), as the Python API does (:func:`load_network`). Other
+    networks (e.g. Richardson–Lucy, ``ckpt_path`` None) are returned unchanged; a checkpoint that is
+    missing or of another kind is left to :class:`CheckpointLoader`, which names the file.
+    """
+    from bundle.networks import DeblurUNet
+
+    if ckpt_path is None or not isinstance(network, DeblurUNet) or not Path(ckpt_path).is_file():
+        return network
+    state = _read_state_dict(Path(ckpt_path))
+    try:
+        network.load_state_dict(state, strict=True)
+        return network
+    except RuntimeError:
+        pass
+    try:
+        rebuilt = network_from_state_dict(state)
+        rebuilt.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError):
+        return network  # not a DeblurUNet's: CheckpointLoader reports the mismatch, naming the file
+    device = next(network.parameters()).device
+    logger.info(
+        f"{ckpt_path}: network sizes and settings read from the checkpoint "
+        f"({sum(p.numel() for p in rebuilt.parameters())} parameters, {DeblurUNet.describe(rebuilt.settings)}), "
+        "not from the configs"
+    )
+    return rebuilt.to(device)
 
 
 class CheckpointLoader(_MonaiCheckpointLoader):

@@ -310,13 +310,17 @@ def test_bad_inputs_named_and_nothing_written(tmp_path):
     assert output_path("x/a.nii.gz", "o") == Path("o/a_deconv.nii.gz")
 
 
-def test_workflow_properties_and_checkpoint_mismatch(tmp_path, small_model, monkeypatch):
+def test_workflow_properties_and_checkpoint_mismatch(tmp_path, monkeypatch):
     """The inference config has the zoo ids; a checkpoint of another network fails, naming it, writing nothing."""
+    from bundle.networks import MultiScalePatchDiscriminator
+
     monkeypatch.chdir(ROOT)
+    foreign = tmp_path / "d.pt"
+    torch.save(MultiScalePatchDiscriminator(channels=4, num_layers_d=2).state_dict(), foreign)
     save_volume(tmp_path / "in" / "a.tif", _volume((8, 24, 24)), voxel_size=(0.2, 0.1, 0.1))
     wf = ConfigWorkflow(
         config_file=["configs/common.json", "configs/inference.json"], workflow_type="infer",
-        input=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), ckpt_path=str(small_model), progress=False,
+        input=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), ckpt_path=str(foreign), progress=False,
     )
     wf.initialize()
     assert not wf.check_properties()
@@ -329,8 +333,54 @@ def test_workflow_properties_and_checkpoint_mismatch(tmp_path, small_model, monk
     while e is not None:  # the config parser wraps the handler's error
         chain.append(str(e))
         e = e.__cause__
-    assert any(msg.startswith(f"{small_model}: checkpoint does not match") for msg in chain), chain
+    assert any(msg.startswith(f"{foreign}: checkpoint does not match") for msg in chain), chain
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_reads_sizes_settings_and_voxel_size_from_the_checkpoint(tmp_path, monkeypatch, caplog):
+    """A model of other sizes (e.g. quick.json's) runs without its configs; a stack of another voxel size warns."""
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", align_corners=False, voxel_size=(0.1, 0.1, 0.1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)  # an untrained net's output is nearly constant
+    torch.save(net.eval().state_dict(), tmp_path / "model.pt")
+    volume = _volume((8, 24, 24))
+    save_volume(tmp_path / "in" / "a.tif", volume, voxel_size=(0.2, 0.1, 0.1))
+    wf = ConfigWorkflow(
+        config_file=["configs/common.json", "configs/inference.json"], workflow_type="infer",
+        input=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), ckpt_path=str(tmp_path / "model.pt"),
+        progress=False, logging_file=False,
+    )  # fmt: skip
+    wf.initialize()
+    with caplog.at_level("WARNING"):
+        wf.run()
+    (out,) = (tmp_path / "out").glob("*.tif")
+    expected = deconvolve(volume, model=tmp_path / "model.pt")
+    np.testing.assert_allclose(load_volume(out)[0], expected, rtol=1e-4, atol=1e-4)
+    warning = [r.getMessage() for r in caplog.records if "voxel size" in r.getMessage()]
+    assert len(warning) == 1 and "a.tif" in warning[0] and "(0.2, 0.1, 0.1)" in warning[0] and "(0.1, 0.1, 0.1)" in warning[0]
+
+
+def test_checkpoints_without_a_voxel_size_still_load_and_do_not_warn(tmp_path, caplog):
+    from bundle.io import CheckVoxelSized
+
+    old = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", align_corners=False)
+    state = {k: v for k, v in old.state_dict().items() if k != "voxel_size"}  # written before the buffer existed
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", align_corners=False, voxel_size=(0.1, 0.1, 0.1))
+    net.load_state_dict(state)
+    assert net.trained_voxel_size is None
+    path = save_volume(tmp_path / "a.tif", _volume((8, 24, 24)), voxel_size=(0.2, 0.1, 0.1))
+    with caplog.at_level("WARNING"):
+        Compose([LoadVolumed("image"), CheckVoxelSized("image", reference=net)])({"image": str(path)})
+        Compose([LoadVolumed("image"), CheckVoxelSized("image", reference=(0.2, 0.1, 0.1))])({"image": str(path)})
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        Compose([LoadVolumed("image"), CheckVoxelSized("image", reference=(0.1, 0.1, 0.1), what="the configured voxel_size")])(
+            {"image": str(path)}
+        )
+    assert "the configured voxel_size (0.1, 0.1, 0.1)" in caplog.records[0].getMessage()
 
 
 def test_cli_bad_file_in_folder_writes_nothing(tmp_path, small_model):

@@ -125,6 +125,8 @@ class DeblurUNet(nn.Module):
         norm: ``"instance"``, ``"batch"`` or ``"none"`` (see *Tiling*).
         depth: poolings by 2 (4 = ``BasicUNet``; 2 is CSBDeep/CARE's default).
         align_corners: of the trilinear upsampling (see :class:`UNetLevels`).
+        voxel_size: ``(z, y, x)`` µm of the data it is trained on; kept in the state dict (buffer
+            ``voxel_size``, NaN if unknown) so inference can warn about stacks of another voxel size.
 
     Example::
 
@@ -132,7 +134,7 @@ class DeblurUNet(nn.Module):
         >>> x_hat = g_deblur(torch.rand(2, 1, 32, 32, 32))  # (B, 1, D, H, W) in (0, 1)
     """
 
-    __jit_unused_properties__ = ["receptive_radius", "tiling_halo"]  # TorchScript export: not compiled
+    __jit_unused_properties__ = ["receptive_radius", "tiling_halo", "trained_voxel_size"]  # TorchScript export: not compiled
 
     def __init__(
         self,
@@ -145,6 +147,7 @@ class DeblurUNet(nn.Module):
         norm: str = "instance",
         depth: int = 4,
         align_corners: bool = True,
+        voxel_size: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if out_activation not in _OUT_ACTIVATIONS:
@@ -166,10 +169,16 @@ class DeblurUNet(nn.Module):
         # the settings that the weights do not reveal travel in the state dict (model.pt alone rebuilds
         # the network: bundle.inference.network_from_state_dict); checkpoints without them still load
         self.register_buffer("settings", torch.tensor([self.depth, int(self.align_corners), list(_NORMS).index(norm)]))
+        vs = [float("nan")] * 3 if voxel_size is None else [float(v) for v in voxel_size]
+        if len(vs) != 3:
+            raise ValueError(f"voxel_size must be (z, y, x) in µm, got {voxel_size}")
+        self.register_buffer("voxel_size", torch.tensor(vs, dtype=torch.float64))
         self._register_load_state_dict_pre_hook(self._fill_settings)
 
     def _fill_settings(self, state_dict, prefix, *args) -> None:
         key = prefix + "settings"
+        if prefix + "voxel_size" not in state_dict:  # written before the voxel size was stored: unknown
+            state_dict[prefix + "voxel_size"] = torch.full_like(self.voxel_size, float("nan"))
         if key not in state_dict:  # a checkpoint written before the settings were stored
             state_dict[key] = self.settings.clone()
         elif not torch.equal(state_dict[key].to(self.settings), self.settings):
@@ -177,6 +186,12 @@ class DeblurUNet(nn.Module):
                 f"checkpoint of a DeblurUNet with settings {self.describe(state_dict[key])}, "
                 f"this one has {self.describe(self.settings)}"
             )
+
+    @property
+    def trained_voxel_size(self) -> tuple[float, float, float] | None:
+        """``(z, y, x)`` µm the weights were trained at (the ``voxel_size`` buffer), None if unknown."""
+        vs = tuple(float(v) for v in self.voxel_size)
+        return None if any(math.isnan(v) for v in vs) else vs  # type: ignore[return-value]
 
     @staticmethod
     def describe(settings: torch.Tensor) -> dict[str, object]:
