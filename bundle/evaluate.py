@@ -107,6 +107,20 @@ def psf_report(
     return numbers, h_learned, h_true, voxel  # type: ignore[return-value]
 
 
+def _psf_was_fixed(learned: Any) -> bool:
+    """True when the PSF layer was fixed in training (non-blind): its ``parameterization``, or the
+    ``blur.json`` that training exports beside ``blur.tif``."""
+    if isinstance(learned, torch.nn.Module):
+        return getattr(learned, "parameterization", None) == "fixed"
+    if isinstance(learned, (str, os.PathLike)):
+        record = Path(learned).with_suffix(".json")
+        try:
+            return json.loads(record.read_text()).get("parameterization") == "fixed"
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
 class DeconvolutionReport:
     """Deconvolve volumes that have a ground truth and write ``report.md``, ``report.json`` and figures.
 
@@ -246,11 +260,12 @@ class DeconvolutionReport:
         }
         if psf is not None:
             numbers, h_learned, h_true, voxel = psf
+            fixed = _psf_was_fixed(learned)
             report["psf"] = {"learned": str(learned) if not isinstance(learned, torch.nn.Module) else "PSF layer",
-                             "true": str(self.true_psf), **numbers}
+                             "true": str(self.true_psf), "fixed": fixed, **numbers}
             if self.figures:
                 save_orthoslices([h_learned, h_true], self.output_dir / "figures" / "psf.png", voxel_size=voxel,
-                                 title=["learned PSF", "true PSF"])
+                                 title=["fixed PSF (non-blind)" if fixed else "learned PSF", "true PSF"])
                 report["psf"]["figure"] = "figures/psf.png"
         report["time_s"] = time.perf_counter() - start
         atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
@@ -282,21 +297,29 @@ class DeconvolutionReport:
         lines.append("")
         psf = report.get("psf")
         if psf:
-            lines += [
-                "## Learned PSF",
-                "",
-                f"Learned `{psf['learned']}` vs true `{psf['true']}`: normalised cross-correlation "
-                f"**{psf['correlation']:.4f}**.",
-                "",
-                "| FWHM (µm) | z (axial) | y | x |",
-                "|---|---|---|---|",
-            ]
+            if psf.get("fixed"):
+                lines += [
+                    "## PSF (fixed: non-blind mode)",
+                    "",
+                    f"The PSF was not learned: training used the fixed `{psf['learned']}`. Its normalised "
+                    f"cross-correlation with the true `{psf['true']}` is **{psf['correlation']:.4f}** "
+                    "(1.0000: the true PSF was used).",
+                ]
+            else:
+                lines += [
+                    "## Learned PSF",
+                    "",
+                    f"Learned `{psf['learned']}` vs true `{psf['true']}`: normalised cross-correlation "
+                    f"**{psf['correlation']:.4f}**.",
+                ]
+            lines += ["", "| FWHM (µm) | z (axial) | y | x |", "|---|---|---|---|"]
             for which in ("learned", "true"):
                 w = psf["fwhm_um"][which]
-                lines.append(f"| {which} | {w['z']:.3f} | {w['y']:.3f} | {w['x']:.3f} |")
+                label = "fixed" if which == "learned" and psf.get("fixed") else which
+                lines.append(f"| {label} | {w['z']:.3f} | {w['y']:.3f} | {w['x']:.3f} |")
             lines.append("")
             if psf.get("figure"):
-                lines += [f"![learned vs true PSF]({psf['figure']})", ""]
+                lines += [f"![{'fixed' if psf.get('fixed') else 'learned'} vs true PSF]({psf['figure']})", ""]
         else:
             lines += ["No learned PSF compared (no `blur.tif` or no true PSF).", ""]
         figures = [r for r in report["volumes"] if r.get("figure")]

@@ -10,7 +10,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from bundle.io import atomic_write, atomic_write_text
 
 __all__ = [
     "ProgressBar",
+    "every_n_iterations",
     "ResumableCheckpoint",
     "BestModelSaver",
     "PSFSnapshot",
@@ -74,6 +75,20 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _atomic_json(obj: Any, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def every_n_iterations(n: int) -> Callable[[Any, int], bool]:
+    """Event filter for ``StatsHandler(iteration_log=...)``: log iterations 1, n+1, 2n+1, ...
+
+    The progress bar already shows every iteration's losses; a log line per iteration repeated them
+    (400 lines for the quick demo). ``n <= 0`` logs none.
+    """
+    n = int(n)
+
+    def log(_engine: Any, event: int) -> bool:
+        return n > 0 and (event - 1) % n == 0
+
+    return log
 
 
 class ProgressBar:

@@ -641,7 +641,13 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train a model first, or pass --ckpt_path)")
+        hint = "train a model first, or pass --ckpt_path"
+        if not path.is_absolute():  # configs put it under bundle_root, "." by default: the current folder
+            hint = (
+                f"looked for {path.resolve()}; run from the bundle's folder or pass --bundle_root <bundle folder>, "
+                "or pass --ckpt_path (or train a model first)"
+            )
+        raise FileNotFoundError(f"{path}: checkpoint not found ({hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -766,6 +766,12 @@ def load_volume(
         raise _unsupported_extension(path)
     data, axes, voxel_size, original_dtype = _read_any(path, channel)
     if axes.startswith("C"):
+        if data.ndim - 1 < 3:  # choosing a channel would leave a 2D image: say that first
+            raise _err(
+                path,
+                f"is a 2D image with {data.shape[0]} channels (shape {tuple(data.shape)}, e.g. RGB); "
+                "a 3D stack (Z, Y, X) is needed",
+            )
         raise _err(path, _channel_hint(data.shape, data.shape[0]))
     validate_volume(data, path)
     if dtype is not None:

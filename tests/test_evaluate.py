@@ -85,3 +85,24 @@ def test_missing_ground_truth_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="a.tif"):
         report.run()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("parameterization", ["fixed", "parametric"])
+def test_a_fixed_psf_is_not_reported_as_learned(tmp_path, parameterization):
+    rng = np.random.default_rng(0)
+    for d in ("blurred", "truth"):
+        save_volume(tmp_path / d / "v.tif", rng.random((8, 16, 16), dtype=np.float32), voxel_size=(0.1, 0.1, 0.1))
+    psf = gaussian_psf((7, 7, 7), fwhm=(0.4, 0.2, 0.2))
+    save_volume(tmp_path / "blur.tif", psf, voxel_size=(0.1, 0.1, 0.1))
+    (tmp_path / "blur.json").write_text(json.dumps({"parameterization": parameterization}))
+    save_volume(tmp_path / "psf.tif", psf, voxel_size=(0.1, 0.1, 0.1))
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", align_corners=False).eval()
+    DeconvolutionReport(
+        Deconvolver(net), str(tmp_path / "blurred"), str(tmp_path / "truth"), str(tmp_path / "report"),
+        learned_psf=str(tmp_path / "blur.tif"), true_psf=str(tmp_path / "psf.tif"), figures=False,
+    ).run()  # fmt: skip
+    report = (tmp_path / "report" / "report.md").read_text()
+    fixed = parameterization == "fixed"
+    assert ("## PSF (fixed: non-blind mode)" in report) == fixed
+    assert ("## Learned PSF" in report) == (not fixed)
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["psf"]["fixed"] == fixed

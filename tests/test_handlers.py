@@ -124,3 +124,10 @@ def test_validation_history_fresh_and_resumed(tmp_path):
     _validate(resumed, 4, 22.0)
     _validate(resumed, 6, 23.0)
     assert [(e["epoch"], e["val_psnr"]) for e in json.loads(path.read_text())] == [(2, 20.0), (4, 22.0), (6, 23.0)]
+
+
+def test_every_n_iterations_logs_a_line_every_n():
+    from bundle.handlers import every_n_iterations
+
+    assert [i for i in range(1, 121) if every_n_iterations(50)(None, i)] == [1, 51, 101]
+    assert not any(every_n_iterations(0)(None, i) for i in range(1, 10))
