@@ -444,3 +444,10 @@ def test_output_folder_and_extension_are_checked_before_compute_and_nothing_is_c
             check_output_dir(bad)
     assert check_output_dir(tmp_path / "new" / "deeper", ".nii.gz") == tmp_path / "new" / "deeper"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created, no probe left
+
+
+def test_a_missing_checkpoint_under_a_relative_bundle_root_names_the_folder_and_bundle_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--bundle_root") as err:
+        load_checkpoint(DeblurUNet(features=SMALL), "models/model.pt")
+    assert str(tmp_path / "models" / "model.pt") in str(err.value)

@@ -417,3 +417,10 @@ def test_a_killed_write_leaves_nothing_that_is_read_as_input(tmp_path):
     (tmp_path / ".b.tif.0123456789ab.tmp.tif").write_bytes(b"")  # 0-byte leftover
     assert list_volumes(str(tmp_path)) == [str(tmp_path / "a.tif")]
     assert list_volumes(str(tmp_path / "*.tif")) == [str(tmp_path / "a.tif")]
+
+
+def test_a_2d_rgb_tiff_is_called_2d_not_sent_to_the_channel_argument(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8) + 7, photometric="rgb")
+    with pytest.raises(VolumeError, match=r"rgb\.tif: is a 2D image with 3 channels") as err:
+        load_volume(tmp_path / "rgb.tif")
+    assert "channel" not in str(err.value).split("channels", 1)[1]
