@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import pickle
+import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -116,6 +118,92 @@ class ProgressBar:
         _IgniteProgressBar(persist=self.persist).attach(engine, output_transform=transform)
 
 
+def _numpy_state(rng: np.random.RandomState | None = None) -> dict[str, Any]:
+    """A RandomState's state as plain data and a tensor (``torch.load(weights_only=True)`` reads it)."""
+    name, keys, pos, has_gauss, gauss = (rng.get_state() if rng is not None else np.random.get_state())  # type: ignore[misc]
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+
+
+def _numpy_set_state(state: dict[str, Any], rng: np.random.RandomState | None = None) -> None:
+    value = (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+    (rng.set_state if rng is not None else np.random.set_state)(value)
+
+
+def transform_random_states(root: Any) -> list[np.random.RandomState]:
+    """Every ``numpy.random.RandomState`` of the MONAI / bundle objects reachable from ``root``.
+
+    MONAI's random transforms each draw from their own ``RandomState`` (``self.R``, also inside
+    wrapped array transforms), which no global seed or state covers; a dataset's transforms are
+    reached through its attributes (``transform``, ``transforms``, ...; data and caches skipped), in
+    a fixed (sorted) order so the states of a resumed run line up with the saved ones.
+    """
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 12:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.random.RandomState):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, depth + 1)
+        elif type(obj).__module__.split(".")[0] in ("monai", "bundle") and hasattr(obj, "__dict__"):
+            for name in sorted(vars(obj)):
+                if name not in ("data", "_cache", "_hash_keys", "meta"):
+                    visit(getattr(obj, name), depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+class RandomStates:
+    """Every random generator a training run draws from, as one checkpointable object.
+
+    ``state_dict()`` holds Python's ``random``, NumPy's global and torch's CPU (and CUDA) generators
+    and the private ``RandomState`` of every random transform of ``dataset`` (crops, flips,
+    rotations: :func:`transform_random_states`). Saved with the checkpoints (``save_dict`` of
+    :class:`ResumableCheckpoint`), it makes a killed and resumed run draw the same crops as an
+    uninterrupted one. The image pools and discriminator draws use their own / torch's generators.
+
+    Args:
+        dataset: the training dataset (its transforms' generators are included); None for none.
+    """
+
+    def __init__(self, dataset: Any = None) -> None:
+        self.dataset = dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        state = random.getstate()
+        out: dict[str, Any] = {
+            "python": {"version": state[0], "internal": list(state[1]), "gauss": state[2]},
+            "numpy": _numpy_state(),
+            "torch": torch.get_rng_state(),
+            "transforms": [_numpy_state(r) for r in transform_random_states(self.dataset)],
+        }
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state_all()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+        _numpy_set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        generators = transform_random_states(self.dataset)
+        if len(generators) != len(state["transforms"]):
+            raise ValueError(
+                f"the checkpoint has {len(state['transforms'])} transform generators, this dataset "
+                f"{len(generators)}: resume with the configuration of the interrupted run"
+            )
+        for rng, saved in zip(generators, state["transforms"], strict=True):
+            _numpy_set_state(saved, rng)
+
+
 class ResumableCheckpoint:
     """Save everything needed to resume training, atomically, and resume from the latest save.
 
@@ -193,10 +281,19 @@ class ResumableCheckpoint:
         logger.warning(f"--overwrite: deleted {len(earlier)} checkpoint(s) of an earlier run from {self.save_dir}")
 
     def attach(self, engine: Engine) -> None:
+        """At ``STARTED`` (when every handler is attached and the trainer is complete): add the trainer
+        and its pools, load the checkpoint to resume from, and register the saving last, so that a
+        save follows the epoch's validation (a run killed during a validation re-runs it)."""
         if not self.resume:
             self._start_fresh()
+        engine.add_event_handler(Events.STARTED, self._setup)
+
+    def _setup(self, engine: Engine) -> None:
+        if getattr(self, "_attached_to", None) is engine:
+            return  # a second run() of the same engine
+        self._attached_to = engine
         self.save_dict["trainer"] = engine
-        for name in self.engine_objects:
+        for name in self.engine_objects:  # created in the trainer's constructor after its handlers attach
             if getattr(engine, name, None) is not None:
                 self.save_dict[name] = getattr(engine, name)
         saver = DiskSaver(str(self.save_dir), atomic=True, require_empty=False, create_dir=True)
@@ -211,7 +308,7 @@ class ResumableCheckpoint:
         every = Events.EPOCH_COMPLETED(every=self.save_interval)
         engine.add_event_handler(every | Events.COMPLETED, self._save_once, checkpoint)
         if self.resume:
-            engine.add_event_handler(Events.STARTED, self.load)
+            self.load(engine)
 
     @staticmethod
     def _save_once(engine: Engine, checkpoint: Checkpoint) -> None:

@@ -129,6 +129,15 @@ class CollapseGuard:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The last good state, its epoch and the restores so far (checkpointed: a resumed run
+        restores what the uninterrupted one would)."""
+        return {"good": self.good, "good_epoch": self.good_epoch, "restores": list(self.restores)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.good, self.good_epoch = state["good"], state["good_epoch"]
+        self.restores = list(state["restores"])
+
     def _snapshot(self) -> dict[str, Any]:
         def to_cpu(value: Any) -> Any:
             if isinstance(value, torch.Tensor):

@@ -156,7 +156,7 @@ def test_supervised_gan_trainer_resumes_into_the_same_networks(tmp_path):
     second, g2 = build(2)
     second.run()  # resumes at epoch 1, runs epoch 2
     assert second.state.epoch == 2 and second.state.g_network is g2
-    assert any(not torch.equal(trained[k], v) for k, v in g2.state_dict().items())  # g2 itself trained on
+    assert any(not torch.equal(trained[k], v) for k, v in g2.state_dict().items() if k != "voxel_size")  # g2 itself trained on (NaN != NaN)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from ignite.engine import Engine
 
@@ -131,3 +132,53 @@ def test_every_n_iterations_logs_a_line_every_n():
 
     assert [i for i in range(1, 121) if every_n_iterations(50)(None, i)] == [1, 51, 101]
     assert not any(every_n_iterations(0)(None, i) for i in range(1, 10))
+
+
+def test_checkpoint_is_saved_after_the_epochs_validation_and_pools_are_saved(tmp_path):
+    """Handlers attached after the checkpoint (the validation) run before the save at the epoch's end,
+    so a run killed during a validation redoes it; pools created after attach are saved too."""
+    from ignite.engine import Engine, Events
+
+    from bundle.handlers import ResumableCheckpoint
+    from bundle.image_pool import ImagePool
+
+    engine = Engine(lambda e, b: None)
+    net = torch.nn.Linear(2, 2)
+    ResumableCheckpoint(str(tmp_path), {"net": net}).attach(engine)
+    engine.sharp_pool = ImagePool(pool_size=2, seed=0)  # as CycleGANTrainer: pools after the handlers
+    seen: list[bool] = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append((tmp_path / "checkpoint_2.pt").exists()))
+    engine.run([0, 1], max_epochs=1)
+    assert seen == [False] and (tmp_path / "checkpoint_2.pt").is_file()
+    assert "sharp_pool" in torch.load(tmp_path / "checkpoint_2.pt", weights_only=True)
+
+
+def test_random_states_round_trip_including_transform_generators():
+    import random
+
+    from monai.transforms import Compose, RandFlipd, RandSpatialCropd
+
+    from bundle.handlers import RandomStates, transform_random_states
+
+    class Holder:
+        pass
+
+    Holder.__module__ = "bundle.test"
+    holder = Holder()
+    holder.transform = Compose([RandSpatialCropd("x", (2, 2, 2), random_size=False), RandFlipd("x", prob=0.5)])
+    states = RandomStates(holder)
+    assert len(transform_random_states(holder)) >= 3  # the Compose's and each transform's own generator
+    saved = torch.load(_roundtrip(states.state_dict()), weights_only=True)
+    draws = [random.random(), np.random.rand(), torch.rand(1).item()] + [r.rand() for r in transform_random_states(holder)]
+    states.load_state_dict(saved)
+    again = [random.random(), np.random.rand(), torch.rand(1).item()] + [r.rand() for r in transform_random_states(holder)]
+    assert draws == again
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

@@ -68,38 +68,62 @@ def test_blind_training_keeps_a_valid_psf(tiny_dataset, tmp_path, parameterizati
     assert [e["iteration"] for e in history] == [3, 6]
 
 
-@pytest.mark.slow
-def test_killed_training_resumes_where_it_stopped(tiny_dataset, tmp_path):
-    args = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", QUICK_NONBLIND,
-        "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "eval"), "--epoch_length", "4", "--max_epochs", "30", "--val_interval", "100",
-    ]
-    ckpt_dir = tmp_path / "models/checkpoints"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not list(ckpt_dir.glob("checkpoint_8.pt")):
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    saved = sorted(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("checkpoint_*.pt"))
-    assert saved and max(saved) < 120, "the run was killed before finishing"
-    last = max(saved)
-    state = torch.load(ckpt_dir / f"checkpoint_{last}.pt", map_location="cpu", weights_only=True)
-    assert state["trainer"]["iteration"] == last
+_RUN = """
+import json, os, signal, sys
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+files, overrides, kill_at = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+wf = ConfigWorkflow(config_file=files, workflow_type="train", logging_file=False, **overrides)
+wf.initialize()
+if kill_at:
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=kill_at), lambda _: os.kill(os.getpid(), signal.SIGKILL))
+wf.run()
+"""
 
-    res = run_bundle(
-        "training", QUICK_NONBLIND,
-        "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
-        "--epoch_length", "4", "--max_epochs", str(last // 4 + 2), "--val_interval", "100", "--resume", "true",
-    )
-    log = res.stdout + res.stderr
-    assert f"resumed from {ckpt_dir / f'checkpoint_{last}.pt'} at iteration {last}" in log
-    final = torch.load(ckpt_dir / f"checkpoint_{last + 8}.pt", map_location="cpu", weights_only=True)
-    assert final["trainer"]["iteration"] == last + 8
+
+def _train(files: list[str], overrides: dict, kill_at: int = 0) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _RUN, json.dumps(files), json.dumps(overrides), str(kill_at)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
+    if kill_at == 0:
+        assert res.returncode == 0, res.stderr[-4000:]
+    return res.returncode
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_exactly(tiny_dataset, tmp_path):
+    """SIGKILL at a seeded random iteration, then --resume: the same weights and validation history
+    as the uninterrupted run (image pools, every RNG state, EMA, schedulers, collapse guard restored;
+    a validation cut off by the kill is run again)."""
+    files = [str(ROOT / f) for f in ("configs/common.json", "configs/train.json", "configs/quick.json")]
+    epochs, length = 4, 3
+
+    def overrides(name: str, **extra) -> dict:
+        return {"bundle_root": str(ROOT), "dataset_dir": str(tiny_dataset), "ckpt_dir": str(tmp_path / name / "models"),
+                "output_dir": str(tmp_path / name / "eval"), "max_epochs": epochs, "epoch_length": length,
+                "val_interval": 1, "psf_kernel_size": [15, 15, 15], "progress": False, **extra}  # fmt: skip
+
+    _train(files, overrides("whole"))
+    kill_at = int(np.random.default_rng(20261130).integers(length + 1, epochs * length))  # after the first save
+    assert _train(files, overrides("killed"), kill_at=kill_at) == -signal.SIGKILL
+    saved = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "killed/models/checkpoints").glob("checkpoint_*.pt"))
+    assert saved and max(saved) < epochs * length, "the run finished before it was killed"
+    _train(files, overrides("killed", resume=True))
+
+    def final(name: str) -> dict:
+        return torch.load(tmp_path / name / f"models/checkpoints/checkpoint_{epochs * length}.pt", map_location="cpu",
+                          weights_only=True)  # fmt: skip
+
+    whole, resumed = final("whole"), final("killed")
+    for part in ("g_deblur", "g_deblur_ema", "blur", "d_sharp", "d_blurred"):
+        for key, value in whole[part].items():
+            torch.testing.assert_close(resumed[part][key], value, rtol=0, atol=0, equal_nan=True, msg=f"{part}.{key}")
+    kept = sorted((tmp_path / "killed/models/checkpoints").glob("checkpoint_*.pt"))
+    assert len(kept) == 2  # older checkpoints pruned (n_saved)
+    history = [json.loads((tmp_path / n / "eval/validation.json").read_text()) for n in ("whole", "killed")]
+    assert [e["epoch"] for e in history[1]] == list(range(1, epochs + 1))
+    assert history[1] == history[0]
 
 
 @pytest.mark.slow
