@@ -11,6 +11,7 @@ import tifffile
 
 from bundle.errors import _hook, root_cause
 from bundle.io import save_volume
+
 from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 
