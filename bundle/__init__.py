@@ -7,9 +7,9 @@ after ``"$import bundle"``, so the submodules are imported here.
 
 from bundle import (  # noqa: F401
     data,
-    errors,
     distributed,
     engine,
+    errors,
     evaluate,
     handlers,
     image_pool,

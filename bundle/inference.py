@@ -45,7 +45,15 @@ from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
 from bundle.data import list_volumes
-from bundle.io import SUPPORTED_EXTENSIONS, CheckVoxelSized, LoadVolumed, VolumeError, _extension, load_volume, save_volume, validate_volume
+from bundle.io import (
+    SUPPORTED_EXTENSIONS,
+    LoadVolumed,
+    VolumeError,
+    _extension,
+    load_volume,
+    save_volume,
+    validate_volume,
+)
 
 __all__ = [
     "Deconvolver",

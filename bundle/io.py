@@ -47,7 +47,6 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys, convert_data_type, ensure_tuple
 
-
 logger = logging.getLogger(__name__)
 
 __all__ = [

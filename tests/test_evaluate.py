@@ -105,4 +105,8 @@ def test_a_fixed_psf_is_not_reported_as_learned(tmp_path, parameterization):
     fixed = parameterization == "fixed"
     assert ("## PSF (fixed: non-blind mode)" in report) == fixed
     assert ("## Learned PSF" in report) == (not fixed)
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["psf"]["fixed"] == fixed
+    report_json = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report_json["psf"]["fixed"] == fixed
+    # the faint-structure score is reported per volume and on average
+    row = report_json["volumes"][0]["dim_structure"]["input"]
+    assert set(row) >= {"dim_recall", "dim_precision"} and "Faint structure" in report
