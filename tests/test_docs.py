@@ -12,13 +12,13 @@ import ast
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle.networks import DeblurUNet
+
 from conftest import ROOT
 
 DOCS = ("README.md", "docs/user_guide.md")
