@@ -946,6 +946,8 @@ class CheckVoxelSized(MapTransform):
             return None
         if hasattr(ref, "trained_voxel_size"):  # a DeblurUNet (or anything that knows it)
             return ref.trained_voxel_size
+        if not isinstance(ref, (list, tuple, np.ndarray, torch.Tensor)):
+            return None  # a network that does not know its voxel size (e.g. Richardson-Lucy)
         vs = tuple(float(v) for v in ref)
         return None if any(math.isnan(v) for v in vs) else vs
 
