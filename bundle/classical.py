@@ -124,7 +124,7 @@ class _SpectralBlur:
             lead = x.shape[:-3]
             x = F.pad(x.reshape(-1, 1, *x.shape[-3:]), pads, mode=self.pad_mode)
             x = x.reshape(*lead, *x.shape[-3:])
-        full = self._irfftn(self._rfftn(x.contiguous()) * spectrum)
+        full = self._irfftn(self._rfftn(x.contiguous()).mul_(spectrum))
         d, h, w = self.shape
         return full[..., offset[0] : offset[0] + d, offset[1] : offset[1] + h, offset[2] : offset[2] + w]
 
@@ -328,14 +328,15 @@ def _iterate(
         u = torch.full_like(y, float(init))
     sensitivity = blur.sensitivity(eps) if boundary_correction else None
     for it in range(1, num_iter + 1):
-        correction = blur.adjoint(y / (blur.forward(u) + eps))
+        # in place on the fresh buffers the FFTs return (the same values, less memory traffic)
+        correction = blur.adjoint(torch.div(y, blur.forward(u).add_(eps)))
         if sensitivity is not None:
-            correction = correction / sensitivity
+            correction.div_(sensitivity)
         if tv_weight > 0:
-            correction = correction / (1.0 - tv_weight * _tv_divergence(u, eps))
-        u_new = u * correction
+            correction.div_(1.0 - tv_weight * _tv_divergence(u, eps))
+        u_new = correction.mul_(u)
         if clip_negative:
-            u_new = u_new.clamp(min=0)
+            u_new.clamp_(min=0)
         converged = False
         if stop_tol is not None:
             change = torch.linalg.vector_norm((u_new - u).flatten(-3), dim=-1)
