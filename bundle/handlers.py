@@ -309,6 +309,14 @@ class ResumableCheckpoint:
         engine.add_event_handler(every | Events.COMPLETED, self._save_once, checkpoint)
         if self.resume:
             self.load(engine)
+            # the files of the interrupted run count towards n_saved: the next saves prune them
+            done = engine.state.iteration
+            kept = sorted(
+                (int(m.group(1)), f.name)
+                for f in self._earlier_checkpoints()
+                if (m := re.search(r"_(\d+)\.pt$", f.name)) and int(m.group(1)) <= done
+            )
+            checkpoint.load_state_dict({"_saved": [list(item) for item in kept]})
 
     @staticmethod
     def _save_once(engine: Engine, checkpoint: Checkpoint) -> None:
@@ -556,6 +564,11 @@ class BlurCalibration:
         estimate_noise: set ``noise`` from the data (False keeps the level it was built with, e.g.
             from a camera's known gain and read noise).
         record_path: JSON file for the calibration and noise estimate (e.g. ``<output_dir>/calibration.json``).
+        psf_fit: optional blind PSF estimate run first (e.g.
+            :class:`~bundle.physics.psf_estimation.SpectralPSFFit`): called as
+            ``psf_fit(blur, sharp, blurred)`` on ``max(n_samples, psf_fit.n_samples)`` items when
+            ``psf_fit.fittable(blur)`` (a fixed, non-blind PSF is left as it is); its record is logged
+            and written with the calibration.
     """
 
     def __init__(
@@ -568,8 +581,10 @@ class BlurCalibration:
         noise: torch.nn.Module | None = None,
         estimate_noise: bool = True,
         record_path: str | None = None,
+        psf_fit: Any | None = None,
     ) -> None:
         self.blur = blur
+        self.psf_fit = psf_fit
         self.dataset = dataset
         self.n_samples = int(n_samples)
         self.low_percentile = low_percentile
@@ -584,16 +599,28 @@ class BlurCalibration:
     def __call__(self, engine: Engine) -> None:
         if engine.state.iteration > 0 or not hasattr(self.blur, "calibrate"):
             return
-        items = [self.dataset[i % len(self.dataset)] for i in range(self.n_samples)]
+        fit_psf = self.psf_fit is not None and self.psf_fit.fittable(self.blur)
+        count = max(self.n_samples, self.psf_fit.n_samples) if fit_psf else self.n_samples
+        items = [self.dataset[i % len(self.dataset)] for i in range(count)]
         device = next(self.blur.parameters(), torch.empty(0)).device
         sharp = torch.stack([torch.as_tensor(it["sharp"]) for it in items]).float().to(device)
         blurred = torch.stack([torch.as_tensor(it["blurred"]) for it in items]).float().to(device)
+        record: dict[str, Any] = {}
+        if fit_psf:
+            record["psf_fit"] = self.psf_fit(self.blur, sharp, blurred)
+            logger.info(
+                f"PSF fitted to the power spectra of {count} crops per domain: {record['psf_fit']['before']} -> "
+                f"{record['psf_fit']['after']} (loss {record['psf_fit']['loss_before']:.4f} -> {record['psf_fit']['loss_after']:.4f})"
+            )
+        elif self.psf_fit is not None:
+            logger.info("PSF fit skipped: the blur path's PSF is fixed (non-blind) or has no fitted parameters")
+        sharp, blurred = sharp[: self.n_samples], blurred[: self.n_samples]
         with torch.no_grad():
             result = self.blur.calibrate(
                 sharp, blurred, low_percentile=self.low_percentile, high_percentile=self.high_percentile
             )
         logger.info(f"blur path calibrated from {self.n_samples} samples: {result}")
-        record: dict[str, Any] = {"calibration": result}
+        record["calibration"] = result
         if self.noise is not None and self.estimate_noise:
             from bundle.physics.noise_estimation import estimate_poisson_gaussian
 

@@ -62,7 +62,7 @@ def test_evaluate_report(quick_model, tmp_path):
     # non-blind: the exported blur.tif is the true PSF (on the kernel grid)
     assert report["psf"]["correlation"] > 0.99
     assert report["psf"]["fwhm_um"]["learned"]["z"] > report["psf"]["fwhm_um"]["learned"]["x"]
-    assert "## Learned PSF" in md and "figures/psf.png" in md
+    assert "## PSF (fixed: non-blind mode)" in md and "## Learned PSF" not in md and "figures/psf.png" in md
     _png(out / "figures" / "psf.png", 640)
 
 
