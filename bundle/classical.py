@@ -106,16 +106,38 @@ class _SpectralBlur:
         self.spectrum_conj = self.spectrum.conj()
 
     def _rfftn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_cpu:
-            workers = max(1, torch.get_num_threads())
-            return torch.from_numpy(scipy_fft.rfftn(x.numpy(), s=self.fft_shape, axes=(-3, -2, -1), workers=workers))
-        return torch.fft.rfftn(x, s=self.fft_shape, dim=(-3, -2, -1))
+        """Spectrum at ``fft_shape`` of ``x`` ``(..., a, b, c)`` (zero beyond ``a, b, c``).
 
-    def _irfftn(self, spectrum: torch.Tensor) -> torch.Tensor:
+        Pruned: one axis at a time, last axis first, each pass only over the rows that can be
+        non-zero (the zero padding of the later axes is never transformed). Same values as
+        ``rfftn(x, s=fft_shape)`` at ~75 % of the work for RL's shapes.
+        """
+        d, h, w = self.fft_shape
         if self.on_cpu:
             workers = max(1, torch.get_num_threads())
-            return torch.from_numpy(scipy_fft.irfftn(spectrum.numpy(), s=self.fft_shape, axes=(-3, -2, -1), workers=workers))
-        return torch.fft.irfftn(spectrum, s=self.fft_shape, dim=(-3, -2, -1))
+            a = scipy_fft.rfft(x.numpy(), n=w, axis=-1, workers=workers)
+            a = scipy_fft.fft(a, n=h, axis=-2, workers=workers, overwrite_x=True)
+            return torch.from_numpy(scipy_fft.fft(a, n=d, axis=-3, workers=workers, overwrite_x=True))
+        a = torch.fft.rfft(x, n=w, dim=-1)
+        a = torch.fft.fft(a, n=h, dim=-2)
+        return torch.fft.fft(a, n=d, dim=-3)
+
+    def _irfftn_crop(self, spectrum: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+        """``irfftn(spectrum, s=fft_shape)[..., offset : offset + shape]``, pruned.
+
+        One axis at a time, first axis first, cropping after each pass so the later passes only
+        transform the rows that are kept.
+        """
+        (d, h, w), (od, oh, ow) = self.shape, offset
+        if self.on_cpu:
+            workers = max(1, torch.get_num_threads())
+            a = scipy_fft.ifft(spectrum.numpy(), axis=-3, workers=workers, overwrite_x=True)[..., od : od + d, :, :]
+            a = scipy_fft.ifft(a, axis=-2, workers=workers, overwrite_x=True)[..., oh : oh + h, :]
+            a = scipy_fft.irfft(a, n=self.fft_shape[2], axis=-1, workers=workers)
+            return torch.from_numpy(a)[..., ow : ow + w]
+        a = torch.fft.ifft(spectrum, dim=-3)[..., od : od + d, :, :]
+        a = torch.fft.ifft(a, dim=-2)[..., oh : oh + h, :]
+        return torch.fft.irfft(a, n=self.fft_shape[2], dim=-1)[..., ow : ow + w]
 
     def _apply(
         self, x: torch.Tensor, spectrum: torch.Tensor, pads: list[int], offset: Sequence[int]
@@ -124,9 +146,7 @@ class _SpectralBlur:
             lead = x.shape[:-3]
             x = F.pad(x.reshape(-1, 1, *x.shape[-3:]), pads, mode=self.pad_mode)
             x = x.reshape(*lead, *x.shape[-3:])
-        full = self._irfftn(self._rfftn(x.contiguous()).mul_(spectrum))
-        d, h, w = self.shape
-        return full[..., offset[0] : offset[0] + d, offset[1] : offset[1] + h, offset[2] : offset[2] + w]
+        return self._irfftn_crop(self._rfftn(x.contiguous()).mul_(spectrum), offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A x``: blur ``(..., D, H, W)`` with the PSF."""
