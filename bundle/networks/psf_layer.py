@@ -397,6 +397,37 @@ class PSFLayer(nn.Module):
             ..., offset[0] : offset[0] + n[0], offset[1] : offset[1] + n[1], offset[2] : offset[2] + n[2]
         ]
 
+    @torch.no_grad()
+    def set_na_(self, na: float) -> PSFLayer:
+        """Set the numerical aperture in place (parametric mode, or a kernel module with ``set_na_``)."""
+        if self.parameterization == "module" and hasattr(self.kernel_module, "set_na_"):
+            self.kernel_module.set_na_(na)
+        elif self.parameterization == "parametric":
+            if not 0.0 < na < self.n_immersion:
+                raise ValueError(f"na must be in (0, n_immersion={self.n_immersion}), got {na}")
+            self.na_raw.fill_(math.log(na / (self.n_immersion - na)))
+        else:
+            raise TypeError(f"the {self.parameterization!r} PSF has no NA to set")
+        return self
+
+    @torch.no_grad()
+    def mirror_z_(self) -> PSFLayer:
+        """Mirror the kernel along z in place (the kernel module's ``mirror_z_``; for the Born & Wolf
+        model, negate the defocus; a stored kernel is flipped); returns ``self``."""
+        if self.parameterization == "module":
+            if not hasattr(self.kernel_module, "mirror_z_"):
+                raise TypeError(f"{type(self.kernel_module).__name__} has no mirror_z_")
+            self.kernel_module.mirror_z_()
+        elif self.parameterization == "parametric":
+            self.defocus_raw.neg_()
+        elif self.parameterization == "free":
+            self.weight.copy_(self.weight.flip(0))
+        elif self.parameterization == "constrained":
+            self.logits.copy_(self.logits.flip(0))
+        else:
+            self.fixed_kernel.copy_(self.fixed_kernel.flip(0))
+        return self
+
     # ------------------------------------------------------------------------------------------
     def kernel_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters that shape the kernel (for their own optimiser group / learning rate)."""

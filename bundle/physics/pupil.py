@@ -550,6 +550,31 @@ class VectorialPSFKernel(nn.Module):
         out = F.conv3d(h[None, None], q[None, None], padding=pad)[0, 0]
         return out / out.sum()
 
+    @torch.no_grad()
+    def set_na_(self, na: float) -> VectorialPSFKernel:
+        """Set the numerical aperture in place (inside ``na_bounds``); returns ``self``."""
+        lower, upper = self.na_bounds
+        if not lower < na < upper:
+            raise ValueError(f"na must be inside na_bounds ({lower}, {upper}), got {na}")
+        fraction = (float(na) - lower) / (upper - lower)
+        self.na_raw.fill_(math.log(fraction / (1.0 - fraction)))
+        return self
+
+    @torch.no_grad()
+    def mirror_z_(self) -> VectorialPSFKernel:
+        """Mirror the kernel along z in place; returns ``self``.
+
+        Mirroring the PSF in z conjugates the pupil's phase, so it negates every aberration and the
+        defocus (exact for this model); the residual kernel, if any, is flipped in z. Used to pick
+        the sign of the aberrations that a power spectrum cannot see
+        (:class:`~bundle.physics.psf_estimation.SpectralPSFFit`).
+        """
+        for name in ("spherical_raw", "secondary_spherical_raw", "defocus_raw"):
+            getattr(self, name).neg_()
+        if self.residual_size is not None:
+            self.residual_logits.copy_(self.residual_logits.flip(0))
+        return self
+
     def physical_parameters(self) -> dict[str, float]:
         """Current ``na``, ``wavelength`` (µm), ``spherical``, ``secondary_spherical`` (waves rms),
         ``defocus`` (µm) and, with a residual, ``residual_centre`` (its centre weight; 1 = identity),
