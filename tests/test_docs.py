@@ -82,6 +82,7 @@ def test_every_shown_override_is_a_config_id(doc, run_id, files, overrides):
 GROUPS = [
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/quick.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/paper_recipe.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
     ["configs/common.json", "configs/train.json", "configs/train_supervised.json", "configs/train_supervised_gan.json"],
     ["configs/common.json", "configs/train.json", "configs/train_conventional.json", "configs/multi_gpu_train.json"],
     ["configs/common.json", "configs/inference.json", "configs/inference_rl.json", "configs/evaluate.json"],
@@ -156,3 +157,6 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
     wf.run()
     out = tmp_path / ("sim" if run_id == "simulate" else "out")
     assert out.is_dir() and any(out.rglob("*")), f"{doc}: {run_id} wrote nothing"
+    if any(f.endswith("psf_fit.json") for f in files):  # the PSF was fitted before training, and recorded
+        record = json.loads((out / "calibration.json").read_text())
+        assert record["psf_fit"]["loss_after"] <= record["psf_fit"]["loss_before"], record["psf_fit"]
