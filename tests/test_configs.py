@@ -42,6 +42,41 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         assert {n for n, p in blur.kernel_module.named_parameters() if p.requires_grad} >= {"na_raw"}
 
 
+@pytest.mark.parametrize(
+    "files,overrides,message",
+    [
+        (["configs/train.json"], {"mode": "nonblind"}, "add configs/train_nonblind.json"),
+        (["configs/train.json", "configs/train_nonblind.json"], {"mode": "blind"}, "without configs/train_nonblind.json"),
+        (["configs/train.json"], {"mode": "conventional"}, "add configs/train_conventional.json"),
+        (["configs/train.json"], {"mode": "supervised"}, "add configs/train_supervised.json"),
+        (["configs/train.json"], {"mode": "nonblnd"}, "is not one of"),
+    ],
+)
+def test_a_declared_mode_that_the_configs_do_not_build_is_refused(files, overrides, message, tiny_dataset):
+    """``--mode nonblind`` on the blind list trained blind without a word; now it stops before training."""
+    wf = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in ["configs/common.json", *files]], logging_file=False, workflow_type="train",
+        bundle_root=str(ROOT), dataset_dir=str(tiny_dataset), psf_kernel_size=[15, 15, 15], **overrides,
+    )  # fmt: skip
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    chain, exc = [], info.value
+    while exc is not None:  # MONAI wraps it in "Failed to evaluate ConfigExpression" (the CLI prints the cause last)
+        chain.append(str(exc))
+        exc = exc.__cause__
+    assert any(message in m for m in chain), chain
+
+
+@pytest.mark.parametrize("extra", [[], ["configs/train_nonblind.json"], ["configs/train_conventional.json"],
+                                   ["configs/train_supervised.json"], ["configs/train_supervised.json", "configs/train_supervised_gan.json"]])  # fmt: skip
+def test_every_shipped_mode_passes_its_own_check(extra, tiny_dataset):
+    wf = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in ["configs/common.json", "configs/train.json", *extra]], logging_file=False,
+        workflow_type="train", bundle_root=str(ROOT), dataset_dir=str(tiny_dataset), psf_kernel_size=[15, 15, 15],
+    )  # fmt: skip
+    wf.initialize()  # runs bundle.engine.check_mode first
+
+
 def test_paths_default_to_bundle_root():
     common = json.loads((ROOT / "configs/common.json").read_text())
     for key in ("dataset_dir", "output_dir", "ckpt_dir"):
