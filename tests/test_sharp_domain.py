@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigWorkflow
+
+from bundle.io import load_volume, save_volume
+from bundle.metrics import affine_fit, psnr
+from bundle.ops import fft_convolve
+from bundle.physics.forward import add_noise
+from bundle.physics.phantom import vesicle_phantom
+from bundle.physics.psf import vectorial_psf
+from bundle.sharp_domain import ClassicalSharpDomain
+
+from conftest import ROOT
+
+OPTICS = {"na": 1.3, "n_immersion": 1.515, "wavelength": 0.52}
+VOXEL = (0.15, 0.1, 0.1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A blurred, noisy 16x40x40 stack made with the optics the component is given, and its truth."""
+    folder = tmp_path_factory.mktemp("own_stacks")
+    truth = vesicle_phantom((16, 40, 40), n_vesicles=2, n_puncta=10, seed=3)
+    psf = vectorial_psf((11, 15, 15), voxel_size=VOXEL, **OPTICS)
+    blurred = fft_convolve(torch.from_numpy(truth)[None, None], torch.from_numpy(psf), pad_mode="reflect")[0, 0].numpy()
+    noisy, _ = add_noise(blurred, 25.0, seed=0)
+    save_volume(folder / "cell_01.tif", (noisy * 1000 + 100).astype(np.float32), voxel_size=VOXEL)
+    return folder, truth, float(((noisy - blurred) * 1000).var())
+
+
+def _score(volume: np.ndarray, truth: np.ndarray) -> float:
+    t = torch.from_numpy(truth).double()
+    return float(psnr(affine_fit(torch.from_numpy(volume).double()[None], t[None])[0].float(), t.float()))
+
+
+def test_deconvolves_stops_on_the_noise_level_and_caches(stack, tmp_path):
+    folder, truth, noise_variance = stack
+    domain = ClassicalSharpDomain(folder, str(tmp_path / "cache"), psf_shape=(11, 15, 15), max_iter=150, progress=False, **OPTICS)
+    (path,) = domain.files()
+    record = json.loads((tmp_path / "cache" / (path.split("/")[-1][:-4] + ".json")).read_text())
+    assert record["stopped_by"] in ("discrepancy", "stalled") and 5 <= record["iterations"] < 150, record
+    assert 0.7 < record["noise_variance"] / noise_variance < 1.3  # the stack's own noise, estimated
+    assert 0.6 < record["misfit"] / noise_variance < 1.3  # stopped at the noise level, not fitting the noise
+    sharp, meta = load_volume(path)
+    assert meta["voxel_size"] == pytest.approx(VOXEL)  # read from the file, carried through
+    blurred, _ = load_volume(folder / "cell_01.tif")
+    assert _score(sharp, truth) > _score(blurred, truth) + 1.0
+    # unchanged source and settings: the cached volume is reused, not recomputed
+    mtime = (tmp_path / "cache").joinpath(path.split("/")[-1]).stat().st_mtime_ns
+    assert domain.files() == [path]
+    assert (tmp_path / "cache").joinpath(path.split("/")[-1]).stat().st_mtime_ns == mtime
+    # other settings: recomputed
+    other = ClassicalSharpDomain(folder, str(tmp_path / "cache"), psf_shape=(11, 15, 15), max_iter=3, min_iter=3, progress=False, **OPTICS)
+    other.files()
+    assert json.loads((tmp_path / "cache" / (path.split("/")[-1][:-4] + ".json")).read_text())["iterations"] == 3
+
+
+def test_bad_stacks_are_named(tmp_path):
+    bad = np.ones((8, 16, 16), np.float32)
+    bad[2, 3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", bad)
+    with pytest.raises(ValueError, match="nan.tif: volume contains 1 NaN"):
+        ClassicalSharpDomain(str(tmp_path / "nan.tif"), str(tmp_path / "c"), psf_shape=(5, 5, 5), progress=False).files()
+    tifffile.imwrite(tmp_path / "flat.tif", np.ones((8, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="flat.tif: volume is constant"):
+        ClassicalSharpDomain(str(tmp_path / "flat.tif"), str(tmp_path / "c"), psf_shape=(5, 5, 5), progress=False).files()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ClassicalSharpDomain(str(tmp_path / "missing"), str(tmp_path / "c"), progress=False).files()
+    with pytest.raises(ValueError, match="min_iter"):
+        ClassicalSharpDomain(str(tmp_path), str(tmp_path / "c"), min_iter=5, max_iter=2)
+
+
+def test_the_config_trains_against_the_deconvolved_stacks(tiny_dataset, tmp_path):
+    files = ["configs/common.json", "configs/train.json", "configs/sharp_from_rl.json"]
+    wf = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in files], logging_file=False, workflow_type="train", bundle_root=str(ROOT),
+        dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / "eval"), ckpt_dir=str(tmp_path / "models"),
+        psf_kernel_size=[9, 9, 9], **{"sharp_domain#max_iter": 5},
+    )  # fmt: skip
+    wf.initialize()
+    dataset = wf.parser.get_parsed_content("train#dataset")
+    made = sorted((tmp_path / "eval/sharp_domain").glob("*.tif"))
+    blurred = sorted((tiny_dataset / "train/blurred").glob("*.tif"))
+    assert len(made) == len(blurred) > 0
+    item = dataset[0]
+    assert set(item) >= {"sharp", "blurred"} and item["sharp"].shape == item["blurred"].shape
