@@ -469,16 +469,14 @@ def save_orthoslices(
         voxel_size: ``(z, y, x)`` for the aspect ratio.
         title: one title, or one per volume.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot, no process-wide backend switch
 
     path = Path(path)
     volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
     titles = [title] * len(volumes) if isinstance(title, str) else list(title)
     vz, vy, vx = voxel_size
-    fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3.2 * len(volumes)), squeeze=False)
+    fig = Figure(figsize=(9, 3.2 * len(volumes)))
+    axes = fig.subplots(len(volumes), 3, squeeze=False)
     for row, vol, name in zip(axes, volumes, titles):
         z, y, x = (s // 2 for s in vol.shape)
         views = [
@@ -491,10 +489,7 @@ def save_orthoslices(
             ax.set_title(f"{name} {view}".strip())
             ax.axis("off")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     return path
 
 

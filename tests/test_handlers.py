@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +185,16 @@ def _roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
+    """A library call must not switch the process's backend (a napari/Qt session would lose its own)."""
+    code = (
+        "import matplotlib, numpy as np\n"
+        "from bundle.handlers import save_orthoslices\n"
+        f"save_orthoslices(np.random.rand(8, 16, 16), r'{tmp_path / 'f.png'}', voxel_size=(0.2, 0.1, 0.1))\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MPLBACKEND": "svg"}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().lower() == "svg"
+    assert (tmp_path / "f.png").stat().st_size > 1000
