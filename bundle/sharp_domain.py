@@ -11,6 +11,9 @@ NA, aberrations, a background the model lacks), at the first iteration where the
 (relative decrease below ``stall_tol``). No ground truth is needed. Results are cached next to a record of
 how they were made, and reused while the source file and the settings are unchanged.
 
+:class:`SimulatedSharpDomain` instead renders the bundle's phantoms (filaments or vesicles and
+puncta) at the user's voxel size, with their physical sizes kept.
+
 In a config (``configs/sharp_from_rl.json``)::
 
     "sharp_domain": {"_target_": "bundle.sharp_domain.ClassicalSharpDomain", "blurred_dir": ..., ...},
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ClassicalSharpDomain"]
+__all__ = ["ClassicalSharpDomain", "SimulatedSharpDomain"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +197,89 @@ class ClassicalSharpDomain:
             "misfit_history": history,
         }
 
+
+class SimulatedSharpDomain:
+    """Sharp-domain volumes rendered by the bundle's simulator at the data's voxel size (cached).
+
+    Physical sizes are kept whatever the voxel size: filaments of 0.1 µm Gaussian radius and 3 µm
+    persistence length (``"microtubules"``), shells of 0.3–0.9 µm radius and puncta of 60–120 nm
+    (``"vesicles"``), converted to voxels per axis. Intensities are in [0, 1]; the training
+    normalisation matches the two domains' scales. The number of structures follows the phantom
+    functions' defaults (density per voxel at 0.1 µm voxels, rescaled to the volume's physical size).
+
+    Args:
+        cache_dir: where ``sharp_sim_<i>.tif`` are written (reused while the settings are unchanged).
+        phantom_model: ``"microtubules"`` or ``"vesicles"`` (:data:`bundle.physics.phantom.PHANTOM_MODELS`).
+        n_volumes: how many volumes.
+        shape: ``(Z, Y, X)`` voxels of each volume.
+        voxel_size: ``(z, y, x)`` µm.
+        seed: seed of the first volume (volume ``i`` uses ``seed + i``).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        phantom_model: str = "microtubules",
+        n_volumes: int = 8,
+        shape: Sequence[int] = (32, 128, 128),
+        voxel_size: Sequence[float] = (0.1, 0.1, 0.1),
+        seed: int = 0,
+    ) -> None:
+        from bundle.physics.phantom import PHANTOM_MODELS
+
+        if phantom_model not in PHANTOM_MODELS:
+            raise ValueError(f"unknown phantom_model {phantom_model!r}; choose one of {sorted(PHANTOM_MODELS)}")
+        if int(n_volumes) < 1:
+            raise ValueError(f"n_volumes must be >= 1, got {n_volumes}")
+        self.cache_dir = Path(cache_dir)
+        self.phantom_model = phantom_model
+        self.n_volumes = int(n_volumes)
+        self.shape = tuple(int(s) for s in shape)
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        if len(self.shape) != 3 or len(self.voxel_size) != 3 or min(self.voxel_size) <= 0:
+            raise ValueError(f"need a 3D shape and positive voxel sizes, got {shape}, {voxel_size}")
+        self.seed = int(seed)
+
+    def phantom_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of the phantom function for this voxel size (sizes in voxels)."""
+        vz, vy, vx = self.voxel_size
+        lateral = (vy + vx) / 2
+        volume_um3 = np.prod(self.shape) * vz * vy * vx
+        per_reference_voxel = volume_um3 / 1e-3  # the phantoms' default densities are per (0.1 µm)³ voxel
+        if self.phantom_model == "microtubules":
+            return {
+                "radius": (0.1 / vz, 0.1 / vy, 0.1 / vx),
+                "persistence_length": 3.0 / lateral,
+                "n_filaments": max(1, round(28 * per_reference_voxel / (64 * 128 * 128))),
+            }
+        return {
+            "radius_range": (0.3 / lateral, 0.9 / lateral),
+            "shell_width": 0.08 / lateral,
+            "punctum_radius_range": (0.06 / lateral, 0.12 / lateral),
+            "z_scale": vz / lateral,
+            "n_vesicles": max(1, round(per_reference_voxel / 40000)),
+            "n_puncta": max(1, round(per_reference_voxel / 5000)),
+        }
+
+    def files(self) -> list[str]:
+        """Render the volumes not yet in the cache; return their paths."""
+        from bundle.io import atomic_write_text, save_volume
+        from bundle.physics.phantom import make_phantom
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        stamp = {"phantom_model": self.phantom_model, "shape": list(self.shape), "voxel_size": list(self.voxel_size),
+                 "seed": self.seed, "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in self.phantom_arguments().items()}}  # fmt: skip
+        record = self.cache_dir / "sharp_sim.json"
+        try:
+            same = json.loads(record.read_text()) == stamp if record.is_file() else False
+        except ValueError:
+            same = False
+        out = []
+        for i in range(self.n_volumes):
+            path = self.cache_dir / f"sharp_sim_{i:03d}.tif"
+            if not (same and path.is_file()):
+                volume = make_phantom(self.phantom_model, shape=self.shape, seed=self.seed + i, **self.phantom_arguments())
+                save_volume(path, np.asarray(volume, dtype=np.float32), voxel_size=self.voxel_size)
+            out.append(str(path))
+        atomic_write_text(record, json.dumps(stamp, indent=2))
+        return out
