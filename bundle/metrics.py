@@ -8,9 +8,17 @@ intensity scaling, so that a method cannot beat the input by a mere rescaling.
 from __future__ import annotations
 
 import torch
-from monai.metrics import PSNRMetric, SSIMMetric
+from monai.metrics import CumulativeIterationMetric, PSNRMetric, SSIMMetric
 
-__all__ = ["affine_fit", "psnr", "ssim", "dim_structure", "AffineFitPSNRMetric", "AffineFitSSIMMetric"]
+__all__ = [
+    "affine_fit",
+    "psnr",
+    "ssim",
+    "dim_structure",
+    "AffineFitPSNRMetric",
+    "AffineFitSSIMMetric",
+    "DataConsistencyMetric",
+]
 
 
 def affine_fit(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -118,3 +126,48 @@ class AffineFitSSIMMetric(SSIMMetric):
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
         return super()._compute_tensor(affine_fit(y_pred, y), y)
+
+
+class DataConsistencyMetric(CumulativeIterationMetric):
+    """No-reference score: the output re-blurred, against the input, in units of the noise variance.
+
+    ``mean((y − h(G(y)))²) / mean(var(h(G(y))))`` per volume, with ``h`` the blur path (PSF layer,
+    with its gain and offset) and ``var`` the blur path's Poisson–Gaussian noise model
+    (``inv_photons · max(h(G(y)) − black_level, 0) + sigma²``). About 1 when G's output explains
+    the blurred input to its noise level; above 1 when it lost structure (or the PSF is wrong); below
+    1 when it fits the noise. Needs no ground truth, so it can be logged on held-out blurred stacks
+    (the own-data workflow); it ignores the label. Written here because MONAI's metrics all compare
+    with a reference.
+
+    Args:
+        blur: the PSF layer ``h`` (``(B, 1, D, H, W) → (B, 1, D, H, W)``); ``None`` (supervised
+            training has no blur path): the score is NaN.
+        noise: the blur path's :class:`~bundle.networks.PoissonGaussianNoise` (``None``: variance 1,
+            i.e. the plain mean squared misfit).
+    """
+
+    def __init__(self, blur: torch.nn.Module | None, noise: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.blur = blur
+        self.noise = noise
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+        """``y_pred``: G's output ``(B, 1, D, H, W)``; ``y``: the blurred input it was computed from."""
+        if self.blur is None:
+            return torch.full((y.shape[0], 1), float("nan"), dtype=torch.float64)
+        device = next(self.blur.parameters(), torch.empty(0)).device
+        with torch.no_grad():
+            reblurred = self.blur(y_pred.to(device=device, dtype=torch.float32)).to(y.device, torch.float64)
+        misfit = ((y.double() - reblurred) ** 2).flatten(1).mean(dim=1)
+        if self.noise is None:
+            return misfit[:, None]
+        inv_photons, sigma, black = (float(getattr(self.noise, n)) for n in ("inv_photons", "sigma", "black"))
+        variance = (inv_photons * (reblurred - black).clamp(min=0) + sigma**2).flatten(1).mean(dim=1)
+        return (misfit / variance.clamp(min=1e-12))[:, None]
+
+    def aggregate(self) -> torch.Tensor:
+        """Mean over the volumes seen."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor")
+        return data.float().mean()

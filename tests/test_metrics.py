@@ -56,3 +56,25 @@ def test_dim_structure_on_a_hand_made_case():
     assert scores["dim_precision"] == pytest.approx(4 / 5)
     perfect = dim_structure(truth * 3.0 + 1.0, truth)  # the affine fit undoes a scaling
     assert perfect["dim_recall"] == pytest.approx(1.0) and perfect["dim_precision"] == pytest.approx(1.0)
+
+
+def test_data_consistency_is_one_at_the_truth_and_above_one_for_the_input():
+    """No reference: re-blurring the true object explains the blurred stack to its noise level."""
+    from bundle.metrics import DataConsistencyMetric
+    from bundle.networks import PoissonGaussianNoise, PSFLayer
+
+    torch.manual_seed(0)
+    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2), gain=2.0, offset=0.05)
+    noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.01)
+    x = (torch.rand(2, 1, 16, 24, 24) > 0.97).float()
+    with torch.no_grad():
+        y = noise(blur(x))
+    metric = DataConsistencyMetric(blur=blur, noise=noise)
+    at_truth = float(metric(x, y).mean())
+    at_input = float(DataConsistencyMetric(blur=blur, noise=noise)(y, y).mean())
+    assert 0.85 < at_truth < 1.15
+    assert at_input > 1.5 * at_truth  # the blurred input does not explain itself once re-blurred
+    metric.reset()
+    metric(x, y)
+    assert float(metric.aggregate()) == pytest.approx(at_truth, rel=1e-4)
+    assert torch.isnan(DataConsistencyMetric(blur=None)(x, y)).all()  # supervised: no blur path
