@@ -98,6 +98,21 @@ def _transfer_power(h: torch.Tensor, shape: Sequence[int], mats: Sequence[torch.
     return spectrum.abs() ** 2
 
 
+def _fit_scale_noise(
+    model_power: torch.Tensor, log_target: torch.Tensor, log_scale: torch.Tensor, log_noise: torch.Tensor, steps: int
+) -> float:
+    """Adam on ``log_scale`` / ``log_noise`` (in place) for ``log(e^{2 a} · model_power + e^s) ≈ log_target``
+    with the PSF held (``model_power`` = ``|H|² P_sharp`` per bin, computed once); returns the final loss."""
+    with torch.enable_grad():
+        opt = torch.optim.Adam([log_scale, log_noise], lr=0.1)
+        for _ in range(max(1, steps)):
+            opt.zero_grad()
+            loss = ((torch.log(torch.exp(2 * log_scale) * model_power + torch.exp(log_noise)) - log_target) ** 2).mean()
+            loss.backward()
+            opt.step()
+    return float(loss.detach())
+
+
 class SpectralPSFFit:
     """Fit a PSF layer's kernel parameters to the power spectra of unpaired sharp and blurred crops.
 
@@ -234,17 +249,14 @@ class SpectralPSFFit:
         if fit_spherical and float(kernel_module.spherical.detach()) == 0.0:
             with torch.no_grad():
                 spherical_raw.fill_(math.atanh(self.aberration_sign * self.seed_aberration / kernel_module.aberration_bound))
-        with torch.enable_grad():
-            pre = torch.optim.Adam([log_scale, log_noise], lr=0.1)
-            for _ in range(max(1, self.steps // 2)):
-                pre.zero_grad()
-                loss = loss_fn()
-                loss.backward()
-                pre.step()
-        start_loss = float(loss_fn().detach())
+        def model_power() -> torch.Tensor:  # |H|² P_sharp per bin for the current (held) kernel
+            with torch.no_grad():
+                return binned(_transfer_power(blur.kernel(), shape, mats))[valid] * bx[valid]
+
+        start_loss = _fit_scale_noise(model_power(), log_by, log_scale, log_noise, self.steps // 2)
         record_grid = None
         if self.na_grid and hasattr(blur, "set_na_") and "na" in before:
-            record_grid = self._grid_start(blur, bx, by, valid, binned, shape, mats, log_scale, log_noise)
+            record_grid = self._grid_start(blur, model_power, log_by, log_scale, log_noise)
         with torch.enable_grad():
             kernel_params = [
                 p for p in blur.kernel_parameters() if p.requires_grad and (fit_spherical or p is not spherical_raw)
@@ -257,7 +269,8 @@ class SpectralPSFFit:
                 opt.step()
         for p, g in zip(all_kernel_params, saved_grads, strict=True):
             p.grad = g
-        final_loss = float(loss_fn().detach())
+        with torch.no_grad():
+            final_loss = float(loss_fn())
         record: dict[str, Any] = {
             "loss_before": start_loss,
             "loss_after": final_loss,
@@ -279,10 +292,9 @@ class SpectralPSFFit:
         params = blur.physical_parameters() if hasattr(blur, "physical_parameters") else {}
         return {k: v for k, v in params.items() if k not in ("gain", "offset")}
 
-    def _grid_start(self, blur, bx, by, valid, binned, shape, mats, log_scale, log_noise) -> dict[str, Any]:  # noqa: ANN001
+    def _grid_start(self, blur, model_power, log_by, log_scale, log_noise) -> dict[str, Any]:  # noqa: ANN001
         """Try ``na_grid`` NAs (scale and noise floor fitted for each, PSF held) and the current one;
         leave the layer at the best, with ``log_scale`` / ``log_noise`` at its values."""
-        log_by = torch.log(by[valid])
         n_imm = float(getattr(blur, "n_immersion", None) or blur.kernel_module.n_immersion)
         low, high = self.na_range
         current = float(self._parameters(blur)["na"])
@@ -294,17 +306,9 @@ class SpectralPSFFit:
                 blur.set_na_(na)
             except ValueError:  # outside this kernel's bounds
                 continue
-            with torch.no_grad():
-                bh = binned(_transfer_power(blur.kernel(), shape, mats))[valid] * bx[valid]
             a, s = start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)
-            with torch.enable_grad():
-                opt = torch.optim.Adam([a, s], lr=0.1)
-                for _ in range(max(1, self.steps // 2)):
-                    opt.zero_grad()
-                    loss = ((torch.log(torch.exp(2 * a) * bh + torch.exp(s)) - log_by) ** 2).mean()
-                    loss.backward()
-                    opt.step()
-            results.append((float(loss.detach()), na, float(a.detach()), float(s.detach())))
+            loss = _fit_scale_noise(model_power(), log_by, a, s, self.steps // 2)
+            results.append((loss, na, float(a.detach()), float(s.detach())))
         best = min(results)
         blur.set_na_(best[1])
         with torch.no_grad():
