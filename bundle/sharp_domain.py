@@ -141,9 +141,8 @@ class ClassicalSharpDomain:
         key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
         target = self.cache_dir / f"{name}_{key}.tif"
         record_path = self.cache_dir / f"{name}_{key}.json"
-        volume, meta = load_volume(str(source), dtype=np.float32)
-        voxel_size = meta.get("voxel_size") or self.voxel_size
-        stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **self._settings(voxel_size)}
+        # the file's voxel size is covered by its size and mtime: the cache is checked before reading it
+        stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **self._settings(self.voxel_size)}
         if target.is_file() and record_path.is_file():
             try:
                 record = json.loads(record_path.read_text())
@@ -151,9 +150,12 @@ class ClassicalSharpDomain:
                 record = {}
             if record.get("stamp") == stamp:
                 return target
+        volume, meta = load_volume(str(source), dtype=np.float32)
+        voxel_size = meta.get("voxel_size") or self.voxel_size
         y = np.clip(volume - np.percentile(volume, self.background_percentile), 0.0, None)
         record = self._deconvolve(source, volume, y, voxel_size, target)
         record["stamp"] = stamp
+        record["voxel_size"] = [float(v) for v in voxel_size]
         atomic_write_text(record_path, json.dumps(record, indent=2))
         logger.info(f"{source.name}: Richardson-Lucy stopped at iteration {record['iterations']} ({record['stopped_by']})")
         return target
@@ -161,9 +163,8 @@ class ClassicalSharpDomain:
     def _deconvolve(
         self, source: Path, raw: np.ndarray, y: np.ndarray, voxel_size: Sequence[float], target: Path
     ) -> dict[str, Any]:
-        from bundle.classical import richardson_lucy
+        from bundle.classical import _SpectralBlur, richardson_lucy
         from bundle.io import save_volume
-        from bundle.ops import fft_convolve
         from bundle.physics.noise_estimation import estimate_poisson_gaussian
 
         try:  # on the raw stack: the background subtraction clips the dark voxels' noise
@@ -175,8 +176,10 @@ class ClassicalSharpDomain:
         yt = torch.from_numpy(y)
         history: list[float] = []
 
+        blur = _SpectralBlur(psf, y.shape, "reflect")  # the kernel's spectrum once, not per iteration
+
         def stop(it: int, estimate: torch.Tensor) -> bool:
-            misfit = float(((yt - fft_convolve(estimate.float(), psf, pad_mode="reflect")) ** 2).mean())
+            misfit = float(((yt - blur.forward(estimate.float())) ** 2).mean())
             stalled = bool(history) and (history[-1] - misfit) < self.stall_tol * misfit
             history.append(misfit)
             return it >= self.min_iter and (misfit <= self.discrepancy * variance or stalled)
