@@ -19,14 +19,36 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from bundle.io import atomic_write_text
 
-__all__ = ["constant_then_linear_decay", "LinearDecay", "CollapseGuard"]
+__all__ = ["constant_then_linear_decay", "LinearDecay", "CollapseGuard", "WeightAverage"]
 
 logger = logging.getLogger(__name__)
+
+
+class WeightAverage(EMAHandler):
+    """ignite's :class:`~ignite.handlers.EMAHandler` that also accepts ``momentum=1``: no averaging.
+
+    ``ema = (1 - momentum) * ema + momentum * weights`` after every iteration; ignite refuses
+    ``momentum >= 1``, but the paper's recipe (``configs/paper_recipe.json``) validates and saves the raw
+    weights, i.e. ``momentum=1``: the "average" is then a copy of the current weights, kept by the same
+    code path (same checkpoint keys, same validation network) as the averaged default.
+
+    Args:
+        model: the network whose weights are averaged (``g_deblur``).
+        momentum: weight of the current weights in ``(0, 1]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, momentum: float = 0.0002) -> None:
+        momentum = float(momentum)
+        if not 0 < momentum <= 1:
+            raise ValueError(f"ema_momentum must be in (0, 1] (1: no averaging), got {momentum}")
+        super().__init__(model, momentum=min(momentum, 0.5))
+        self.momentum = momentum
 
 
 class LinearDecay:

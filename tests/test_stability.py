@@ -8,7 +8,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from bundle.stability import CollapseGuard, constant_then_linear_decay
+from bundle.stability import CollapseGuard, WeightAverage, constant_then_linear_decay
 
 
 def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
@@ -69,3 +69,31 @@ def test_collapse_guard_restores_the_last_good_state_on_a_forced_collapse(tmp_pa
         bad = Engine(lambda e, b: None)
         bad.state.metrics = {"val_psnr": 1.0}
         guard(bad)
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.25])
+def test_weight_average_accepts_momentum_one_as_no_averaging(momentum):
+    """``configs/paper_recipe.json`` sets ``ema_momentum`` 1 (raw weights); ignite's EMAHandler refused it."""
+    net = torch.nn.Linear(3, 2)
+    ema = WeightAverage(net, momentum=momentum)
+
+    def step(_engine, _batch):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+
+    engine = Engine(step)
+    ema.attach(engine)
+    before = [p.detach().clone() for p in ema.ema_model.parameters()]
+    engine.run([0], max_epochs=1)
+    for b, e, w in zip(before, ema.ema_model.parameters(), net.parameters(), strict=True):
+        expected = (1 - momentum) * b + momentum * w.detach()
+        torch.testing.assert_close(e.detach(), expected)
+    if momentum == 1.0:
+        assert all(torch.equal(e, w) for e, w in zip(ema.ema_model.parameters(), net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.5])
+def test_weight_average_refuses_momentum_outside_zero_one(momentum):
+    with pytest.raises(ValueError, match="ema_momentum"):
+        WeightAverage(torch.nn.Linear(2, 2), momentum=momentum)
