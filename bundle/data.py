@@ -7,6 +7,7 @@ random crop of a random X volume with a random crop of a random Y volume, drawn 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ from monai.transforms import (
 )
 
 from bundle.io import CheckVoxelSized, LoadVolumed
+
+logger = logging.getLogger(__name__)
 from bundle.sampling import ForegroundWeightd
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "unpaired_dataset",
     "paired_train_transforms",
     "paired_dataset",
+    "validation_datalist",
 ]
 
 VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -71,7 +75,7 @@ def list_volumes(source: str | Sequence[str]) -> list[str]:
     return sorted(files)
 
 
-def paired_datalist(image_dir: str, label_dir: str | None = None) -> list[dict[str, str]]:
+def paired_datalist(image_dir: str | Sequence[str], label_dir: str | None = None) -> list[dict[str, str]]:
     """``[{"image": blurred, "label": ground_truth}, ...]`` matched by file name (label optional).
 
     Raises:
@@ -87,6 +91,26 @@ def paired_datalist(image_dir: str, label_dir: str | None = None) -> list[dict[s
             raise FileNotFoundError(f"{label}: ground truth for {f} is missing")
         items.append({"image": f, "label": label})
     return items
+
+
+def validation_datalist(
+    image_dir: str | Sequence[str], label_dir: str | None = None, required: bool = False
+) -> list[dict[str, str]]:
+    """Validation items like :func:`paired_datalist`, optional: ``[]`` when ``image_dir`` does not exist.
+
+    Training without validation data is allowed (own stacks, no held-out set): the evaluator then
+    skips its runs and :class:`bundle.handlers.ModelWithoutValidation` writes the last model and says
+    so. A folder that exists but is empty, or whose ground truth is incomplete, is still an error.
+
+    Args:
+        image_dir: blurred validation stacks (folder, glob, file or list).
+        label_dir: their ground truth, matched by name (None: no labels, for no-reference metrics).
+        required: raise instead of returning ``[]`` when ``image_dir`` is missing.
+    """
+    if isinstance(image_dir, str) and not required and not os.path.exists(image_dir) and not any(c in image_dir for c in "*?["):
+        logger.warning(f"{image_dir}: no validation folder; training runs without validation")
+        return []
+    return paired_datalist(image_dir, label_dir)
 
 
 def normalize_transforms(
@@ -119,13 +143,14 @@ def paired_transforms(
     image_percentiles: Sequence[float] = (0.1, 99.9),
     label_percentiles: Sequence[float] = (0.0, 99.99),
     clip: bool = True,
+    with_label: bool = True,
 ) -> Compose:
     """Validation/test pipeline: blurred ``"image"`` normalised like the blurred domain, ``"label"``
     (ground truth) like the sharp domain; both ``(1, Z, Y, X)`` float32 in [0, 1].
+    ``with_label=False``: items have no ground truth (no-reference validation on held-out stacks).
     """
-    return Compose(
-        normalize_transforms(("image",), image_percentiles, clip) + normalize_transforms(("label",), label_percentiles, clip)
-    )
+    label = normalize_transforms(("label",), label_percentiles, clip) if with_label else []
+    return Compose(normalize_transforms(("image",), image_percentiles, clip) + label)
 
 
 def augment_transforms(

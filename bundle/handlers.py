@@ -29,6 +29,7 @@ __all__ = [
     "every_n_iterations",
     "ResumableCheckpoint",
     "BestModelSaver",
+    "ModelWithoutValidation",
     "PSFSnapshot",
     "ValidationHistory",
     "BlurCalibration",
@@ -387,6 +388,7 @@ class BestModelSaver:
         self.companions = {k: v for k, v in (companions or {}).items() if v is not None}
         self.filename = filename
         self.best: float | None = None
+        self.written = False
 
     @property
     def record_path(self) -> Path:
@@ -415,15 +417,64 @@ class BestModelSaver:
         if self.best is not None and not score > self.best:
             return
         self.best = score
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+        # a validator run by ValidationHandler carries the trainer's epoch
+        self.write({"metric": name, "score": score, "epoch": engine.state.epoch, "metrics": metrics})
+        logger.info(f"best {name} {score:.4f}: saved {self.save_dir / self.filename}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write the network, its companions and ``record`` (the ``model.json``), each atomically."""
         atomic_torch_save(self.network.state_dict(), self.save_dir / self.filename)
         for key, module in self.companions.items():
             atomic_torch_save(module.state_dict(), self.save_dir / f"{key}.pt")
             if hasattr(module, "export"):
                 module.export(str(self.save_dir / f"{key}.tif"), str(self.save_dir / f"{key}.json"))
-        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, torch.Tensor))}
-        # a validator run by ValidationHandler carries the trainer's epoch
-        _atomic_json({"metric": name, "score": score, "epoch": engine.state.epoch, "metrics": metrics}, self.record_path)
-        logger.info(f"best {name} {score:.4f}: saved {self.save_dir / self.filename}")
+        _atomic_json(record, self.record_path)
+        self.written = True
+
+
+class ModelWithoutValidation:
+    """Training without validation data: say so at the start, write the last model at the end.
+
+    Validation folders are optional (:func:`bundle.data.validation_datalist` gives an empty list when
+    there are none, and MONAI's evaluator then skips its runs), so :class:`BestModelSaver` is never
+    called. A model is never silently kept or silently missing: this handler logs a warning when
+    training starts and, when training completes with nothing saved, writes the current weights
+    (the EMA generator of the saver) with a record that says why.
+
+    Args:
+        saver: the validation's :class:`BestModelSaver` (``@validate#handlers#1``).
+        validator: the evaluator (its data loader is checked for data).
+    """
+
+    def __init__(self, saver: BestModelSaver, validator: Engine) -> None:
+        self.saver = saver
+        self.validator = validator
+
+    def _no_data(self) -> bool:
+        loader = getattr(self.validator, "data_loader", None)
+        try:
+            return loader is None or len(loader) == 0
+        except TypeError:  # an iterable without a length: assume it has data
+            return False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        if self._no_data():
+            logger.warning(
+                "no validation data: validation, best-model selection and the collapse guard are off; the model "
+                f"written to {self.saver.save_dir / self.saver.filename} at the end is the last one"
+            )
+
+    def completed(self, engine: Engine) -> None:
+        if self._no_data() and not getattr(self.saver, "written", False):
+            record = {"metric": None, "score": None, "epoch": engine.state.epoch, "metrics": {},
+                      "note": "no validation data: the weights at the end of training"}  # fmt: skip
+            self.saver.write(record)
+            logger.warning(f"no validation data: saved the last model to {self.saver.save_dir / self.saver.filename}")
 
 
 class PSFSnapshot:

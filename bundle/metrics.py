@@ -11,6 +11,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric, PSNRMetric, SSIMMetric
 
 __all__ = [
+    "NoReferenceScore",
     "affine_fit",
     "psnr",
     "ssim",
@@ -171,3 +172,24 @@ class DataConsistencyMetric(CumulativeIterationMetric):
         if not isinstance(data, torch.Tensor):
             raise ValueError("the data to aggregate must be a PyTorch Tensor")
         return data.float().mean()
+
+
+class NoReferenceScore(DataConsistencyMetric):
+    """No-reference model-selection score: ``−|ln c|`` with ``c`` the :class:`DataConsistencyMetric`.
+
+    ``c ≈ 1`` when the re-blurred output explains the blurred input to its noise level; ``c > 1``
+    when structure is lost (a washed-out or dark output) or the PSF is wrong; ``c < 1`` when the
+    output fits the noise. The score is highest (0) at ``c = 1`` and falls symmetrically in
+    ``ln c`` on both sides, so the best checkpoint is the one whose output is most consistent with
+    the data, neither under- nor over-fitted. Averaged per volume. Given the input itself as the
+    prediction (``from_engine(['image', 'image'])``) it is the input's baseline, which the collapse
+    guard compares the output with when there is no ground truth.
+
+    Args:
+        blur: the PSF layer (see :class:`DataConsistencyMetric`).
+        noise: the blur path's noise model.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+        c = super()._compute_tensor(y_pred, y)
+        return -torch.log(c.clamp(min=1e-12)).abs()

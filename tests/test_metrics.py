@@ -78,3 +78,23 @@ def test_data_consistency_is_one_at_the_truth_and_above_one_for_the_input():
     metric(x, y)
     assert float(metric.aggregate()) == pytest.approx(at_truth, rel=1e-4)
     assert torch.isnan(DataConsistencyMetric(blur=None)(x, y)).all()  # supervised: no blur path
+
+
+def test_no_reference_score_is_highest_at_the_truth_and_symmetric_in_log_consistency():
+    from bundle.metrics import DataConsistencyMetric, NoReferenceScore
+    from bundle.networks import PoissonGaussianNoise, PSFLayer
+
+    torch.manual_seed(0)
+    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2))
+    noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.01)
+    x = (torch.rand(2, 1, 16, 24, 24) > 0.97).float()
+    with torch.no_grad():
+        y = noise(blur(x))
+    at_truth = float(NoReferenceScore(blur=blur, noise=noise)(x, y).mean())
+    at_input = float(NoReferenceScore(blur=blur, noise=noise)(y, y).mean())
+    dark = float(NoReferenceScore(blur=blur, noise=noise)(torch.zeros_like(x), y).mean())
+    assert -0.15 < at_truth <= 0 and at_input < at_truth - 0.3 and dark < at_input
+    # -|ln c|: a consistency of c and of 1/c score the same
+    c = DataConsistencyMetric(blur=blur, noise=noise)(y, y)
+    score = NoReferenceScore(blur=blur, noise=noise)(y, y)
+    torch.testing.assert_close(score, -torch.log(c).abs())

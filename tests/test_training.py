@@ -185,3 +185,23 @@ def test_model_is_the_ema_generator_and_noise_is_estimated(tiny_dataset, tmp_pat
     assert 0 < est["slope"] and est["voxels"] > 10_000
     assert record["blur_noise"]["photons_per_unit"] == pytest.approx(est["photons_per_unit"], rel=1e-5)
     assert torch.is_tensor(ckpt["blur_noise"]["inv_photons"]) and float(ckpt["blur_noise"]["inv_photons"]) > 0
+
+
+@pytest.mark.slow
+def test_training_without_validation_folders_writes_the_last_model_and_says_so(tiny_dataset, tmp_path):
+    """Validation folders are optional: training stopped with FileNotFoundError '.../val/blurred'."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "train", data / "train")
+    res = run_bundle(
+        "training", QUICK_BLIND,
+        "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]",
+    )  # fmt: skip
+    log = res.stdout + res.stderr
+    assert "no validation folder" in log and "no validation data" in log
+    record = json.loads((tmp_path / "models/model.json").read_text())
+    assert record["score"] is None and "no validation data" in record["note"] and record["epoch"] == 2
+    assert (tmp_path / "models/model.pt").is_file() and (tmp_path / "models/blur.tif").is_file()
+    assert not (tmp_path / "eval/validation.json").exists()
