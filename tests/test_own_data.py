@@ -136,3 +136,27 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
     report = (tmp_path / "eval/report.md").read_text()
     assert name in report and "val_noref" in report and "Learned PSF" in report
     assert len(list((tmp_path / "eval/sharp_domain").glob("*.tif"))) == 2  # RL of the two training stacks
+
+
+@pytest.mark.parametrize("extra", [[], ["configs/psf_vectorial.json"], ["configs/train_nonblind.json"]])
+def test_own_data_config_gives_the_files_voxel_size_to_every_psf(extra, filaments, tmp_path):
+    """--voxel_size disagrees with the files: the PSF layer (and a vectorial kernel) use the files'."""
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import ROOT
+
+    for i, s in enumerate(filaments):
+        save_volume(tmp_path / "in" / f"s{i}.tif", s, voxel_size=(0.15, 0.1, 0.1))
+    save_volume(tmp_path / "psf.tif", vectorial_psf((15, 15, 15), voxel_size=(0.15, 0.1, 0.1), **OPTICS), voxel_size=(0.15, 0.1, 0.1))
+    files = ["configs/common.json", "configs/train.json", *extra, "configs/quick.json", "configs/own_data.json"]
+    wf = ConfigWorkflow(
+        config_file=[str(ROOT / f) for f in files], logging_file=False, workflow_type="train", bundle_root=str(ROOT),
+        blurred_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "eval"), ckpt_dir=str(tmp_path / "models"),
+        voxel_size=[0.3, 0.2, 0.2], psf_kernel_size=[15, 15, 15], psf_file=str(tmp_path / "psf.tif"), **OPTICS,
+    )  # fmt: skip
+    wf.initialize()
+    blur = wf.parser.get_parsed_content("blur")
+    assert tuple(blur.voxel_size) == pytest.approx((0.15, 0.1, 0.1))
+    if extra == ["configs/psf_vectorial.json"]:
+        assert tuple(blur.kernel_module.voxel_size) == pytest.approx((0.15, 0.1, 0.1))
+    assert tuple(wf.parser.get_parsed_content("network_def").voxel_size) == pytest.approx((0.15, 0.1, 0.1))
