@@ -87,6 +87,7 @@ GROUPS = [
     ["configs/common.json", "configs/train.json", "configs/train_conventional.json", "configs/multi_gpu_train.json"],
     ["configs/common.json", "configs/inference.json", "configs/inference_rl.json", "configs/evaluate.json"],
     ["configs/simulate.json", "configs/simulate_vesicles.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/own_data.json"],
 ]
 
 
@@ -142,6 +143,8 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
             values["train#dataset#sharp_dir"] = str(tiny_dataset / "train/sharp")
             values["train#dataset#blurred_dir"] = str(tiny_dataset / "train/blurred")
             values["voxel_size"] = [0.1, 0.1, 0.1]
+        if "blurred_dir" in overrides:  # "I only have my stacks": the tiny blurred stacks alone
+            values["blurred_dir"] = str(tiny_dataset / "train/blurred")
     else:  # inference, evaluate: the small model, RL with few iterations
         values.update(ckpt_dir=str(small_model), progress=False)
         if "rl_num_iter" in values:
