@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,48 @@ def test_no_reference_score_is_highest_at_the_truth_and_symmetric_in_log_consist
     c = DataConsistencyMetric(blur=blur, noise=noise)(y, y)
     score = NoReferenceScore(blur=blur, noise=noise)(y, y)
     torch.testing.assert_close(score, -torch.log(c).abs())
+
+
+def test_decorrelation_resolution_follows_the_blur_and_finds_none_in_noise():
+    from scipy import ndimage
+
+    from bundle.metrics import decorrelation_resolution
+
+    rng = np.random.default_rng(0)
+    points = np.zeros((128, 128))
+    idx = rng.integers(0, 128, (300, 2))
+    points[idx[:, 0], idx[:, 1]] = 1
+    found = []
+    for sigma in (1.5, 3.0, 5.0):
+        image = ndimage.gaussian_filter(points, sigma) * 100
+        image += rng.normal(0, image.max() * 0.01, image.shape)
+        found.append(decorrelation_resolution(torch.from_numpy(image)))
+    for res, sigma in zip(found, (1.5, 3.0, 5.0), strict=True):  # about the FWHM (2.355 sigma)
+        assert 0.8 * 2.355 * sigma < res < 1.3 * 2.355 * sigma
+    assert decorrelation_resolution(torch.from_numpy(rng.normal(size=(128, 128)))) == float("inf")
+
+
+def test_cycle_error_and_psf_stability():
+    from bundle.metrics import CycleErrorMetric, DecorrelationResolutionMetric, PSFStabilityMetric
+    from bundle.networks import PSFLayer
+
+    torch.manual_seed(0)
+    blur = PSFLayer(kernel_size=(5, 5, 5), parameterization="free", init="gaussian", init_fwhm=(0.3, 0.2, 0.2))
+    x = torch.rand(1, 1, 8, 16, 16)
+    identity = torch.nn.Identity()
+    identity.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))  # a device to read
+    # G = identity: G(h(x)) = h(x), so the cycle error is |h(x) - x| / |x| > 0; G = the exact inverse would give 0
+    err = float(CycleErrorMetric(identity, blur)(x).mean())
+    with torch.no_grad():
+        expected = float((blur(x) - x).abs().mean() / x.abs().mean())
+    assert err == pytest.approx(expected, rel=1e-5) and err > 0.05
+    stability = PSFStabilityMetric(blur)
+    stability(x)
+    assert torch.isnan(stability.aggregate())  # nothing to compare with yet
+    assert float(stability.aggregate()) == pytest.approx(1.0)  # unchanged kernel
+    with torch.no_grad():
+        for p in blur.parameters():
+            p.add_(torch.randn_like(p))
+    assert float(stability.aggregate()) < 0.99
+    res = DecorrelationResolutionMetric(voxel_size=(0.2, 0.1, 0.1), planes=2)(torch.rand(1, 1, 4, 32, 32))
+    assert res.shape == (1, 1)

@@ -125,7 +125,10 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
     record = json.loads((tmp_path / "eval/own_data/own_data.json").read_text())
     assert len(record["train"]) == 2 and len(record["held_out"]) == 1
     history = json.loads((tmp_path / "eval/validation.json").read_text())
-    assert len(history) == 2 and all({"val_noref", "val_input_noref", "val_consistency"} <= set(e) for e in history)
+    assert len(history) == 2 and all(
+        {"val_noref", "val_input_noref", "val_consistency", "val_cycle", "val_psf_stability", "val_resolution_um"} <= set(e)
+        for e in history
+    )
     assert json.loads((tmp_path / "models/model.json").read_text())["metric"] == "val_noref"
     held = record["held_out"][0]
     name = held.rsplit("/", 1)[-1].split(".")[0]
