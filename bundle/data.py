@@ -25,9 +25,9 @@ from monai.transforms import (
 )
 
 from bundle.io import CheckVoxelSized, LoadVolumed
+from bundle.sampling import ForegroundWeightd
 
 logger = logging.getLogger(__name__)
-from bundle.sampling import ForegroundWeightd
 
 __all__ = [
     "VOLUME_EXTENSIONS",

@@ -99,7 +99,7 @@ def window_grid(
 
 
 def _padding(shape: Sequence[int], roi_size: Sequence[int]) -> tuple[list[int], str]:
-    """Per-axis total padding to reach the window, and the mode, as ``bundle.inference._pad_to``."""
+    """Per-axis total padding to reach the window, and the mode, as ``bundle.inference.windows._pad_to``."""
     pads = [max(int(r) - int(s), 0) for s, r in zip(shape, roi_size)]
     reflect_ok = all(p - p // 2 < s for p, s in zip(pads, shape))
     return pads, "reflect" if reflect_ok else "replicate"

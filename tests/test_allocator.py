@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import bundle.inference
+import bundle.inference.deconvolver
 import bundle.ooc
 from bundle.allocator import _glibc, apply_malloc_policy, malloc_policy
 from bundle.inference import Deconvolver
@@ -92,7 +92,7 @@ def _recording(calls: list[str]):
 
 def test_deconvolver_runs_under_its_policy(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(bundle.inference, "malloc_policy", _recording(calls))
+    monkeypatch.setattr(bundle.inference.deconvolver, "malloc_policy", _recording(calls))
     net = DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval()
     x = torch.rand(1, 1, 20, 40, 36)
     with torch.no_grad():
@@ -167,5 +167,5 @@ def test_training_configs_run_under_reuse():
         parser = ConfigParser()
         parser.read_config([str(ROOT / f) for f in files])
         handlers = parser.get("train#handlers")
-        assert handlers[-1] == {"_target_": "bundle.handlers.MallocPolicy", "policy": "@train_allocator"}, files
+        assert {"_target_": "bundle.handlers.MallocPolicy", "policy": "@train_allocator"} in handlers, files
         assert parser.get_parsed_content("train_allocator") == "reuse"

@@ -204,7 +204,7 @@ def test_plan_roi_size_bounds():
         roi = plan_roi_size(shape, max_voxels=budget)
         assert np.prod(roi) <= budget and all(r % 16 == 0 and r >= 64 for r in roi), (shape, roi)
         # no allowed window computes fewer voxels (brute force over the same grid)
-        from bundle.inference import _overlap_fraction, _windows_along
+        from bundle.inference.windows import _overlap_fraction, _windows_along
 
         def work(r, shape=shape):
             n = [_windows_along(s, ri, _overlap_fraction(ri, 16)) for s, ri in zip(shape, r)]

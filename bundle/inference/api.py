@@ -1,0 +1,167 @@
+"""The CSBDeep-style Python API: :func:`deconvolve` and :func:`deconvolve_normalized`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import PathLike
+from torch import nn
+
+from bundle.inference.checkpoints import load_network
+from bundle.inference.deconvolver import Deconvolver
+from bundle.inference.transforms import NormalizePercentilesd, RestoreIntensityd
+from bundle.io import (
+    VolumeError,
+    validate_volume,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Python API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def deconvolve_normalized(
+    volume: np.ndarray | torch.Tensor,
+    deconvolver: Deconvolver,
+    percentiles: Sequence[float] | None = (0.1, 99.9),
+    output_range: str = "input",
+) -> np.ndarray:
+    """Normalise, deconvolve and restore one ``(Z, Y, X)`` volume with a ready :class:`Deconvolver`.
+
+    The same transforms as ``configs/inference.json``: :class:`NormalizePercentilesd` (skipped if
+    ``percentiles`` is None: the volume must already be in [0, 1]), ``deconvolver`` under
+    ``torch.no_grad``, :class:`RestoreIntensityd`.
+
+    Returns:
+        float32 ``(Z, Y, X)``.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
+    d: dict[str, Any] = {"image": x.float()[None]}
+    if percentiles is not None:
+        d = NormalizePercentilesd("image", percentiles)(d)
+    elif output_range == "input":
+        output_range = "normalized"  # nothing to undo
+    with torch.no_grad():
+        d["pred"] = deconvolver(torch.as_tensor(d["image"])[None])[0]
+    d = RestoreIntensityd("pred", "image_range", output_range)(d)
+    return torch.as_tensor(d["pred"])[0].detach().cpu().float().numpy()
+
+
+def _to_zyx(volume: np.ndarray, axes: str, channel: int | None) -> tuple[np.ndarray, str]:
+    axes = axes.upper()
+    if sorted(axes) not in (sorted("ZYX"), sorted("CZYX")) or len(axes) != volume.ndim:
+        raise ValueError(
+            f"axes must name each axis of the volume once with Z, Y, X (and C), got axes={axes!r} for "
+            f"shape {volume.shape}"
+        )
+    if "C" in axes:
+        c = axes.index("C")
+        n = volume.shape[c]
+        if channel is None and n > 1:
+            raise VolumeError(f"<array>: has {n} channels (axes {axes}); choose one with channel=0..{n - 1}")
+        channel = 0 if channel is None else channel
+        if not 0 <= channel < n:
+            raise VolumeError(f"<array>: channel={channel} requested but it has {n} channel(s)")
+        volume = np.take(volume, channel, axis=c)
+        axes = axes.replace("C", "")
+    return np.transpose(volume, [axes.index(a) for a in "ZYX"]), axes
+
+
+def deconvolve(
+    volume: np.ndarray | torch.Tensor,
+    model: nn.Module | PathLike,
+    axes: str = "ZYX",
+    roi_size: Sequence[int] | str | None = "auto",
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: torch.device | str | None = None,
+    normalize: Sequence[float] | None = (0.1, 99.9),
+    output_range: str = "input",
+    progress: bool = True,
+    channel: int | None = None,
+    precision: str = "auto",
+    max_pass_voxels: int = 1 << 22,
+) -> np.ndarray:
+    """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
+
+    Args:
+        volume: the stack; ``axes`` names its axes.
+        model: trained bundle folder, checkpoint folder, ``model.pt``, ``model.ts`` or an ``nn.Module``
+            (see :func:`load_network`).
+        axes: axis order of ``volume``, a permutation of ``"ZYX"`` or ``"CZYX"`` (e.g. ``"YXZ"``,
+            ``"XYZ"``, ``"ZCYX"``).
+        roi_size: ``"auto"`` (default): per volume the window computing the fewest voxels within
+            ``max_pass_voxels`` (:func:`plan_roi_size`, 16 voxels of overlap; faster, and scored higher
+            than the paper's 64³ windows in ``docs/benchmark.md``); a window ``(Z, Y, X)``, multiples
+            of 16 (``(64, 64, 64)``: the paper's); None: the bundle's ``patch_size`` for a bundle
+            folder, else 64³.
+        overlap: window overlap (0.25: the paper's 16 voxels at 64³), Gaussian blending.
+        sw_batch_size: windows per forward pass (>= 2 on CPU, see :class:`Deconvolver`).
+        device: device of the network and the windows; default CUDA if available. The whole volume
+            and the stitched result stay on the CPU.
+        normalize: ``(lower, upper)`` percentiles mapped to [0, 1] before the network (the training
+            normalisation of the blurred domain, ``blurred_percentiles``); None if the volume is
+            already in [0, 1].
+        output_range: ``"input"``: the [0, 1] output mapped back to the input's values at those
+            percentiles; ``"normalized"``: the network's [0, 1] output.
+        progress: progress bar over the windows.
+        channel: channel to deconvolve when ``axes`` has ``C`` with more than one channel.
+        precision: ``"auto"`` (default: bfloat16 on CUDA and on CPUs with native bf16, else float32,
+            :func:`resolve_precision`), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (CUDA).
+        max_pass_voxels: voxels per forward pass at most with ``roi_size="auto"`` (bounds memory:
+            4 Mi voxels = about 1.6 GiB in bfloat16, 3 GiB in float32 for the full-size generator).
+
+    Returns:
+        float32 array with the input's axes (a ``C`` axis keeps size 1).
+
+    Example::
+
+        >>> from bundle.inference import deconvolve
+        >>> sharp = deconvolve(stack, model="path/to/bundle", axes="ZYX")
+    """
+    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    zyx, spatial_axes = _to_zyx(arr, axes, channel)
+    validate_volume(zyx, None)
+    if device is None:
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    network = load_network(model, device)
+    if roi_size is None:
+        roi_size = _bundle_setting(model, "patch_size", (64, 64, 64))
+    deconvolver = Deconvolver(
+        network,
+        roi_size=roi_size,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device="cpu",
+        progress=progress,
+        precision=precision,
+        max_pass_voxels=max_pass_voxels,
+    )
+    out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
+    out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
+    if "C" in axes.upper():
+        out = np.expand_dims(out, axes.upper().index("C"))
+    return out
+
+
+def _bundle_setting(model: Any, key: str, default: Any) -> Any:
+    """A value of a bundle folder's ``configs/common.json`` (the default if there is none)."""
+    if isinstance(model, (str, os.PathLike)) and (Path(model) / "configs" / "common.json").is_file():
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(Path(model) / "configs" / "common.json"))
+        if key in parser.config:  # type: ignore[operator]
+            return parser.get_parsed_content(key)
+    return default

@@ -1,0 +1,211 @@
+"""Checkpoints and models: state dicts read safely, networks rebuilt from them, bundle folders and
+TorchScript files loaded (:func:`load_network`), MONAI's ``CheckpointLoader`` with the same checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import PathLike
+from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading a model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A ``DeblurUNet`` whose sizes (channels, the six ``features``) are read from a state dict.
+
+    Raises:
+        KeyError: the state dict is not a ``DeblurUNet``'s.
+    """
+    from bundle.networks import DeblurUNet
+
+    def out_ch(key: str) -> int:
+        return int(state_dict[f"unet.{key}.conv.weight"].shape[0])
+
+    first = state_dict["unet.conv_0.conv_0.conv.weight"]
+    depth = 0
+    while f"unet.down_{depth + 1}.convs.conv_0.conv.weight" in state_dict:
+        depth += 1
+    features = [out_ch("conv_0.conv_0")] + [out_ch(f"down_{i}.convs.conv_0") for i in range(1, depth + 1)]
+    features.append(out_ch("upcat_1.convs.conv_0"))
+    if "settings" in state_dict:
+        settings = DeblurUNet.describe(state_dict["settings"])
+    else:  # written before the settings were stored: BasicUNet's upsampling; the norm shows in the keys
+        norm = "batch" if "unet.conv_0.conv_0.adn.N.running_mean" in state_dict else "instance"
+        if "unet.conv_0.conv_0.adn.N.weight" not in state_dict:
+            norm = "none"
+        settings = {"depth": depth, "align_corners": True, "norm": norm}
+    voxel = state_dict.get("voxel_size")
+    return DeblurUNet(
+        in_channels=int(first.shape[1]),
+        out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
+        features=features,
+        voxel_size=None if voxel is None else [float(v) for v in voxel],
+        **settings,
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        hint = "train a model first, or pass --ckpt_path"
+        if not path.is_absolute():  # configs put it under bundle_root, "." by default: the current folder
+            hint = (
+                f"looked for {path.resolve()}; run from the bundle's folder or pass --bundle_root <bundle folder>, "
+                "or pass --ckpt_path (or train a model first)"
+            )
+        raise FileNotFoundError(f"{path}: checkpoint not found ({hint})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]  # {"model": state_dict}, as MONAI's CheckpointSaver writes
+    if isinstance(state, Mapping) and "g_deblur" in state and isinstance(state["g_deblur"], Mapping):
+        state = state["g_deblur"]  # a training checkpoint (ResumableCheckpoint)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
+    return dict(state)
+
+
+def load_checkpoint(network: nn.Module, path: PathLike) -> nn.Module:
+    """Load ``model.pt`` (a state dict, ``{"model": ...}`` or a training checkpoint) into ``network``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file, when it is unreadable or does not match the network (e.g. trained
+            with other ``generator_features``: pass the same config overrides as for training).
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()
+        raise ValueError(
+            f"{path}: checkpoint does not match the network ({'; '.join(detail[:4])[:600]}). Use the configs "
+            "the model was trained with (e.g. add configs/quick.json for a quick model)"
+        ) from exc
+    return network
+
+
+def network_for_checkpoint(network: nn.Module, ckpt_path: PathLike | None) -> nn.Module:
+    """The config's ``network`` with the checkpoint's weights, or one built from the checkpoint.
+
+    The command line builds ``network_def`` from the configs, and a model trained with other sizes
+    (e.g. ``configs/quick.json``) or settings would not fit it; the checkpoint holds them (its
+    shapes, and the ``settings`` / ``voxel_size`` buffers), so a ``DeblurUNet`` that does not match
+    is rebuilt from the checkpoint (logged), as the Python API does (:func:`load_network`). Other
+    networks (e.g. Richardson–Lucy, ``ckpt_path`` None) are returned unchanged; a checkpoint that is
+    missing or of another kind is left to :class:`CheckpointLoader`, which names the file.
+    """
+    from bundle.networks import DeblurUNet
+
+    if ckpt_path is None or not isinstance(network, DeblurUNet) or not Path(ckpt_path).is_file():
+        return network
+    state = _read_state_dict(Path(ckpt_path))
+    try:
+        network.load_state_dict(state, strict=True)
+        return network
+    except RuntimeError:
+        pass
+    try:
+        rebuilt = network_from_state_dict(state)
+        rebuilt.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError):
+        return network  # not a DeblurUNet's: CheckpointLoader reports the mismatch, naming the file
+    device = next(network.parameters()).device
+    logger.info(
+        f"{ckpt_path}: network sizes and settings read from the checkpoint "
+        f"({sum(p.numel() for p in rebuilt.parameters())} parameters, {DeblurUNet.describe(rebuilt.settings)}), "
+        "not from the configs"
+    )
+    return rebuilt.to(device)
+
+
+class CheckpointLoader(_MonaiCheckpointLoader):
+    """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file (and say what to do).
+
+    Args: as ``monai.handlers.CheckpointLoader`` (``load_path``, ``load_dict``, ...). With a single
+    network in ``load_dict`` the file may be a bare state dict, ``{"model": ...}`` or a training
+    checkpoint; the loading is :func:`load_checkpoint`.
+    """
+
+    def __call__(self, engine: Any) -> None:
+        if len(self.load_dict) == 1:
+            load_checkpoint(next(iter(self.load_dict.values())), self.load_path)
+            logger.info(f"restored {self.load_path}")
+            return
+        try:
+            super().__call__(engine)
+        except Exception as exc:
+            raise ValueError(f"{self.load_path}: cannot load checkpoint ({exc})") from exc
+
+
+def load_network(model: nn.Module | PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """The generator, in eval mode on ``device``, from a module, a checkpoint or a trained bundle.
+
+    Args:
+        model: an ``nn.Module``; a state-dict file (``model.pt``); a TorchScript file (``.ts``); or a
+            folder: a bundle root (``models/model.pt``, network from its ``configs/common.json``
+            ``network_def`` when that matches) or a checkpoint folder (``model.pt``). Without a
+            matching config the ``DeblurUNet`` sizes are read from the state dict.
+        device: target device; None keeps a module's device and puts files on the CPU.
+    """
+    if isinstance(model, nn.Module):
+        net = model
+    else:
+        path = Path(model)
+        if path.is_dir():
+            bundle_root = path
+            for candidate in (path / "models" / "model.pt", path / "model.pt", path / "models" / "model.ts"):
+                if candidate.is_file():
+                    path = candidate
+                    break
+            else:
+                raise FileNotFoundError(
+                    f"{model}: no models/model.pt, model.pt or models/model.ts in this folder"
+                )
+        else:
+            bundle_root = None
+        if path.suffix == ".ts":
+            try:
+                net = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:
+                raise ValueError(f"{path}: cannot load TorchScript model ({exc})") from exc
+        else:
+            state = _read_state_dict(path)
+            net = None
+            config = None if bundle_root is None else bundle_root / "configs" / "common.json"
+            if config is not None and config.is_file():
+                from monai.bundle import ConfigParser
+
+                parser = ConfigParser()
+                parser.read_config(str(config))
+                parser["bundle_root"] = str(bundle_root)
+                candidate_net = parser.get_parsed_content("network_def", instantiate=True)
+                if _matches(candidate_net, state):
+                    net = candidate_net
+            if net is None:
+                try:
+                    net = network_from_state_dict(state)
+                except KeyError as exc:
+                    raise ValueError(f"{path}: not a DeblurUNet checkpoint (missing {exc})") from exc
+            load_checkpoint(net, path)
+    if device is not None:
+        net = net.to(device)
+    return net.eval()
+
+
+def _matches(net: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    own = net.state_dict()
+    return own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own)
