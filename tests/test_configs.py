@@ -98,3 +98,18 @@ def test_mlflow_tracking_works_offline(tiny_dataset, tmp_path):
     with sqlite3.connect(db) as con:
         keys = {row[0] for row in con.execute("select distinct key from metrics")}
     assert "train_loss" in keys and "val_psnr" in keys
+
+
+@pytest.mark.parametrize("patch,expected", [([64, 64, 64], 32), ([32, 32, 32], 32), ([16, 64, 64], 16)])
+def test_discriminator_accepts_the_training_crop(patch, expected):
+    """A 17-plane stack needs 16-deep crops: the discriminator was built for 32 and refused them."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs/common.json"), str(ROOT / "configs/train.json"), str(ROOT / "configs/quick.json")])
+    parser["patch_size"] = patch
+    d = parser.get_parsed_content("discriminator_def")()
+    assert d.min_input_size == expected
+    out = d(torch.rand(1, 1, *patch))
+    assert all(torch.isfinite(o).all() for o in (out if isinstance(out, (list, tuple)) else [out]))
