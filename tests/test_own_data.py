@@ -163,3 +163,39 @@ def test_own_data_config_gives_the_files_voxel_size_to_every_psf(extra, filament
     if extra == ["configs/psf_vectorial.json"]:
         assert tuple(blur.kernel_module.voxel_size) == pytest.approx((0.15, 0.1, 0.1))
     assert tuple(wf.parser.get_parsed_content("network_def").voxel_size) == pytest.approx((0.15, 0.1, 0.1))
+
+
+def _real_widefield_stack(folder) -> tuple:
+    """The 525 nm channel of ``toxo.dv``: a DeltaVision widefield stack (Olympus 100x/1.35 oil, IX70;
+    Toxoplasma, 17 x 128 x 128, 0.3 x 0.133 x 0.133 um) shipped in the ``napari-dv`` wheel. Its header
+    says softWoRx deconvolved it: out-of-focus haze remains, but it is not a raw stack."""
+    import importlib.util
+    import os
+
+    import mrc
+
+    spec = importlib.util.find_spec("napari_dv")  # located, not imported (its napari hooks are not needed)
+    dv = mrc.DVFile(os.path.join(spec.submodule_search_locations[0], "_tests", "toxo.dv"))
+    voxel = (float(dv.voxel_size.z), float(dv.voxel_size.y), float(dv.voxel_size.x))
+    return save_volume(folder / "toxo_525.tif", np.asarray(dv.asarray())[0], voxel_size=voxel), voxel
+
+
+@pytest.mark.slow
+def test_own_data_command_runs_on_a_real_widefield_stack(tmp_path):
+    """One real stack from a registry package: split into sub-volumes, voxel size from the file kept."""
+    (tmp_path / "stack").mkdir()
+    source, voxel = _real_widefield_stack(tmp_path / "stack")
+    run_bundle(
+        "training", "['configs/common.json','configs/train.json','configs/psf_vectorial.json','configs/quick.json','configs/own_data.json']",
+        "--blurred_dir", str(tmp_path / "stack"), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
+        "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1", "--patch_size", "[16,64,64]",
+        "--psf_kernel_size", "[15,31,31]", "--na", "1.35", "--n_immersion", "1.515", "--wavelength", "0.525", "--held_out", "0.25",
+    )  # fmt: skip
+    record = json.loads((tmp_path / "eval/own_data/own_data.json").read_text())
+    assert record["voxel_size"] == pytest.approx(list(voxel)) and voxel[0] == pytest.approx(0.3)
+    held, _ = load_volume(record["held_out"][0])
+    assert held.shape == (17, 32, 128)  # a quarter of Y held out
+    out, meta = load_volume(tmp_path / "eval/held_out/toxo_525_deconv.tif")
+    assert out.shape == held.shape and meta["voxel_size"] == pytest.approx(voxel)
+    assert np.isfinite(out).all()
+    assert "toxo_525" in (tmp_path / "eval/report.md").read_text()
