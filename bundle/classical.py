@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import PSNRMetric
 
-
 __all__ = ["richardson_lucy", "RichardsonLucy", "best_iteration", "psnr"]
 
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
