@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -679,9 +680,8 @@ class BlurCalibration:
             logger.info(f"blur-path noise estimated from {est['voxels']} voxels: {self.noise.parameters_dict()}")
         if self.noise is not None:
             record["blur_noise"] = self.noise.parameters_dict()
-        from bundle.distributed import get_rank
-
-        if self.record_path is not None and get_rank() == 0:  # it runs on every rank; rank 0 writes
+        # ignite's rank (as MONAI's handlers use): bundle.distributed builds on this module, not the reverse
+        if self.record_path is not None and idist.get_rank() == 0:  # it runs on every rank; rank 0 writes
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_json(record, self.record_path)
 
