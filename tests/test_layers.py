@@ -10,7 +10,6 @@ Imports inside functions count too.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 
