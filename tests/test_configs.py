@@ -113,3 +113,22 @@ def test_discriminator_accepts_the_training_crop(patch, expected):
     assert d.min_input_size == expected
     out = d(torch.rand(1, 1, *patch))
     assert all(torch.isfinite(o).all() for o in (out if isinstance(out, (list, tuple)) else [out]))
+
+
+WORKFLOW_LISTS = {"imports", "initialize", "run", "finalize", "training", "inference", "evaluate", "simulate"}
+
+
+def test_every_config_key_is_used():
+    """No dead keys: each top-level key of each config is referenced (``@key``/``%key``) by some config,
+    or is a workflow's run list; a key that nothing reads would be a setting that silently does nothing."""
+    import re
+
+    configs = {p: json.loads(p.read_text()) for p in sorted((ROOT / "configs").glob("*.json")) if p.name != "metadata.json"}
+    text = "\n".join(p.read_text() for p in configs)
+    dead = [
+        f"{p.name}: {key}"
+        for p, config in configs.items()
+        for key in config
+        if "#" not in key and key not in WORKFLOW_LISTS and not re.search(rf"[@%]{re.escape(key)}(?![A-Za-z0-9_])", text)
+    ]
+    assert not dead, dead
