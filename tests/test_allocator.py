@@ -139,7 +139,7 @@ def test_policies_nest():
 def test_malloc_policy_handler_spans_the_run(monkeypatch):
     from ignite.engine import Engine
 
-    import bundle.handlers
+    import bundle.handlers.common
     from bundle.handlers import MallocPolicy
 
     events: list[str] = []
@@ -150,7 +150,7 @@ def test_malloc_policy_handler_spans_the_run(monkeypatch):
         yield True
         events.append("exit")
 
-    monkeypatch.setattr(bundle.handlers, "malloc_policy", policy)
+    monkeypatch.setattr(bundle.handlers.common, "malloc_policy", policy)
     engine = Engine(lambda e, batch: events.append("iteration"))
     MallocPolicy("reuse").attach(engine)
     engine.run([0, 1], max_epochs=1)

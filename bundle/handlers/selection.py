@@ -1,0 +1,145 @@
+"""Which model is kept: the best by a validation metric, or the last when there is no validation data."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from bundle.handlers.checkpoints import _atomic_json, atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+
+class BestModelSaver:
+    """After each validation, save the generator (and companions) when the key metric improves.
+
+    Writes ``save_dir/model.pt`` (the ``network``'s state dict: the model-zoo convention), the
+    companions' state dicts as ``<name>.pt``, calls ``export(save_dir/<name>.tif)`` on companions that
+    have it (the PSF layer), and records the score in ``save_dir/model.json``; all writes atomic.
+
+    A resumed run (``resume=True``) reads the best score back from ``model.json``, so it keeps its best
+    model. A fresh run starts a fresh record: it never compares itself with an earlier run's score
+    (which would silently keep that run's model). If ``save_dir`` already holds an earlier model, a
+    fresh run refuses to start unless ``overwrite`` (then the earlier model is replaced at the first
+    validation, and a warning says so).
+
+    Args:
+        save_dir: output folder (usually ``ckpt_dir``).
+        network: the network saved as ``model.pt`` (``g_deblur``).
+        metric_name: metric in ``engine.state.metrics`` to maximise (default: the key metric).
+        companions: other modules to save with it, e.g. ``{"blur": blur}``.
+        filename: name of the network's file.
+        resume: this run continues an earlier one (keep its record).
+        overwrite: a fresh run may replace an earlier model found in ``save_dir``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        metric_name: str | None = None,
+        companions: dict[str, torch.nn.Module] | None = None,
+        filename: str = "model.pt",
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.metric_name = metric_name
+        self.companions = {k: v for k, v in (companions or {}).items() if v is not None}
+        self.filename = filename
+        self.best: float | None = None
+        self.written = False
+
+    @property
+    def record_path(self) -> Path:
+        return self.save_dir / (Path(self.filename).stem + ".json")
+
+    def attach(self, engine: Engine) -> None:
+        earlier = [p for p in (self.save_dir / self.filename, self.record_path) if p.is_file()]
+        if self.resume:
+            if self.record_path.is_file():
+                self.best = json.loads(self.record_path.read_text()).get("score")
+        elif earlier and not self.overwrite:
+            raise FileExistsError(
+                f"{earlier[0]}: a model of an earlier training run is in {self.save_dir}. Continue that run with "
+                "--resume true, train into another --ckpt_dir, or replace it with --overwrite true"
+            )
+        elif earlier:
+            logger.warning(f"--overwrite: this fresh run replaces the earlier model in {self.save_dir} at its first validation")
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or engine.state.key_metric_name
+        score = engine.state.metrics.get(name)
+        if score is None:
+            raise KeyError(f"metric {name!r} not in the evaluator's metrics {sorted(engine.state.metrics)}")
+        score = float(score)
+        if self.best is not None and not score > self.best:
+            return
+        self.best = score
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+        # a validator run by ValidationHandler carries the trainer's epoch
+        self.write({"metric": name, "score": score, "epoch": engine.state.epoch, "metrics": metrics})
+        logger.info(f"best {name} {score:.4f}: saved {self.save_dir / self.filename}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write the network, its companions and ``record`` (the ``model.json``), each atomically."""
+        atomic_torch_save(self.network.state_dict(), self.save_dir / self.filename)
+        for key, module in self.companions.items():
+            atomic_torch_save(module.state_dict(), self.save_dir / f"{key}.pt")
+            if hasattr(module, "export"):
+                module.export(str(self.save_dir / f"{key}.tif"), str(self.save_dir / f"{key}.json"))
+        _atomic_json(record, self.record_path)
+        self.written = True
+
+
+class ModelWithoutValidation:
+    """Training without validation data: say so at the start, write the last model at the end.
+
+    Validation folders are optional (:func:`bundle.data.validation_datalist` gives an empty list when
+    there are none, and MONAI's evaluator then skips its runs), so :class:`BestModelSaver` is never
+    called. A model is never silently kept or silently missing: this handler logs a warning when
+    training starts and, when training completes with nothing saved, writes the current weights
+    (the EMA generator of the saver) with a record that says why.
+
+    Args:
+        saver: the validation's :class:`BestModelSaver` (``@validate#handlers#1``).
+        validator: the evaluator (its data loader is checked for data).
+    """
+
+    def __init__(self, saver: BestModelSaver, validator: Engine) -> None:
+        self.saver = saver
+        self.validator = validator
+
+    def _no_data(self) -> bool:
+        loader = getattr(self.validator, "data_loader", None)
+        try:
+            return loader is None or len(loader) == 0
+        except TypeError:  # an iterable without a length: assume it has data
+            return False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        if self._no_data():
+            logger.warning(
+                "no validation data: validation, best-model selection and the collapse guard are off; the model "
+                f"written to {self.saver.save_dir / self.saver.filename} at the end is the last one"
+            )
+
+    def completed(self, engine: Engine) -> None:
+        if self._no_data() and not getattr(self.saver, "written", False):
+            record = {"metric": None, "score": None, "epoch": engine.state.epoch, "metrics": {},
+                      "note": "no validation data: the weights at the end of training"}  # fmt: skip
+            self.saver.write(record)
+            logger.warning(f"no validation data: saved the last model to {self.saver.save_dir / self.saver.filename}")
