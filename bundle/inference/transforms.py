@@ -20,10 +20,10 @@ from bundle.data import list_volumes
 from bundle.io import (
     SUPPORTED_EXTENSIONS,
     VolumeError,
-    _extension,
     load_volume,
     save_volume,
 )
+from bundle.io.formats import file_extension
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def output_path(
     """``output_dir/<input name without extension><suffix><ext>``; ext defaults to the input's
     (``.ome.tif`` becomes ``.tif``: the output is an ImageJ TIFF)."""
     name = Path(input_path).name
-    ext = _extension(input_path)
+    ext = file_extension(input_path)
     stem = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else Path(name).stem
     ext = output_ext or (".tif" if ext in (".ome.tif", ".ome.tiff") else ext)
     return Path(output_dir) / f"{stem}{suffix}{ext}"
