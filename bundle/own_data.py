@@ -327,7 +327,8 @@ def _display(volume: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
 class HeldOutReport:
     """After training: the model of record on every held-out stack, with figures and a report.
 
-    For each held-out stack: the deconvolved stack (``<output_dir>/held_out/<name>_deconv.tif``, the
+    For each held-out stack (and, when one stack was split, the whole stack too: its held-out strip
+    may hold little of the sample): the deconvolved stack (``<output_dir>/held_out/<name>_deconv.tif``, the
     input's voxel size and intensity range), a PNG of its XY/XZ/YZ central slices above the input's
     (``<name>.png``), and one row of ``<output_dir>/report.md``: shape, voxel size, the output's
     contrast relative to the input's (a collapsed, near-constant output has almost none) and the
@@ -363,15 +364,20 @@ class HeldOutReport:
         record = self.stacks.prepare()
         voxel = tuple(record["voxel_size"])
         rows = []
-        for f in tqdm(record["held_out"], desc="held-out stacks", unit="stack"):
+        # a single stack was split: its held-out strip may be mostly background, so the whole stack is shown too
+        sources = [(f, "") for f in record["held_out"]]
+        if len(record["blurred"]) == 1 and record["held_out"] != record["blurred"]:
+            sources.append((record["blurred"][0], "_whole"))
+        for f, tag in tqdm(sources, desc="held-out stacks", unit="stack"):
             volume, _ = load_volume(f)
             output = deconvolve(volume, network, normalize=self.percentiles, progress=False)
-            stem = Path(f).name.split(".")[0]
+            stem = Path(f).name.split(".")[0] + tag
             out_path = save_volume(self.output_dir / "held_out" / f"{stem}_deconv.tif", output, voxel_size=voxel, protect=[f])
             shown = [_display(v, self.percentiles) for v in (volume, output)]
             png = save_orthoslices(shown, self.output_dir / "held_out" / f"{stem}.png", voxel_size=voxel, title=["input", "output"])
             contrast = float(np.std(output) / max(np.std(volume), 1e-12))
-            rows.append((Path(f).name, volume.shape, contrast, out_path, png))
+            name = Path(f).name + (" (whole stack; the model trained on the rest of it)" if tag else "")
+            rows.append((name, volume.shape, contrast, out_path, png))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         lines = ["# Own-data run", "", f"Voxel size (z, y, x): {voxel} um. Optics: {record['optics']}.", ""]
         lines += ["## Held-out stacks", "", "| stack | shape (Z, Y, X) | output / input contrast (std) | output | figure |", "|---|---|---|---|---|"]

@@ -198,4 +198,6 @@ def test_own_data_command_runs_on_a_real_widefield_stack(tmp_path):
     out, meta = load_volume(tmp_path / "eval/held_out/toxo_525_deconv.tif")
     assert out.shape == held.shape and meta["voxel_size"] == pytest.approx(voxel)
     assert np.isfinite(out).all()
+    whole, meta = load_volume(tmp_path / "eval/held_out/toxo_525_whole_deconv.tif")  # the split stack shown whole
+    assert whole.shape == (17, 128, 128) and meta["voxel_size"] == pytest.approx(voxel)
     assert "toxo_525" in (tmp_path / "eval/report.md").read_text()
