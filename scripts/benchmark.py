@@ -468,6 +468,8 @@ def case_inference(cfg: dict, model: str | None) -> dict:
 
             roi, overlap = (r,) * 3, [0.25] * 3
         else:
+            # the rows measure the command line's setting (configs/inference.json: "reuse") unless they say
+            kwargs = {"allocator": "reuse", **kwargs}
             deconv = Deconvolver(net, mode="gaussian", sw_device=dev, device="cpu", **kwargs)
 
             def fn(deconv=deconv):

@@ -90,6 +90,7 @@ def deconvolve(
     channel: int | None = None,
     precision: str = "auto",
     max_pass_voxels: int = 1 << 22,
+    allocator: str = "system",
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -119,6 +120,8 @@ def deconvolve(
             :func:`resolve_precision`), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (CUDA).
         max_pass_voxels: voxels per forward pass at most with ``roi_size="auto"`` (bounds memory:
             4 Mi voxels = about 1.6 GiB in bfloat16, 3 GiB in float32 for the full-size generator).
+        allocator: CPU ``malloc`` policy during the call (see :class:`Deconvolver`): ``"system"``
+            (default, no process-wide change) or the faster ``"reuse"`` (opt-in).
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -147,6 +150,7 @@ def deconvolve(
         progress=progress,
         precision=precision,
         max_pass_voxels=max_pass_voxels,
+        allocator=allocator,
     )
     out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])

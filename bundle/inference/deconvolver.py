@@ -69,10 +69,12 @@ class Deconvolver(nn.Module):
             0.89 Mvoxel/s, one 8 Mi-voxel window 0.79 (bfloat16, 128×256×256, cache effects).
         auto_overlap: overlap of planned windows in voxels (``overlap`` applies to fixed windows).
         auto_min_size: smallest side of a planned window (axes shorter than that are spanned whole).
-        allocator: CPU ``malloc`` policy during a call (:mod:`bundle.allocator`): ``"reuse"`` keeps
-            freed activations for the next window instead of re-faulting fresh pages (glibc; 1.05-1.3x
-            faster CPU inference, ``docs/benchmark.md``; the heap is trimmed after the call),
-            ``"release"`` unmaps them at once (lowest peak RSS), ``"system"`` leaves glibc's default.
+        allocator: CPU ``malloc`` policy during a call (:mod:`bundle.allocator`). ``"system"`` (the
+            default) leaves glibc alone: a library call changes no process-wide setting unless asked.
+            ``"reuse"`` keeps freed activations for the next window instead of re-faulting fresh pages
+            (glibc; faster CPU inference, ``docs/benchmark.md``; the heap is trimmed after the call; the
+            command line's ``configs/inference.json`` opts in), ``"release"`` unmaps them at once
+            (lowest peak RSS).
         halo: voxels of context discarded at each face of every window (0: MONAI's blending of
             overlapping windows, the paper's setting). With a halo the volume is mirror-padded by it,
             windows step by ``roi − 2·halo`` on a grid aligned with the network's poolings, and only
@@ -107,7 +109,7 @@ class Deconvolver(nn.Module):
         max_pass_voxels: int = 1 << 22,
         auto_overlap: int = 16,
         auto_min_size: int = 64,
-        allocator: str = "reuse",
+        allocator: str = "system",
         halo: int | str = "auto",
     ) -> None:
         super().__init__()
