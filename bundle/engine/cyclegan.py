@@ -1,144 +1,28 @@
-"""The cycleGAN trainer: one Ignite/MONAI ``Trainer`` whose ``_iteration`` is the paper's Algorithm.
-
-Paper symbols → code names (Lim et al., IEEE TCI 2020, Sec. II):
-    x (sharp, domain X)   → ``batch["sharp"]``        y (blurred, domain Y) → ``batch["blurred"]``
-    G (deblurring U-Net)  → ``g_deblur``              h (PSF layer, blur)   → ``blur``
-    φ (discriminator on X)→ ``d_sharp``               ψ (discriminator on Y)→ ``d_blurred`` (blind only)
-    γ (cycle weight)      → ``cycle_loss.weight``
-
-Blind mode: ``blur`` is learnable and ``d_blurred`` is given. Non-blind mode: ``blur`` is fixed to a
-known PSF (its gain/offset may still learn) and ``d_blurred`` is ``None``. The conventional cycleGAN
-baseline uses the same trainer with a second deep U-Net as ``blur``.
-"""
+"""The cycleGAN trainer: one Ignite/MONAI ``Trainer`` whose ``_iteration`` is the paper's Algorithm, and its parameter groups."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from monai.engines import AdversarialTrainer, Trainer
+from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
-from monai.utils import AdversarialKeys, StrEnum
-from monai.utils.enums import CommonKeys
 from torch.optim.optimizer import Optimizer
 
+from bundle.engine.steps import (
+    CycleGANKeys,
+    _backward_step,
+    _release_grads,
+    _set_requires_grad,
+    _step,
+    prepare_unpaired_batch,
+)
 from bundle.image_pool import ImagePool
 from bundle.losses import CycleLoss, LSGANLoss
 
-__all__ = [
-    "CycleGANKeys",
-    "CycleGANTrainer",
-    "SupervisedGANTrainer",
-    "prepare_unpaired_batch",
-    "generator_param_groups",
-    "discriminator_parameters",
-    "check_mode",
-]
-
-#: the training modes a config can declare with its ``mode`` key
-MODES = ("blind", "nonblind", "conventional", "supervised", "supervised_gan")
-
-
-def check_mode(mode: str, blur: torch.nn.Module | None) -> None:
-    """Check that the config's declared ``mode`` matches the blur path it builds; raise if not.
-
-    The configs set ``mode`` (``train.json``: blind; ``train_nonblind.json``: nonblind; …) but what is
-    trained is decided by the config files layered, so ``--mode nonblind`` on the blind list would
-    otherwise train blind without a word. Runs first in the ``training`` / ``initialize`` lists.
-
-    Args:
-        mode: one of :data:`MODES`.
-        blur: the built blur path (``@blur_path``): a PSF layer, the conventional cycleGAN's second
-            generator, or ``None`` (supervised).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    fix = {
-        "blind": "use configs/train.json without configs/train_nonblind.json",
-        "nonblind": "add configs/train_nonblind.json to --config_file (it fixes the PSF to --psf_file)",
-        "conventional": "add configs/train_conventional.json to --config_file",
-        "supervised": "add configs/train_supervised.json to --config_file",
-        "supervised_gan": "add configs/train_supervised.json and configs/train_supervised_gan.json to --config_file",
-    }[mode]
-    if mode in ("supervised", "supervised_gan"):
-        found = "no blur path" if blur is None else f"a blur path ({type(blur).__name__})"
-        ok = blur is None
-    elif blur is None:
-        found, ok = "no blur path", False
-    elif not hasattr(blur, "kernel_parameters"):
-        found, ok = f"a network blur path ({type(blur).__name__})", mode == "conventional"
-    else:
-        learned = any(p.requires_grad for p in blur.kernel_parameters())
-        found = "a PSF layer that learns its PSF" if learned else "a PSF layer with a fixed PSF"
-        ok = (mode == "blind") == learned and mode in ("blind", "nonblind")
-    if not ok:
-        raise ValueError(f"mode {mode!r} does not match the configs, which build {found}: {fix}")
-
-
-class CycleGANKeys(StrEnum):
-    """Keys of a training batch and of ``engine.state.output``."""
-
-    SHARP = "sharp"
-    BLURRED = "blurred"
-    PRED = "pred"  # G(y), the deblurred training crop
-    LOSS = "loss"
-    G_LOSS = "g_loss"
-    D_LOSS = "d_loss"
-    CYCLE_SHARP = "cycle_sharp"  # ‖x − G(h*x)‖₁ · γ
-    CYCLE_BLURRED = "cycle_blurred"  # ‖y − h*G(y)‖₁ · γ
-    ADV_SHARP = "adv_sharp"  # generator's LS-GAN term against φ
-    ADV_BLURRED = "adv_blurred"  # generator's LS-GAN term against ψ (blind only)
-    D_SHARP = "d_sharp"  # φ's loss
-    D_BLURRED = "d_blurred"  # ψ's loss (blind only)
-
-
-def prepare_unpaired_batch(
-    batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move ``batch["sharp"]`` and ``batch["blurred"]`` (each ``(B, 1, D, H, W)``) to ``device`` as plain tensors."""
-    out = []
-    for key in (CycleGANKeys.SHARP, CycleGANKeys.BLURRED):
-        if key not in batchdata:
-            raise KeyError(f"training batch has no {key!r} entry (keys: {sorted(batchdata)})")
-        t = batchdata[key]
-        t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-        out.append(t.to(device=device, non_blocking=non_blocking, **kwargs).float())
-    return out[0], out[1]
-
-
-def _step(optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
-    """``optimizer.step()``, through the AMP ``scaler`` when there is one (``update``: then update it)."""
-    if scaler is None:
-        optimizer.step()
-        return
-    scaler.step(optimizer)
-    if update:
-        scaler.update()
-
-
-def _backward_step(loss: torch.Tensor, optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
-    """``loss.backward(); optimizer.step()``, through the AMP ``scaler`` when there is one."""
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    _step(optimizer, scaler, update)
-
-
-def _release_grads(optimizer: Optimizer, set_to_none: bool) -> None:
-    """Free ``optimizer``'s gradients right after its step (when ``set_to_none``).
-
-    ``zero_grad`` at the start of a step alone would keep them allocated through the *other*
-    optimizer's step: the discriminators' gradients (2 × 6.2 M parameters at full size, 47 MiB) would
-    sit in memory during the generator step, where the iteration's memory peaks.
-    """
-    if set_to_none:
-        optimizer.zero_grad(set_to_none=True)
-
-
-def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> None:
-    for net in nets:
-        if net is not None:
-            for p in net.parameters():
-                p.requires_grad_(flag)
+logger = logging.getLogger(__name__)
 
 
 class CycleGANTrainer(Trainer):
@@ -386,93 +270,3 @@ def generator_param_groups(
 def discriminator_parameters(*discriminators: torch.nn.Module | None) -> list[torch.nn.Parameter]:
     """Parameters of the given discriminators, skipping ``None`` (non-blind mode has no ``d_blurred``)."""
     return [p for d in discriminators if d is not None for p in d.parameters()]
-
-
-class SupervisedGANTrainer(AdversarialTrainer):
-    """Supervised baseline with an adversarial term: G(y) ≈ x by a reconstruction loss plus LS-GAN.
-
-    The paper's "supervised learning with GAN loss" (Lim et al. 2020, Table I): a U-Net G trained on
-    paired crops with a reconstruction loss (MSE) and a discriminator D (one multi-scale PatchGAN)
-    that tells ground-truth sharp crops x from G(y). MONAI's ``AdversarialTrainer`` has this shape
-    (one G, one D, ``recon_loss_function`` + ``g_loss_function``) but shows D the *input* as the real
-    sample (it is written for autoencoders, where input = target); here the real sample is the
-    ground truth ``label``. ``_iteration`` is replaced, the constructor adds ``adversarial_weight``,
-    and the trainer's ``state_dict`` leaves the networks and optimizers to their own checkpoint
-    entries (see :meth:`_complete_state_dict_user_keys`); events and ``state.g_network`` etc. are
-    ``AdversarialTrainer``'s, and the output decollates like ``SupervisedTrainer``'s.
-
-    Per iteration: G step with D frozen, ``loss_G = recon(G(y), x) + w · g_loss(D(G(y)))``; then D
-    step, ``loss_D = d_loss(D(x), D(G(y).detach()))``.
-
-    Args:
-        adversarial_weight: w, weight of G's adversarial term against the reconstruction loss (the
-            paper does not give it; pix2pix weighs L1 100:1 against its GAN term).
-        args, kwargs: as ``monai.engines.AdversarialTrainer`` (``g_network``, ``g_optimizer``,
-            ``g_loss_function``, ``recon_loss_function``, ``d_network``, ``d_optimizer``,
-            ``d_loss_function``, ...); see ``configs/train_supervised_gan.json``.
-
-    Batches are ``{"image": y, "label": x}`` each ``(B, 1, D, H, W)`` (``default_prepare_batch``). The output holds ``image``, ``label``, ``pred``
-    = G(y), ``loss`` (G + D), and the three loss terms under MONAI's ``AdversarialKeys``; with
-    ``decollate=True`` it becomes a list of per-sample dicts like ``SupervisedTrainer``'s.
-    """
-
-    def __init__(self, *args: Any, adversarial_weight: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.adversarial_weight = float(adversarial_weight)
-
-    def _complete_state_dict_user_keys(self) -> None:
-        """Keep the networks and optimizers out of the trainer's ``state_dict``.
-
-        ``AdversarialTrainer`` adds them, and ignite's ``Engine.load_state_dict`` then *replaces*
-        ``state.g_network`` (and the rest) by the unpickled copies from the checkpoint: after a resume
-        the trainer would train a copy while the evaluator and ``BestModelSaver`` hold the original.
-        Checkpoint them as separate entries instead (``ResumableCheckpoint``'s ``save_dict``), which
-        load in place.
-        """
-
-    def _iteration(self, engine: AdversarialTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
-        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
-        g_net, d_net = engine.state.g_network, engine.state.d_network
-        device_type = torch.device(engine.state.device).type
-
-        # (1) generator step, D frozen
-        g_net.train()
-        _set_requires_grad((d_net,), False)
-        engine.state.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=device_type, enabled=bool(engine.amp), **engine.amp_kwargs):
-            fakes = engine.g_inferer(inputs, g_net, *args, **kwargs)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            recon = engine.state.recon_loss_function(fakes.float(), targets).mean()
-            g_adv = engine.state.g_loss_function(engine.d_inferer(fakes.float(), d_net, *args, **kwargs)).mean()
-            g_loss = recon + self.adversarial_weight * g_adv
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        _backward_step(g_loss, engine.state.g_optimizer, engine.state.g_scaler, update=True)
-        _release_grads(engine.state.g_optimizer, engine.optim_set_to_none)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-
-        # (2) discriminator step: ground truth x is real, G(y) fake
-        _set_requires_grad((d_net,), True)
-        d_net.train()
-        engine.state.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=device_type, enabled=bool(engine.amp), **engine.amp_kwargs):
-            real_logits = engine.d_inferer(targets.contiguous(), d_net, *args, **kwargs)
-            fake_logits = engine.d_inferer(fakes.detach().float().contiguous(), d_net, *args, **kwargs)
-            d_loss = engine.state.d_loss_function(real_logits, fake_logits).mean()
-        _backward_step(d_loss, engine.state.d_optimizer, engine.state.d_scaler, update=True)
-        _release_grads(engine.state.d_optimizer, engine.optim_set_to_none)
-
-        engine.state.output = {
-            CommonKeys.IMAGE: inputs,
-            CommonKeys.LABEL: targets,
-            CommonKeys.PRED: fakes.detach(),
-            CommonKeys.LOSS: (g_loss + d_loss).detach(),
-            AdversarialKeys.RECONSTRUCTION_LOSS: recon.detach(),
-            AdversarialKeys.GENERATOR_LOSS: g_adv.detach(),
-            AdversarialKeys.DISCRIMINATOR_LOSS: d_loss.detach(),
-        }
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollation and postprocessing hook here
-        return engine.state.output
