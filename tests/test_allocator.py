@@ -12,6 +12,7 @@ import torch
 
 import bundle.inference.deconvolver
 import bundle.ooc
+import bundle.ooc.deconvolve
 from bundle.allocator import _glibc, apply_malloc_policy, malloc_policy
 from bundle.inference import Deconvolver
 from bundle.networks import DeblurUNet
@@ -104,7 +105,7 @@ def test_deconvolver_runs_under_its_policy(monkeypatch):
 
 def test_out_of_core_runs_under_release(monkeypatch, tmp_path):
     calls: list[str] = []
-    monkeypatch.setattr(bundle.ooc, "malloc_policy", _recording(calls))
+    monkeypatch.setattr(bundle.ooc.deconvolve, "malloc_policy", _recording(calls))
     net = DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval()
     volume = np.random.default_rng(0).random((20, 40, 36), dtype=np.float32)
     bundle.ooc.deconvolve_zarr(volume, tmp_path / "a.ome.zarr", net, roi_size=(32, 32, 32), sw_batch_size=2)

@@ -1,260 +1,36 @@
-"""Out-of-core deconvolution: chunked (OME-)Zarr in, chunked OME-Zarr out, memory independent of the stack size.
-
-:func:`deconvolve_zarr` gives the same result as the in-memory :func:`bundle.inference.deconvolve`
-(MONAI ``SlidingWindowInferer``, Gaussian blending) on the same volume — equal within float32
-rounding (the test checks 1e-5) — while holding only one block of windows in memory at a time.
-
-How the result stays identical to in-memory inference (the boundary treatment):
-
-* **Same windows.** The window grid is computed once for the whole (virtually padded) volume with
-  MONAI's own rule (``dense_patch_slices`` with the scan interval ``int(roi * (1 - overlap))``, the
-  last window flush with the end), exactly as ``sliding_window_inference`` does. Every window sees
-  the same voxels, so InstanceNorm sees the same statistics; blocks never create windows of their
-  own.
-* **Halo = whole windows.** Windows are grouped by the block (``block_size``) that holds their
-  first voxel; a group reads the bounding box of its windows (the block plus ``roi - step`` voxels of
-  halo on the far side), so every window is computed exactly once, with its full context.
-* **Stitching by accumulation.** Each group adds ``prediction · w`` (``w`` the Gaussian importance
-  map) into the output array (read-modify-write of the touched region; groups run one after
-  another), and a second pass divides every output block by the sum of the weights of the windows
-  that overlap it — the same quotient MONAI forms in memory, only summed in another order.
-* **Same normalisation.** Percentiles are those of the whole volume (:func:`estimate_percentiles`:
-  exact for stacks up to ``max_percentile_samples`` voxels, a regular subsample beyond), mapped to
-  [0, 1] with clipping, and undone at the end, as in ``configs/inference.json``.
-* **Same padding.** An axis shorter than the window is mirror-padded (edge-replicated for tiny
-  axes) to the window size as :class:`bundle.inference.Deconvolver` does; blocks always span such an
-  axis completely, so the padding is identical.
-
-Memory: one group's input box, its windows and their predictions, and one output block; none of it
-depends on the stack size (``docs/benchmark.md`` measures the peak RSS for a stack and one 4×
-larger). Dask is not needed; the Zarr arrays are read and written region by region.
-
-Output layout (OME-NGFF 0.4, Zarr v2 format, readable by napari/Fiji): a group with
-``multiscales`` metadata (axes z, y, x in micrometres, one level ``"0"`` with the voxel size as
-its scale) and the float32 array ``"0"``, chunked like ``chunks``.
-"""
+"""Out-of-core deconvolution block by block, the same windows and result as in memory."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.data.utils import compute_importance_map
 from monai.transforms import ScaleIntensityRange
 from torch import nn
 
 from bundle.allocator import malloc_policy
-
-__all__ = [
-    "deconvolve_zarr",
-    "estimate_percentiles",
-    "open_volume",
-    "window_grid",
-    "write_ome_zarr",
-]
+from bundle.ooc.grid import (
+    OUTPUT_RANGES,
+    _blocks,
+    _groups,
+    _overlap,
+    _padding,
+    _shift,
+    estimate_percentiles,
+    window_grid,
+)
+from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_RANGES = ("input", "normalized")
-
-
-def _zarr() -> Any:
-    try:
-        import zarr
-    except ImportError as exc:  # pragma: no cover - zarr is a dependency of out-of-core inference
-        raise ImportError("out-of-core inference needs the 'zarr' package: pip install zarr") from exc
-    return zarr
-
-
-# ----------------------------------------------------------------------------------------------------------
-# geometry
-# ----------------------------------------------------------------------------------------------------------
-
-
-def window_grid(
-    image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float]
-) -> list[tuple[slice, ...]]:
-    """The sliding windows of MONAI's ``sliding_window_inference`` on an image of ``image_size`` (in order).
-
-    Args:
-        image_size: ``(D, H, W)``, each at least ``roi_size`` (pad first).
-        roi_size: window size ``(d, h, w)``.
-        overlap: overlap fraction in [0, 1), one or one per axis.
-    """
-    if any(i < r for i, r in zip(image_size, roi_size)):
-        raise ValueError(f"image_size {tuple(image_size)} must be >= roi_size {tuple(roi_size)} (pad first)")
-    overlaps = [float(o) for o in np.broadcast_to(np.asarray(overlap, dtype=float), (len(roi_size),))]
-    scan = []  # monai.inferers.utils._get_scan_interval
-    for i, r, o in zip(image_size, roi_size, overlaps):
-        scan.append(int(r) if r == i else max(int(r * (1 - o)), 1))
-    return list(dense_patch_slices(tuple(image_size), tuple(roi_size), tuple(scan)))
-
-
-def _padding(shape: Sequence[int], roi_size: Sequence[int]) -> tuple[list[int], str]:
-    """Per-axis total padding to reach the window, and the mode, as ``bundle.inference.windows._pad_to``."""
-    pads = [max(int(r) - int(s), 0) for s, r in zip(shape, roi_size)]
-    reflect_ok = all(p - p // 2 < s for p, s in zip(pads, shape))
-    return pads, "reflect" if reflect_ok else "replicate"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Zarr I/O
-# ----------------------------------------------------------------------------------------------------------
-
-
-def open_volume(source: Any) -> tuple[Any, tuple[float, float, float] | None]:
-    """A ``(Z, Y, X)`` array-like (sliceable, ``.shape``) and its voxel size from a path or array.
-
-    Args:
-        source: an OME-Zarr group (level ``multiscales[0].datasets[0]`` is used, its ``scale`` gives
-            the voxel size), a Zarr array (path or object), or a numpy array.
-    """
-    if isinstance(source, np.ndarray):
-        return source, None
-    zarr = _zarr()
-    node = zarr.open(str(source), mode="r") if isinstance(source, (str, os.PathLike)) else source
-    if isinstance(node, zarr.Group):
-        attrs = dict(node.attrs)
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-        if not multiscales:
-            raise ValueError(
-                f"{source}: a Zarr group without OME 'multiscales' metadata; pass the array path"
-            )
-        level = multiscales[0]["datasets"][0]
-        array = node[level["path"]]
-        voxel = None
-        for transform in level.get("coordinateTransformations", []):
-            if transform.get("type") == "scale":
-                voxel = tuple(float(v) for v in transform["scale"][-3:])
-        return array, voxel
-    return node, None
-
-
-def _ome_attrs(voxel_size: Sequence[float] | None, name: str) -> dict[str, Any]:
-    scale = [float(v) for v in (voxel_size or (1.0, 1.0, 1.0))]
-    unit = {"unit": "micrometer"} if voxel_size is not None else {}
-    return {
-        "multiscales": [
-            {
-                "version": "0.4",
-                "name": name,
-                "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
-                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-                "type": "sliding-window deconvolution",
-            }
-        ]
-    }
-
-
-def _create_ome_zarr(
-    path: str | os.PathLike,
-    shape: Sequence[int],
-    chunks: Sequence[int],
-    voxel_size: Sequence[float] | None,
-    dtype: Any = np.float32,
-    overwrite: bool = False,
-    name: str = "",
-) -> Any:
-    zarr = _zarr()
-    if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists; pass overwrite=True to replace it")
-    group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    group.attrs.update(_ome_attrs(voxel_size, name or Path(path).stem))
-    return group.create_array(
-        "0",
-        shape=tuple(int(s) for s in shape),
-        chunks=tuple(int(c) for c in chunks),
-        dtype=dtype,
-        fill_value=0,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-    )
-
-
-def write_ome_zarr(
-    path: str | os.PathLike,
-    volume: np.ndarray,
-    voxel_size: Sequence[float] | None = None,
-    chunks: Sequence[int] = (64, 256, 256),
-    overwrite: bool = False,
-) -> Any:
-    """Write an in-memory ``(Z, Y, X)`` volume as a one-level OME-Zarr (for tests, demos, converting stacks).
-
-    Returns:
-        the Zarr array ``path/0``.
-    """
-    chunks = tuple(min(int(c), int(s)) for c, s in zip(chunks, volume.shape))
-    array = _create_ome_zarr(path, volume.shape, chunks, voxel_size, dtype=volume.dtype, overwrite=overwrite)
-    array[...] = volume
-    return array
-
-
-# ----------------------------------------------------------------------------------------------------------
-# normalisation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def estimate_percentiles(
-    volume: Any, percentiles: Sequence[float], max_samples: int = 1 << 21, slab: int = 16
-) -> tuple[float, float]:
-    """Values of a volume at two percentiles, read slab by slab.
-
-    Exact (the same numbers as ``bundle.inference.NormalizePercentilesd``) when the volume has at most
-    ``max_samples`` voxels; otherwise computed on a regular subsample (every ``s``-th voxel along
-    each axis, ``s`` chosen so that at most ``max_samples`` voxels are read into memory).
-    """
-    from monai.transforms.utils_pytorch_numpy_unification import percentile
-
-    shape = tuple(int(s) for s in volume.shape)
-    n = math.prod(shape)
-    stride = 1 if n <= max_samples else math.ceil((n / max_samples) ** (1.0 / 3.0))
-    parts = []
-    step = max(slab, 1) * stride
-    for z0 in range(0, shape[0], step):
-        block = np.asarray(
-            volume[z0 : min(z0 + step, shape[0]) : stride, ::stride, ::stride], dtype=np.float32
-        )
-        parts.append(block)
-    sample = torch.from_numpy(np.concatenate(parts, axis=0))
-    lo, hi = (float(percentile(sample, p)) for p in percentiles)  # type: ignore[arg-type]
-    return lo, hi
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the out-of-core loop
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _groups(windows: list[tuple[slice, ...]], block_size: Sequence[int]) -> Iterator[list[tuple[slice, ...]]]:
-    """Windows grouped by the block holding their first voxel, in raster order of the blocks."""
-    groups: dict[tuple[int, ...], list[tuple[slice, ...]]] = {}
-    for w in windows:
-        groups.setdefault(tuple(s.start // b for s, b in zip(w, block_size)), []).append(w)
-    for key in sorted(groups):
-        yield groups[key]
-
-
-def _blocks(shape: Sequence[int], block_size: Sequence[int]) -> Iterator[tuple[slice, ...]]:
-    for z in range(0, shape[0], block_size[0]):
-        for y in range(0, shape[1], block_size[1]):
-            for x in range(0, shape[2], block_size[2]):
-                yield tuple(slice(o, min(o + b, s)) for o, b, s in zip((z, y, x), block_size, shape))
-
-
-def _overlap(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...] | None:
-    out = tuple(slice(max(p.start, q.start), min(p.stop, q.stop)) for p, q in zip(a, b))
-    return out if all(s.start < s.stop for s in out) else None
-
-
-def _shift(region: tuple[slice, ...], origin: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(s.start - o, s.stop - o) for s, o in zip(region, origin))
 
 
 @torch.no_grad()
