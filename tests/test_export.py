@@ -50,7 +50,7 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
         names = set(zf.namelist())
         zf.extractall(tmp_path / "unpacked")
     for required in ("configs/common.json", "configs/inference.json", "configs/metadata.json", "models/model.pt",
-                     "bundle/inference.py", "docs/model_card.md", "LICENSE"):
+                     "bundle/inference/__init__.py", "bundle/inference/deconvolver.py", "docs/model_card.md", "LICENSE"):
         assert f"deconv/{required}" in names, required
     assert not [n for n in os.listdir(zip_path.parent) if n != "deconv.zip"]  # no temporary leftovers
 
