@@ -25,7 +25,7 @@ from bundle.physics.forward import simulate_acquisition
 from bundle.physics.phantom import PHANTOM_MODELS, make_phantom
 from bundle.physics.psf import make_psf
 
-__all__ = ["SimulateDataset"]
+__all__ = ["SimulateDataset", "SimulatedValidation"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +236,57 @@ class SimulateDataset:
     def _save(root: Path, rel: str, volume: np.ndarray, voxel: tuple[float, ...]) -> str:
         save_volume(root / rel, volume.astype(np.float32), voxel_size=voxel, dtype=np.float32)
         return rel
+
+
+class SimulatedValidation:
+    """Validation pairs simulated at the user's optics: for a run whose stacks have no ground truth.
+
+    Phantoms of ``phantom_model`` rendered at ``voxel_size``, blurred by the vectorial (``psfmodels``)
+    PSF of the optics keys and made noisy at ``snr_db``, written once under ``dataset_dir`` by
+    :class:`SimulateDataset` (reused while the settings are unchanged). The model is then chosen on
+    PSNR against these pairs: on data like the user's, not the user's data — the simulated structures
+    and the aberration-free PSF are assumptions (``configs/val_simulated.json`` says so in the user
+    guide).
+
+    Args:
+        dataset_dir: where the pairs go (e.g. ``<output_dir>/val_simulated``).
+        na, n_immersion, wavelength: the optics keys (µm).
+        voxel_size: ``(z, y, x)`` µm of the user's stacks.
+        shape: ``(Z, Y, X)`` of each pair.
+        n_val: number of pairs.
+        phantom_model: ``"microtubules"`` or ``"vesicles"``.
+        snr_db: average SNR of the simulated noise.
+        psf_shape: ``(Z, Y, X)`` of the simulated PSF.
+        seed: seed of the phantoms and the noise.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        na: float = 1.4,
+        n_immersion: float = 1.515,
+        wavelength: float = 0.52,
+        voxel_size: Sequence[float] = (0.1, 0.1, 0.1),
+        shape: Sequence[int] = (32, 128, 128),
+        n_val: int = 2,
+        phantom_model: str = "microtubules",
+        snr_db: float = 20.0,
+        psf_shape: Sequence[int] = (31, 31, 31),
+        seed: int = 0,
+    ) -> None:
+        if int(n_val) < 1:
+            raise ValueError(f"need at least one validation pair, got n_val={n_val}")
+        # n_train=1: SimulateDataset writes at least one training pair; a small one, never read here
+        self.simulator = SimulateDataset(
+            dataset_dir, shape=(8, 32, 32), eval_shape=shape, n_train=1, n_val=int(n_val), n_test=0,
+            psf_model="vectorial", psf_shape=psf_shape, na=na, n_immersion=n_immersion, wavelength=wavelength,
+            voxel_size=voxel_size, snr_db=snr_db, seed=seed, phantom_model=phantom_model, progress=False,
+        )  # fmt: skip
+
+    def datalist(self) -> list[dict[str, str]]:
+        """Simulate (once) and return ``[{"image": blurred, "label": ground_truth}, ...]``."""
+        from bundle.data import paired_datalist
+
+        self.simulator.run()
+        root = self.simulator.dataset_dir
+        return paired_datalist(str(root / "val" / "blurred"), str(root / "val" / "ground_truth"))

@@ -87,7 +87,7 @@ GROUPS = [
     ["configs/common.json", "configs/train.json", "configs/train_conventional.json", "configs/multi_gpu_train.json"],
     ["configs/common.json", "configs/inference.json", "configs/inference_rl.json", "configs/evaluate.json"],
     ["configs/simulate.json", "configs/simulate_vesicles.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/own_data.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/own_data.json", "configs/val_simulated.json"],
 ]
 
 

@@ -201,3 +201,23 @@ def test_own_data_command_runs_on_a_real_widefield_stack(tmp_path):
     whole, meta = load_volume(tmp_path / "eval/held_out/toxo_525_whole_deconv.tif")  # the split stack shown whole
     assert whole.shape == (17, 128, 128) and meta["voxel_size"] == pytest.approx(voxel)
     assert "toxo_525" in (tmp_path / "eval/report.md").read_text()
+
+
+@pytest.mark.slow
+def test_simulated_validation_at_the_users_optics_is_one_config_away(tiny_dataset, tmp_path):
+    """own_data.json + val_simulated.json: pairs simulated at the optics keys, the model chosen on PSNR."""
+    res = run_bundle(
+        "training",
+        "['configs/common.json','configs/train.json','configs/quick.json','configs/own_data.json','configs/val_simulated.json']",
+        "--blurred_dir", str(tiny_dataset / "train/blurred"), "--output_dir", str(tmp_path / "eval"),
+        "--ckpt_dir", str(tmp_path / "models"), "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1",
+        "--psf_kernel_size", "[15,15,15]", "--val_simulated_shape", "[16,64,64]", "--na", "1.3",
+        "--n_immersion", "1.515", "--wavelength", "0.52",
+    )  # fmt: skip
+    manifest = json.loads((tmp_path / "eval/val_simulated/dataset.json").read_text())
+    assert manifest["parameters"]["na"] == 1.3 and manifest["parameters"]["psf_model"] == "vectorial"
+    assert manifest["parameters"]["voxel_size"] == pytest.approx([0.1, 0.1, 0.1])  # the stacks' own
+    history = json.loads((tmp_path / "eval/validation.json").read_text())
+    assert all({"val_psnr", "val_input_psnr", "val_consistency"} <= set(e) for e in history), history[0].keys()
+    assert json.loads((tmp_path / "models/model.json").read_text())["metric"] == "val_psnr"
+    assert (tmp_path / "eval/report.md").is_file(), res.stdout[-2000:]
