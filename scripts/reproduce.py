@@ -704,6 +704,44 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def aggregate_seeds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds of every ``{test_set: {method: {metric}}}`` score.
+
+    Returns ``{"seeds": [...], "metrics": {test_set: {method: {metric: {"mean", "sd", "values"}}}}}``;
+    a score missing for a seed is left out of that cell (its ``values`` say how many there are).
+    """
+    out: dict[str, Any] = {"seeds": [r.get("seed") for r in reports], "metrics": {}}
+    for test_set in sorted({t for r in reports for t in r["metrics"]}):
+        methods = sorted({m for r in reports for m in r["metrics"].get(test_set, {})})
+        out["metrics"][test_set] = {}
+        for method in methods:
+            cell: dict[str, Any] = {}
+            for metric in ("psnr", "ssim"):
+                values = [float(r["metrics"][test_set][method][metric]) for r in reports
+                          if metric in r["metrics"].get(test_set, {}).get(method, {})]  # fmt: skip
+                if values:
+                    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    cell[metric] = {"mean": float(np.mean(values)), "sd": sd, "values": values}
+            out["metrics"][test_set][method] = cell
+    return out
+
+
+def render_seeds_markdown(summary: dict[str, Any]) -> str:
+    """Tables of mean ± sd over seeds, one per test set (targets are met when mean − sd clears them)."""
+    lines = [f"# Reproduction over seeds {', '.join(str(s) for s in summary['seeds'])}", "",
+             "Mean ± sample standard deviation over the seeds; per-seed reports in `seed_<s>/results.md`.", ""]  # fmt: skip
+    for test_set, methods in summary["metrics"].items():
+        lines += [f"## {test_set}", "", "| method | PSNR (dB) | SSIM | PSNR per seed |", "|---|---|---|---|"]
+        for method, cell in methods.items():
+            p, q = cell.get("psnr"), cell.get("ssim")
+            psnr = f"{p['mean']:.2f} ± {p['sd']:.2f}" if p else "–"
+            ssim = f"{q['mean']:.4f} ± {q['sd']:.4f}" if q else "–"
+            per = ", ".join(f"{v:.2f}" for v in p["values"]) if p else ""
+            lines.append(f"| {LABELS.get(method, method)} | {psnr} | {ssim} | {per} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="experiment size (default small)")
@@ -718,14 +756,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="override the scale's epochs (a later run with more epochs extends the trainings)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="several seeds: one full run each under <output>/seed_<s> (work dir likewise), then "
+                             "seeds.md / seeds.json with mean ± sd; an interrupted campaign resumes per seed")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runner = Runner(
-        args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs
-    )
     command = " ".join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
-    report = runner.run(command)
-    logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")
+    if not args.seeds:
+        runner = Runner(
+            args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs
+        )
+        report = runner.run(command)
+        logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")
+        return 0
+    output = Path(args.output)
+    work = Path(args.work_dir) if args.work_dir else ROOT / "outputs" / f"reproduce_{args.scale}"
+    reports = []
+    for seed in args.seeds:
+        runner = Runner(
+            args.scale, str(output / f"seed_{seed}"), str(work / f"seed_{seed}"), args.methods, args.threads,
+            args.jobs, seed, args.max_epochs,
+        )  # fmt: skip
+        reports.append(runner.run(command))
+    summary = aggregate_seeds(reports)
+    summary["command"] = command
+    _atomic_json(summary, output / "seeds.json")
+    (output / "seeds.md").write_text(render_seeds_markdown(summary))
+    logger.info(f"wrote {output / 'seeds.md'} and seeds.json")
     return 0
 
 

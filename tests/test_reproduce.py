@@ -109,3 +109,29 @@ def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         reproduce.Runner("tiny", tmp_path, methods=["supervised", "magic"])
     assert not os.listdir(tmp_path)
+
+
+def test_seeds_run_one_campaign_each_and_report_mean_and_sd(tmp_path, monkeypatch):
+    """--seeds runs the whole reproduction per seed (own output and work folders) and aggregates them."""
+    calls = []
+    psnr = {0: 30.0, 1: 31.0, 2: 32.5}
+
+    class FakeRunner:
+        def __init__(self, scale, output, work_dir, methods, threads, jobs, seed, max_epochs):
+            calls.append((Path(output).name, Path(work_dir).name, seed))
+            self.seed = seed
+
+        def run(self, command):
+            return {"seed": self.seed, "metrics": {"born_wolf_20db": {
+                "input": {"psnr": 22.0, "ssim": 0.7}, "blind": {"psnr": psnr[self.seed], "ssim": 0.9 + 0.01 * self.seed}}}}
+
+    monkeypatch.setattr(reproduce, "Runner", FakeRunner)
+    assert reproduce.main(["--scale", "tiny", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"),
+                           "--seeds", "0", "1", "2"]) == 0  # fmt: skip
+    assert calls == [("seed_0", "seed_0", 0), ("seed_1", "seed_1", 1), ("seed_2", "seed_2", 2)]
+    summary = json.loads((tmp_path / "out/seeds.json").read_text())
+    cell = summary["metrics"]["born_wolf_20db"]["blind"]["psnr"]
+    assert cell["values"] == [30.0, 31.0, 32.5]
+    assert cell["mean"] == pytest.approx(31.1666667) and cell["sd"] == pytest.approx(1.2583057, rel=1e-6)  # sample sd
+    md = (tmp_path / "out/seeds.md").read_text()
+    assert "| proposed, blind (learned PSF) | 31.17 ± 1.26 | 0.9100 ± 0.0100 | 30.00, 31.00, 32.50 |" in md
