@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,8 @@ import tifffile
 from monai.data.image_writer import resolve_writer
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImaged, Spacingd
 
+from bundle.data import list_volumes
+from bundle.inference import output_path
 from bundle.io import (
     TiffStackReader,
     TiffStackWriter,
@@ -424,3 +427,30 @@ def test_a_2d_rgb_tiff_is_called_2d_not_sent_to_the_channel_argument(tmp_path):
     with pytest.raises(VolumeError, match=r"rgb\.tif: is a 2D image with 3 channels") as err:
         load_volume(tmp_path / "rgb.tif")
     assert "channel" not in str(err.value).split("channels", 1)[1]
+
+
+def _toxo_dv() -> Path:
+    """A real DeltaVision stack shipped in the napari-dv wheel (a dev extra): 2 channels, 17 x 128 x 128."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("napari_dv")  # located, not imported
+    return Path(spec.submodule_search_locations[0]) / "_tests" / "toxo.dv"
+
+
+def test_deltavision_stacks_load_with_their_voxel_size_and_channels(tmp_path):
+    import mrc
+
+    path = _toxo_dv()
+    with pytest.raises(VolumeError, match="2 channels"):
+        load_volume(path)
+    volume, meta = load_volume(path, channel=1, dtype=None)
+    with mrc.DVFile(str(path)) as dv:
+        expected = np.asarray(dv.asarray())[1]
+    np.testing.assert_array_equal(volume, expected)
+    assert volume.shape == (17, 128, 128) and volume.dtype == np.uint16
+    assert meta["voxel_size"] == pytest.approx((0.3, 0.13262, 0.13262), rel=1e-4)
+    assert str(path) in list_volumes(str(path.parent))  # folders of .dv stacks are listed
+    # read, not written: a .dv input's outputs are TIFF; writing .dv is refused with the reason
+    assert output_path(path, tmp_path).name == "toxo_deconv.tif"
+    with pytest.raises(VolumeError, match="read, not written"):
+        save_volume(tmp_path / "out.dv", volume)

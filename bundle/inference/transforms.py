@@ -18,12 +18,11 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from bundle.data import list_volumes
 from bundle.io import (
-    SUPPORTED_EXTENSIONS,
     VolumeError,
     load_volume,
     save_volume,
 )
-from bundle.io.formats import file_extension
+from bundle.io.formats import WRITABLE_EXTENSIONS, file_extension
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +128,11 @@ def output_path(
     input_path: PathLike, output_dir: PathLike, suffix: str = "_deconv", output_ext: str | None = None
 ) -> Path:
     """``output_dir/<input name without extension><suffix><ext>``; ext defaults to the input's
-    (``.ome.tif`` becomes ``.tif``: the output is an ImageJ TIFF)."""
+    (``.ome.tif`` and DeltaVision ``.dv`` become ``.tif``: the output is an ImageJ TIFF)."""
     name = Path(input_path).name
     ext = file_extension(input_path)
     stem = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else Path(name).stem
-    ext = output_ext or (".tif" if ext in (".ome.tif", ".ome.tiff") else ext)
+    ext = output_ext or (".tif" if ext in (".ome.tif", ".ome.tiff", ".dv") else ext)
     return Path(output_dir) / f"{stem}{suffix}{ext}"
 
 
@@ -149,9 +148,9 @@ def check_output_dir(output_dir: PathLike, output_ext: str | None = None) -> Pat
     """
     if output_ext is not None:
         ext = str(output_ext).lower()
-        if not ext.startswith(".") or ext not in SUPPORTED_EXTENSIONS:
+        if not ext.startswith(".") or ext not in WRITABLE_EXTENSIONS:
             raise ValueError(
-                f"output_ext {output_ext!r} is not a format the bundle writes; use one of {SUPPORTED_EXTENSIONS}"
+                f"output_ext {output_ext!r} is not a format the bundle writes; use one of {WRITABLE_EXTENSIONS}"
             )
     folder = Path(output_dir)
     existing = folder

@@ -31,6 +31,7 @@ from bundle.io.formats import (
     SIDECAR_EXTENSIONS,
     SUPPORTED_EXTENSIONS,
     TIFF_EXTENSIONS,
+    WRITABLE_EXTENSIONS,
     VolumeError,
 )
 from bundle.io.monai_io import TiffStackReader, register
@@ -56,6 +57,7 @@ __all__ = [
     "NIFTI_EXTENSIONS",
     "ITK_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
+    "WRITABLE_EXTENSIONS",
     "SIDECAR_EXTENSIONS",
     "KEPT_DTYPES",
 ]

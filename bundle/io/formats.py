@@ -16,7 +16,10 @@ logger = logging.getLogger(__name__)
 TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 ITK_EXTENSIONS = (".mha", ".mhd", ".nrrd", ".nhdr", ".vtk", ".mnc", ".gipl")
-SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS
+DV_EXTENSIONS = (".dv",)  # DeltaVision (widefield deconvolution systems), read with the optional `mrc` package
+SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS + DV_EXTENSIONS
+#: formats the bundle writes (DeltaVision is read only: outputs of a .dv input are written as TIFF)
+WRITABLE_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS
 # header + separate data file: written as a pair (bundle.io.atomic_write)
 SIDECAR_EXTENSIONS = (".mhd", ".nhdr")
 

@@ -12,6 +12,7 @@ from monai.utils import convert_data_type, ensure_tuple
 
 from bundle.io.atomic import _same_file, atomic_write
 from bundle.io.formats import (
+    DV_EXTENSIONS,
     KEPT_DTYPES,
     NIFTI_EXTENSIONS,
     SUPPORTED_EXTENSIONS,
@@ -67,12 +68,44 @@ def _read_itk(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None, st
     return np.ascontiguousarray(data), axes, spacing if n_spatial == 3 else None, str(data.dtype)
 
 
+def _read_dv(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None, str]:
+    """DeltaVision ``.dv`` (the format of GE/Applied Precision DeltaVision widefield systems) via ``mrc``.
+
+    Axes ``(C, Z, Y, X)`` (or ``(Z, Y, X)`` for one channel), voxel size from the header (µm). A time
+    series is refused (choose a time point first). ``mrc`` is optional: a clear error names it.
+    """
+    try:
+        import mrc
+    except ImportError as exc:
+        raise _err(path, "reading DeltaVision (.dv) files needs the 'mrc' package: pip install mrc") from exc
+    try:
+        with mrc.DVFile(str(path)) as dv:
+            axes, sizes = str(dv.axes), dict(dv.sizes)
+            data = np.asarray(dv.asarray()).reshape([sizes[a] for a in axes])
+            voxel = dv.voxel_size
+            original_dtype = str(data.dtype)
+    except Exception as exc:
+        raise _err(path, f"cannot read DeltaVision (mrc: {type(exc).__name__}: {exc})") from exc
+    if sizes.get("T", 1) > 1:
+        raise _err(path, f"is a time series ({sizes['T']} time points); save one time point as a 3D stack first")
+    for drop in ("T", "C"):
+        if drop in axes and sizes[drop] == 1:
+            data = data.squeeze(axes.index(drop))
+            axes = axes.replace(drop, "")
+    voxel_size = (float(voxel.z), float(voxel.y), float(voxel.x)) if voxel is not None else None
+    if voxel_size is not None and not all(v > 0 for v in voxel_size):
+        voxel_size = None
+    return np.ascontiguousarray(data), axes, voxel_size, original_dtype
+
+
 def _read_any(path: Path, channel: int | None) -> tuple[np.ndarray, str, tuple[float, ...] | None, str]:
     """``(data, axes, voxel_size, original_dtype)`` of any supported file, spatial axes ``(Z, Y, X)``."""
     _check_exists(path)
     if file_extension(path) in TIFF_EXTENSIONS:
         return _read_tiff(path, channel)
-    data, axes, voxel_size, original_dtype = (_read_nifti if file_extension(path) in NIFTI_EXTENSIONS else _read_itk)(path)
+    ext = file_extension(path)
+    reader = _read_nifti if ext in NIFTI_EXTENSIONS else _read_dv if ext in DV_EXTENSIONS else _read_itk
+    data, axes, voxel_size, original_dtype = reader(path)
     if axes.startswith("C") and channel is not None:
         if not 0 <= channel < data.shape[0]:
             raise _err(path, f"channel={channel} requested but the file has {data.shape[0]} channel(s)")
@@ -171,6 +204,8 @@ def save_volume(
         if _same_file(path, Path(p)):
             raise _err(path, "refusing to overwrite an input file; choose another output path")
     ext = file_extension(path)
+    if ext in DV_EXTENSIONS:
+        raise _err(path, "DeltaVision (.dv) is read, not written: save as .tif, .nii.gz or an ITK format")
     if ext not in SUPPORTED_EXTENSIONS:
         raise _unsupported_extension(path)
     data = convert_data_type(volume, np.ndarray)[0]
