@@ -7,37 +7,11 @@ import math
 
 import numpy as np
 import torch
-from monai.metrics import PSNRMetric
 
 from bundle.classical.richardson_lucy import _NORMALIZE_MODES, Array, richardson_lucy
+from bundle.metrics.reference import psnr
 
 logger = logging.getLogger(__name__)
-
-
-def psnr(prediction: Array, target: Array, data_range: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 log10(MAX² / MSE)``, computed by ``monai.metrics.PSNRMetric``.
-
-    Args:
-        prediction: array or tensor, any shape equal to ``target``'s.
-        target: the reference (ground truth).
-        data_range: MAX; default the dynamic range of the target, ``max - min`` (the paper's MAX).
-
-    Returns:
-        PSNR in dB over all voxels (``inf`` for identical inputs).
-    """
-    p = torch.as_tensor(
-        np.asarray(prediction) if not isinstance(prediction, torch.Tensor) else prediction.detach()
-    )
-    t = torch.as_tensor(np.asarray(target) if not isinstance(target, torch.Tensor) else target.detach())
-    if p.shape != t.shape:
-        raise ValueError(f"prediction and target shapes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
-    p = p.to(torch.float64).reshape(1, 1, -1)
-    t = t.to(device=p.device, dtype=torch.float64).reshape(1, 1, -1)
-    if data_range is None:
-        data_range = float(t.max() - t.min())
-    if data_range <= 0:
-        raise ValueError("data_range must be > 0 (the target is constant)")
-    return float(PSNRMetric(max_val=data_range)(p, t).item())
 
 
 def _normalize_pair(

@@ -47,6 +47,10 @@ class BlurCalibration:
             ``psf_fit(blur, sharp, blurred)`` on ``max(n_samples, psf_fit.n_samples)`` items when
             ``psf_fit.fittable(blur)`` (a fixed, non-blind PSF is left as it is); its record is logged
             and written with the calibration.
+        fit_dataset: items ``{"sharp", "blurred"}`` for the PSF fit (default ``dataset``). The fit's
+            spectra resolve the PSF's transfer function better from crops larger than the training
+            crops: on the vesicle data of ``docs/results.md`` 32×64×64 crops gave correlations
+            0.967-0.973 with the true PSF where the 32³ training crops gave 0.958-0.965.
     """
 
     def __init__(
@@ -60,16 +64,26 @@ class BlurCalibration:
         estimate_noise: bool = True,
         record_path: str | None = None,
         psf_fit: Any | None = None,
+        fit_dataset: Any | None = None,
     ) -> None:
         self.blur = blur
         self.psf_fit = psf_fit
         self.dataset = dataset
+        self.fit_dataset = dataset if fit_dataset is None else fit_dataset
         self.n_samples = int(n_samples)
         self.low_percentile = low_percentile
         self.high_percentile = high_percentile
         self.noise = noise
         self.estimate_noise = bool(estimate_noise)
         self.record_path = None if record_path is None else Path(record_path)
+
+    @staticmethod
+    def _draw(dataset: Any, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` items of ``dataset`` as ``(count, 1, D, H, W)`` sharp and blurred batches."""
+        items = [dataset[i % len(dataset)] for i in range(count)]
+        sharp = torch.stack([torch.as_tensor(it["sharp"]) for it in items]).float().to(device)
+        blurred = torch.stack([torch.as_tensor(it["blurred"]) for it in items]).float().to(device)
+        return sharp, blurred
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -78,21 +92,19 @@ class BlurCalibration:
         if engine.state.iteration > 0 or not hasattr(self.blur, "calibrate"):
             return
         fit_psf = self.psf_fit is not None and self.psf_fit.fittable(self.blur)
-        count = max(self.n_samples, self.psf_fit.n_samples) if fit_psf else self.n_samples
-        items = [self.dataset[i % len(self.dataset)] for i in range(count)]
         device = next(self.blur.parameters(), torch.empty(0)).device
-        sharp = torch.stack([torch.as_tensor(it["sharp"]) for it in items]).float().to(device)
-        blurred = torch.stack([torch.as_tensor(it["blurred"]) for it in items]).float().to(device)
+        sharp, blurred = self._draw(self.dataset, self.n_samples, device)
         record: dict[str, Any] = {}
         if fit_psf:
-            record["psf_fit"] = self.psf_fit(self.blur, sharp, blurred)
+            fit_sharp, fit_blurred = self._draw(self.fit_dataset, self.psf_fit.n_samples, device)
+            record["psf_fit"] = self.psf_fit(self.blur, fit_sharp, fit_blurred)
             logger.info(
-                f"PSF fitted to the power spectra of {count} crops per domain: {record['psf_fit']['before']} -> "
-                f"{record['psf_fit']['after']} (loss {record['psf_fit']['loss_before']:.4f} -> {record['psf_fit']['loss_after']:.4f})"
+                f"PSF fitted to the power spectra of {fit_sharp.shape[0]} crops {tuple(fit_sharp.shape[2:])} per domain: "
+                f"{record['psf_fit']['before']} -> {record['psf_fit']['after']} "
+                f"(loss {record['psf_fit']['loss_before']:.4f} -> {record['psf_fit']['loss_after']:.4f})"
             )
         elif self.psf_fit is not None:
             logger.info("PSF fit skipped: the blur path's PSF is fixed (non-blind) or has no fitted parameters")
-        sharp, blurred = sharp[: self.n_samples], blurred[: self.n_samples]
         with torch.no_grad():
             result = self.blur.calibrate(
                 sharp, blurred, low_percentile=self.low_percentile, high_percentile=self.high_percentile

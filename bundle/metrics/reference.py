@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -30,17 +32,34 @@ def affine_fit(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (a * p + b).reshape(prediction.shape).to(prediction.dtype if prediction.is_floating_point() else torch.float32)
 
 
-def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> float:
-    """PSNR in dB with ``MAX`` = the dynamic range of the ground truth (the paper's definition).
+def psnr(prediction: Any, target: Any, data_range: float | None = None) -> float:
+    """PSNR in dB, ``10 log10(MAX² / MSE)``, with ``MAX`` the ground truth's dynamic range (the paper's
+    definition), computed in float64 by ``monai.metrics.PSNRMetric``. The one PSNR of the bundle
+    (Richardson–Lucy's iteration choice, evaluation, validation helpers).
 
     Args:
-        prediction: ``(D, H, W)`` or ``(B, C, D, H, W)`` tensor.
-        target: ground truth, same shape.
+        prediction: tensor or array; ``(B, C, D, H, W)`` is scored per item and averaged, any other
+            shape over all its voxels at once.
+        target: the ground truth, same shape.
         data_range: ``MAX``; default ``target.max() - target.min()``.
+
+    Returns:
+        PSNR in dB (``inf`` for identical inputs).
     """
-    pred, tgt = _batched(prediction), _batched(target)
-    rng = float(tgt.max() - tgt.min()) if data_range is None else float(data_range)
-    return float(PSNRMetric(max_val=rng)(pred.float(), tgt.float()).mean())
+    p, t = _as_float64(prediction), _as_float64(target)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
+    t = t.to(p.device)
+    rng = float(t.max() - t.min()) if data_range is None else float(data_range)
+    if rng <= 0:
+        raise ValueError("data_range must be > 0 (the target is constant)")
+    items = p.shape[0] if p.ndim == 5 else 1
+    return float(PSNRMetric(max_val=rng)(p.reshape(items, 1, -1), t.reshape(items, 1, -1)).mean())
+
+
+def _as_float64(x: Any) -> torch.Tensor:
+    x = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return x.to(torch.float64)
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> float:

@@ -124,3 +124,26 @@ def test_blur_calibration_runs_the_fit_and_records_it(tmp_path):
                             record_path=str(tmp_path / "fixed.json"))  # fmt: skip
     calib(_Engine())
     assert "psf_fit" not in json.loads((tmp_path / "fixed.json").read_text())  # non-blind: the PSF stays
+
+
+def test_blur_calibration_fits_the_psf_on_its_own_larger_crops(tmp_path):
+    """``fit_dataset`` feeds the fit (larger crops resolve the transfer function better); the
+    calibration keeps the training items."""
+    true = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
+    small = [{"sharp": s, "blurred": b} for s, b in zip(*_crops(true, n=4, size=16), strict=True)]
+    sharp, blurred = _crops(true, n=6, size=24, seed=1)
+    large = [{"sharp": s, "blurred": b} for s, b in zip(sharp, blurred, strict=True)]
+    blur = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=0.9, **OPTICS)
+    calib = BlurCalibration(blur=blur, dataset=small, n_samples=4, fit_dataset=large,
+                            psf_fit=SpectralPSFFit(steps=40, lr=0.05, n_samples=6),
+                            record_path=str(tmp_path / "calibration.json"))  # fmt: skip
+
+    class _Engine:
+        class state:  # noqa: N801
+            iteration = 0
+
+    calib(_Engine())
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert record["psf_fit"]["crops"] == [6, 6] and record["psf_fit"]["after"]["na"] > 1.0
+    assert record["psf_fit"]["bins"] > 9 * 13  # a 24-voxel grid: more bins than 16-voxel crops give
+    assert record["calibration"]["gain"] > 0

@@ -200,6 +200,24 @@ def test_kernel_parameters_stay_in_bounds():
     assert kernel.na.item() == pytest.approx(1.0)
 
 
+def test_sample_index_caps_the_learned_na():
+    """A fluorophore in water under an oil objective: the effective NA is at most the sample's index."""
+    kernel = VectorialPSFKernel((9, 9, 9), na=1.4, n_immersion=1.515, n_sample=1.33, learn=("na",))
+    assert kernel.na_bounds[1] == pytest.approx(1.33, abs=2e-4)
+    assert 1.3 < kernel.na.item() < 1.33  # the data sheet's 1.4 starts just below the cap
+    with torch.no_grad():
+        kernel.na_raw.fill_(80.0)
+    assert kernel.na.item() <= 1.33
+    assert torch.isfinite(kernel()).all()
+    with pytest.raises(ValueError, match="na_bounds"):
+        kernel.set_na_(1.35)
+    uncapped = VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515, n_sample=1.6)  # denser sample: no cap
+    assert uncapped.na_bounds == VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515).na_bounds
+    assert uncapped.na.item() == pytest.approx(1.2, abs=1e-5)
+    with pytest.raises(ValueError, match="n_sample"):
+        VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515, n_sample=0.0)
+
+
 def test_kernel_fit_recovers_na_of_psfmodels():
     """60 Adam steps from NA 1.2 to a psfmodels NA 1.35 kernel (measured: NA 1.346, 0.2 s on one idle core).
 
