@@ -4,7 +4,7 @@ import json
 import sqlite3
 
 import pytest
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import ROOT, run_bundle
 
@@ -132,3 +132,25 @@ def test_every_config_key_is_used():
         if "#" not in key and key not in WORKFLOW_LISTS and not re.search(rf"[@%]{re.escape(key)}(?![A-Za-z0-9_])", text)
     ]
     assert not dead, dead
+
+
+@pytest.mark.parametrize(
+    "files,run_id",
+    [
+        (["common.json", "train.json", "quick.json"], "training"),
+        (["common.json", "train.json", "psf_vectorial.json", "quick.json", "own_data.json"], "training"),
+        (["common.json", "train.json", "multi_gpu_train.json"], "training"),
+        (["common.json", "inference.json"], "inference"),
+    ],
+)
+def test_setup_runs_once_per_command(files, run_id):
+    """``python -m monai.bundle run <run_id>`` evaluates the ``initialize`` list, then ``<run_id>``'s:
+    seeding, the mode check and cuDNN settings belong to the first only (seeding twice, with components
+    built in between, would make a run's random stream depend on which entry point started it)."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    executed = list(parser.get("initialize", [])) + list(parser[run_id])
+    setup = [e for e in executed if "set_determinism" in e or "check_mode" in e or "cudnn_benchmark" in e]
+    assert len(setup) == len(set(setup)), setup
+    assert sum("set_determinism" in e for e in executed) == 1, executed
+    assert not any(e in parser.get("initialize", []) for e in parser[run_id]), parser[run_id]
