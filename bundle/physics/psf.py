@@ -77,6 +77,26 @@ def _check_optics(na: Scalar, n_immersion: Scalar, wavelength: Scalar) -> None:
         raise ValueError(f"wavelength is in micrometres (e.g. 0.5), got {wl_v}: did you pass nanometres?")
 
 
+def _device_of(*values: Any, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else the device of the first tensor among ``values``, else the CPU."""
+    if device is None:
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _quadrant(ny: int, nx: int) -> tuple[int, int]:
+    """``(ly, lx)``: the distinct lateral offsets ``|dy|``, ``|dx|`` of a ``ny × nx`` kernel centred at ``s // 2``."""
+    cy, cx = ny // 2, nx // 2
+    return max(cy, ny - 1 - cy) + 1, max(cx, nx - 1 - cx) + 1
+
+
+def _unfold_quadrant(h: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
+    """``(Z, ny, nx)`` kernel from its values ``(Z, ly, lx)`` at the distinct lateral offsets (radial symmetry)."""
+    iy = (torch.arange(ny, device=h.device) - ny // 2).abs()
+    ix = (torch.arange(nx, device=h.device) - nx // 2).abs()
+    return h[:, iy][:, :, ix]
+
+
 # ----------------------------------------------------------------------------------------------
 # Born & Wolf (paper eq. 23), differentiable
 # ----------------------------------------------------------------------------------------------
@@ -189,12 +209,7 @@ def born_wolf_psf_torch(
         raise ValueError(f"defocus must be finite, got {_value(defocus)}")
     if n_rho is not None and int(n_rho) < 2:
         raise ValueError(f"n_rho must be >= 2, got {n_rho}")
-    if device is None:
-        for t in (na, wavelength, defocus, axial_scale):
-            if isinstance(t, torch.Tensor):
-                device = t.device
-                break
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _device_of(na, wavelength, defocus, axial_scale, device=device)
 
     na_t = _as_tensor(na, device, dtype)
     wl_t = _as_tensor(wavelength, device, dtype)
@@ -202,9 +217,8 @@ def born_wolf_psf_torch(
     ax_t = _as_tensor(axial_scale, device, dtype)
     n_i = float(n_immersion)
 
-    cz, cy, cx = nz // 2, ny // 2, nx // 2
-    # distinct lateral offsets |dy| in [0, max(cy, ny-1-cy)], same for x
-    ly, lx = max(cy, ny - 1 - cy) + 1, max(cx, nx - 1 - cx) + 1
+    cz = nz // 2
+    ly, lx = _quadrant(ny, nx)
     ry = torch.arange(ly, device=device, dtype=dtype) * dy
     rx = torch.arange(lx, device=device, dtype=dtype) * dx
     r = torch.sqrt(ry[:, None] ** 2 + rx[None, :] ** 2).reshape(-1)  # (R,) micrometres
@@ -226,11 +240,7 @@ def born_wolf_psf_torch(
     phase = axial * z_eff[:, None] * rho[None, :] ** 2  # (Z, P)
     re = (torch.cos(phase) * w_rho) @ bessel.T  # (Z, R)
     im = (torch.sin(phase) * w_rho) @ bessel.T
-    h = (re**2 + im**2).reshape(nz, ly, lx)
-
-    iy = (torch.arange(ny, device=device) - cy).abs()
-    ix = (torch.arange(nx, device=device) - cx).abs()
-    h = h[:, iy][:, :, ix]
+    h = _unfold_quadrant((re**2 + im**2).reshape(nz, ly, lx), ny, nx)
     return h / h.sum()
 
 

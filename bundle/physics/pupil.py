@@ -40,8 +40,11 @@ from bundle.physics.psf import (
     _check_optics,
     _check_shape,
     _check_voxel_size,
+    _device_of,
     _gauss_legendre_01,
     _normalise,
+    _quadrant,
+    _unfold_quadrant,
     _value,
 )
 
@@ -225,20 +228,14 @@ def vectorial_psf_torch(
     if n_theta is not None and int(n_theta) < 2:
         raise ValueError(f"n_theta must be >= 2, got {n_theta}")
     terms = _zernike_terms(zernike, spherical)
-    if device is None:
-        for t in (na, n_immersion, wavelength, defocus, *terms.values()):
-            if isinstance(t, torch.Tensor):
-                device = t.device
-                break
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _device_of(na, n_immersion, wavelength, defocus, *terms.values(), device=device)
 
     na_t = _as_tensor(na, device, dtype)
     n_t = _as_tensor(n_immersion, device, dtype)
     wl_t = _as_tensor(wavelength, device, dtype)
     z = (torch.arange(nz, device=device, dtype=dtype) - nz // 2) * dz - _as_tensor(defocus, device, dtype)
 
-    cy, cx = ny // 2, nx // 2
-    ly, lx = max(cy, ny - 1 - cy) + 1, max(cx, nx - 1 - cx) + 1
+    ly, lx = _quadrant(ny, nx)
     radii_np, inverse = _radial_geometry(ly, lx, dy, dx, int(oversample))
     radii = torch.as_tensor(radii_np, device=device, dtype=dtype)  # (R,)
 
@@ -278,9 +275,7 @@ def vectorial_psf_torch(
     s = int(oversample)
     idx = torch.as_tensor(inverse.reshape(-1), device=device)
     h = profile[:, idx].reshape(nz, ly, s, lx, s).mean(dim=(2, 4))  # (Z, ly, lx) voxel averages
-    iy = (torch.arange(ny, device=device) - cy).abs()
-    ix = (torch.arange(nx, device=device) - cx).abs()
-    h = h[:, iy][:, :, ix]
+    h = _unfold_quadrant(h, ny, nx)
     return h / h.sum()
 
 
