@@ -168,13 +168,35 @@ class CycleGANTrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         x, y = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        k = CycleGANKeys
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # keep MONAI's event order for handlers
+        g_terms, hx, gy = self._generator_step(engine, x, y)  # (1) G and h, discriminators frozen
+        d_terms = self._discriminator_step(x, y, hx, gy)  # (2) φ (and ψ) on history-pooled fakes
+        if self.scaler is not None:
+            self.scaler.update()
+        k = CycleGANKeys
+        out = {k.SHARP: x, k.BLURRED: y, k.PRED: gy.detach(), k.LOSS: (g_terms[k.G_LOSS] + d_terms[k.D_LOSS]).detach()}
+        out.update(g_terms)
+        out.update(d_terms)
+        if not self.blind:
+            out.pop(k.ADV_BLURRED)
+            out.pop(k.D_BLURRED)
+        engine.state.output = out
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollation and postprocessing hook here
+        return engine.state.output
 
-        # (1) generators G and h, with the discriminators frozen. The loss is a sum of a term of the
-        # x-cycle and a term of the y-cycle, which share no activations: each is backpropagated as
-        # soon as it is computed (gradients accumulate), so only one cycle's graph is alive at a time
-        # (the same gradient as one backward of the sum, with about half the activation memory).
+    def _generator_step(
+        self, engine: Trainer, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One optimizer step of G and h with the discriminators frozen.
+
+        The loss is a sum of a term of the x-cycle and a term of the y-cycle, which share no
+        activations: each is backpropagated as soon as it is computed (gradients accumulate), so only
+        one cycle's graph is alive at a time (the same gradient as one backward of the sum, with about
+        half the activation memory).
+
+        Returns:
+            the detached loss terms (``CycleGANKeys``), ``h*x`` (with blur-path noise) and ``G(y)``.
+        """
         _set_requires_grad((self.d_sharp, self.d_blurred), False)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
@@ -195,14 +217,25 @@ class CycleGANTrainer(Trainer):
             loss_y = cycle_blurred + self.adversarial_weight * adv_sharp
         if adv_blurred is None:
             adv_blurred = torch.zeros_like(adv_sharp)
-        g_loss = loss_x.detach() + loss_y.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self._backward(loss_y)
         _step(self.g_optimizer, self.scaler)
         _release_grads(self.g_optimizer, self.optim_set_to_none)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        k = CycleGANKeys
+        terms = {
+            k.G_LOSS: loss_x.detach() + loss_y.detach(),
+            k.CYCLE_SHARP: cycle_sharp.detach(),
+            k.CYCLE_BLURRED: cycle_blurred.detach(),
+            k.ADV_SHARP: adv_sharp.detach(),
+            k.ADV_BLURRED: adv_blurred.detach(),
+        }
+        return terms, hx, gy
 
-        # (2) discriminators φ (and ψ), on history-pooled generated volumes
+    def _discriminator_step(
+        self, x: torch.Tensor, y: torch.Tensor, hx: torch.Tensor, gy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step of φ (real ``x`` vs pooled ``G(y)``) and, blind, ψ (real ``y`` vs pooled ``h*x``)."""
         _set_requires_grad((self.d_sharp, self.d_blurred), True)
         self.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         d_sharp_loss = self._discriminator_loss(self.d_sharp, x, self.sharp_pool.query(gy.detach()))
@@ -213,27 +246,8 @@ class CycleGANTrainer(Trainer):
         d_loss = d_sharp_loss + d_blurred_loss
         _backward_step(d_loss, self.d_optimizer, self.scaler)
         _release_grads(self.d_optimizer, self.optim_set_to_none)
-        if self.scaler is not None:
-            self.scaler.update()
-
-        out = {
-            k.SHARP: x,
-            k.BLURRED: y,
-            k.PRED: gy.detach(),
-            k.LOSS: (g_loss + d_loss).detach(),
-            k.G_LOSS: g_loss.detach(),
-            k.D_LOSS: d_loss.detach(),
-            k.CYCLE_SHARP: cycle_sharp.detach(),
-            k.CYCLE_BLURRED: cycle_blurred.detach(),
-            k.ADV_SHARP: adv_sharp.detach(),
-            k.D_SHARP: d_sharp_loss.detach(),
-        }
-        if self.blind:
-            out[k.ADV_BLURRED] = adv_blurred.detach()
-            out[k.D_BLURRED] = d_blurred_loss.detach()
-        engine.state.output = out
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollation and postprocessing hook here
-        return engine.state.output
+        k = CycleGANKeys
+        return {k.D_LOSS: d_loss.detach(), k.D_SHARP: d_sharp_loss.detach(), k.D_BLURRED: d_blurred_loss.detach()}
 
 
 def generator_param_groups(
