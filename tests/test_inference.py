@@ -17,6 +17,7 @@ from monai.transforms import Compose
 
 from bundle.data import normalize_transforms
 from bundle.inference import (
+    DeconvolutionCancelled,
     Deconvolver,
     InferenceNetwork,
     LoadVolumed,
@@ -28,6 +29,7 @@ from bundle.inference import (
     output_path,
     plan_roi_size,
     resolve_precision,
+    window_count,
 )
 from bundle.io import VolumeError, load_volume, save_volume
 from bundle.metrics import affine_fit, psnr
@@ -76,6 +78,48 @@ def test_deconvolver_any_shape(shape):
 def test_deconvolver_rejects_bad_roi():
     with pytest.raises(ValueError, match="multiples of 16"):
         Deconvolver(DeblurUNet(features=SMALL), roi_size=(32, 30, 32))
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        (dict(roi_size=(32, 32, 32), sw_batch_size=2), (1, 1, 20, 70, 45)),  # blended windows
+        (dict(roi_size="auto", max_pass_voxels=48 * 64 * 64, auto_min_size=32), (1, 1, 33, 40, 150)),  # planned
+    ],
+)
+def test_callback_reports_every_window_and_can_stop_the_run(kwargs, shape):
+    net = DeblurUNet(features=SMALL).eval()
+    calls = []
+    deconv = Deconvolver(net, callback=lambda done, total: calls.append((done, total)), **kwargs)
+    x = torch.rand(shape)
+    with torch.no_grad():
+        out = deconv(x)
+    total = calls[-1][1]
+    assert total > 1 and calls[-1][0] == total  # the last call says "all done"
+    assert all(t == total for _, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    seen = []
+    inferer_calls = SlidingWindowInferer.__call__
+
+    def spy(self, inputs, network, *a, **k):  # count the windows MONAI really runs
+        return inferer_calls(self, inputs, lambda w: (seen.append(w.shape[0]), network(w))[1], *a, **k)
+
+    SlidingWindowInferer.__call__ = spy
+    try:
+        with torch.no_grad():
+            Deconvolver(net, **kwargs)(x)
+    finally:
+        SlidingWindowInferer.__call__ = inferer_calls
+    assert sum(seen) == total  # window_count matches the windows MONAI really runs
+    torch.testing.assert_close(out, Deconvolver(net, **kwargs)(x).detach())
+
+    def cancel(done, total):
+        if done >= 1:
+            raise DeconvolutionCancelled("stopped by the user")
+
+    with pytest.raises(DeconvolutionCancelled, match="stopped"):
+        with torch.no_grad():
+            Deconvolver(net, callback=cancel, **kwargs)(x)
+    assert window_count((32, 64, 64), (32, 32, 32), 0.25) == 9  # 1 x 3 x 3 (MONAI: interval 24)
 
 
 def _window_free(seed=0):

@@ -39,7 +39,7 @@ from bundle.inference.checkpoints import (
     network_for_checkpoint,
     network_from_state_dict,
 )
-from bundle.inference.deconvolver import Deconvolver, TiledInferer
+from bundle.inference.deconvolver import DeconvolutionCancelled, Deconvolver, TiledInferer, window_count
 from bundle.inference.precision import PRECISIONS, InferenceNetwork, cpu_has_native_bf16, resolve_precision
 from bundle.inference.transforms import (
     OUTPUT_RANGES,
@@ -56,6 +56,7 @@ from bundle.io import LoadVolumed  # the one loader transform, re-exported for i
 __all__ = [
     "OUTPUT_RANGES",
     "PRECISIONS",
+    "DeconvolutionCancelled",
     "Deconvolver",
     "TiledInferer",
     "CheckpointLoader",
@@ -76,4 +77,5 @@ __all__ = [
     "output_path",
     "plan_roi_size",
     "resolve_precision",
+    "window_count",
 ]

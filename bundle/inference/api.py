@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ def deconvolve(
     precision: str = "auto",
     max_pass_voxels: int = 1 << 22,
     allocator: str = "system",
+    callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -122,6 +123,9 @@ def deconvolve(
             4 Mi voxels = about 1.6 GiB in bfloat16, 3 GiB in float32 for the full-size generator).
         allocator: CPU ``malloc`` policy during the call (see :class:`Deconvolver`): ``"system"``
             (default, no process-wide change) or the faster ``"reuse"`` (opt-in).
+        callback: ``callback(done, total)`` after each forward pass (windows done, windows in all);
+            an exception it raises (e.g. :class:`~bundle.inference.DeconvolutionCancelled`) stops the
+            call (see :class:`Deconvolver`).
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -151,6 +155,7 @@ def deconvolve(
         precision=precision,
         max_pass_voxels=max_pass_voxels,
         allocator=allocator,
+        callback=callback,
     )
     out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])

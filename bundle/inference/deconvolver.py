@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
@@ -82,6 +83,10 @@ class Deconvolver(nn.Module):
             within ``halo`` voxels (:attr:`DeblurUNet.tiling_halo`: batch or no norm,
             ``align_corners=False``), the result does not depend on the window plan. ``"auto"``: the
             network's ``tiling_halo`` (0 for networks without one, e.g. instance norm).
+        callback: called as ``callback(done, total)`` after each forward pass with the windows done so
+            far and the call's window count (progress bars of front ends such as the napari plugin).
+            An exception it raises stops the call there (a Cancel button raises
+            :class:`DeconvolutionCancelled`) and propagates with nothing returned.
 
     Example::
 
@@ -111,8 +116,10 @@ class Deconvolver(nn.Module):
         auto_min_size: int = 64,
         allocator: str = "system",
         halo: int | str = "auto",
+        callback: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__()
+        self.callback = callback
         self.allocator = check_malloc_policy(allocator, "allocator")
         divisor = int(getattr(network, "divisor", 16)) if divisor is None else int(divisor)
         if halo == "auto":
@@ -249,9 +256,41 @@ class Deconvolver(nn.Module):
             padded, crop = _pad_for_tiles(torch.as_tensor(x), roi, self.halo)
         else:
             padded, crop = _pad_to(torch.as_tensor(x), roi)
+        predictor = self.predictor
+        if self.callback is not None:
+            total = x.shape[0] * window_count(padded.shape[2:], roi, inferer.overlap)
+            predictor = _Reporting(self.predictor, self.callback, total)
         with malloc_policy(self.allocator), torch.inference_mode(not torch.is_grad_enabled()):
-            out = inferer(padded, self.predictor)
+            out = inferer(padded, predictor)
         return out[(slice(None), slice(None), *crop)]
+
+
+class DeconvolutionCancelled(RuntimeError):
+    """Raised by a :class:`Deconvolver` ``callback`` to stop a run (e.g. a Cancel button)."""
+
+
+def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float]) -> int:
+    """Number of sliding windows MONAI's ``sliding_window_inference`` runs over a ``shape`` volume
+    (the same scan intervals and ``dense_patch_slices``)."""
+    overlaps = [float(o) for o in np.broadcast_to(np.asarray(overlap, dtype=float), (len(shape),))]
+    interval = [
+        int(r) if int(r) == int(s) else max(int(int(r) * (1 - o)), 1)
+        for s, r, o in zip(shape, roi, overlaps, strict=True)
+    ]
+    return len(dense_patch_slices([int(s) for s in shape], [int(r) for r in roi], interval))
+
+
+class _Reporting:
+    """The predictor, calling ``callback(done, total)`` after each forward pass (one batch of windows)."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], callback: Callable[[int, int], None], total: int):
+        self.predictor, self.callback, self.total, self.done = predictor, callback, int(total), 0
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        out = self.predictor(windows)
+        self.done = min(self.total, self.done + int(windows.shape[0]))
+        self.callback(self.done, self.total)
+        return out
 
 
 class TiledInferer(Inferer):
