@@ -3,7 +3,7 @@
 Stages, lowest first (a module imports only from its own stage or lower ones):
 foundations (file formats, metrics, losses, allocator, classical deconvolution) -> physics (optics,
 phantoms, noise) -> data, networks, stability, simulation, sharp domain -> training (engine,
-handlers) -> inference, distributed training -> front ends (evaluate, out-of-core, own data).
+handlers) -> inference, distributed training -> front ends (evaluate, out-of-core, own data, napari).
 Imports inside functions count too.
 """
 
@@ -19,7 +19,7 @@ STAGES = [
     {"data", "networks", "stability", "simulate", "sharp_domain"},
     {"engine", "handlers"},
     {"inference", "distributed"},
-    {"evaluate", "ooc", "own_data"},
+    {"evaluate", "ooc", "own_data", "viewer"},
 ]
 
 

@@ -191,7 +191,7 @@ class DeconvolveWidget(_Worker):
         return deconvolve(volume, model, axes="ZYX", progress=False, callback=callback, **settings)
 
     def _add_result(self, layer: napari.layers.Image, out: np.ndarray) -> None:
-        lo, hi = (float(v) for v in np.percentile(out, (0.1, 99.9)))
+        lo, hi = (float(v) for v in np.percentile(out, (0.1, 99.99)))
         self.result = self.viewer.add_image(
             out,
             name=f"{layer.name} deconvolved",
