@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import zarr  # noqa: F401  (a dependency of the bundle: a missing install must fail, not skip)
+import zarr  # a dependency of the bundle: a missing install must fail, not skip
 
 from bundle.inference import deconvolve
 from bundle.networks import DeblurUNet
@@ -101,3 +101,33 @@ def test_window_free_network_equals_in_memory_with_default_settings(tmp_path):
                           block_size=(16, 32, 32), precision="float32")
     assert out.attrs["halo"] == net.tiling_halo == 26
     np.testing.assert_allclose(np.asarray(out[...]), ref, rtol=1e-5, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_ome_zarr_round_trip_read_by_ome_zarr_py(tmp_path, tiny_net, version):
+    """Written as OME-Zarr 0.5 (Zarr v3, the default) or 0.4 (Zarr v2); read back by an independent
+    reader (ome-zarr-py) with the voxel size, and by ``open_volume``."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    volume = _volume((20, 40, 36), seed=4)
+    write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.3, 0.11, 0.11), chunks=(8, 16, 16), ome_version=version)
+    deconvolve_zarr(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", tiny_net, device="cpu", block_size=(16, 32, 32),
+                    chunks=(8, 16, 16), ome_version=version)  # fmt: skip
+    for name in ("in.ome.zarr", "out.ome.zarr"):
+        group = zarr.open_group(str(tmp_path / name), mode="r")
+        assert group.metadata.zarr_format == (3 if version == "0.5" else 2)
+        attrs = dict(group.attrs)
+        assert (attrs["ome"]["version"] if version == "0.5" else attrs["multiscales"][0]["version"]) == version
+        [node] = [n for n in Reader(parse_url(str(tmp_path / name)))() if n.load(Multiscales)]
+        [transform] = node.metadata["coordinateTransformations"][0]
+        assert transform["type"] == "scale" and transform["scale"] == pytest.approx([0.3, 0.11, 0.11])
+        assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
+        data = np.asarray(node.data[0])
+        assert data.shape == (20, 40, 36)
+        arr, voxel = open_volume(tmp_path / name)
+        assert voxel == pytest.approx((0.3, 0.11, 0.11))
+        np.testing.assert_array_equal(np.asarray(arr[...]), data)
+    np.testing.assert_array_equal(np.asarray(open_volume(tmp_path / "in.ome.zarr")[0][...]), volume)
+    with pytest.raises(ValueError, match="ome_version"):
+        write_ome_zarr(tmp_path / "bad.ome.zarr", volume, ome_version="0.3")

@@ -51,6 +51,7 @@ def _deconvolve_blocks(
     precision: str,
     channels_last: bool,
     sw_batch_size: int,
+    ome_version: str = "0.5",
 ) -> Any:
     """:func:`deconvolve_zarr` for a window-free network: each block with ``halo`` voxels of context."""
     from bundle.inference import Deconvolver
@@ -58,7 +59,9 @@ def _deconvolve_blocks(
     lo, hi = intensity_range
     block = tuple(min(max(int(b), 1), s) for b, s in zip(block_size, shape))
     out_chunks = tuple(min(int(c), s) for c, s in zip(chunks or block, shape))
-    out = _create_ome_zarr(destination, shape, out_chunks, voxel_size, overwrite=overwrite, name=Path(destination).stem)
+    out = _create_ome_zarr(
+        destination, shape, out_chunks, voxel_size, overwrite=overwrite, name=Path(destination).stem, ome_version=ome_version
+    )
     out.attrs.update({"complete": False, "intensity_range": [lo, hi], "halo": halo})
     deconv = Deconvolver(
         network, roi_size="auto", halo=halo, sw_batch_size=sw_batch_size, precision=precision,
@@ -115,6 +118,7 @@ def deconvolve_zarr(
     channels_last: bool = True,
     bounded_memory: bool = True,
     halo: int | str = "auto",
+    ome_version: str = "0.5",
 ) -> Any:
     """Deconvolve a ``(Z, Y, X)`` stack larger than memory, block by block, into an OME-Zarr.
 
@@ -127,7 +131,7 @@ def deconvolve_zarr(
 
     Args:
         source: OME-Zarr group or Zarr array (path or object), or a numpy array (see :func:`open_volume`).
-        destination: output folder (an OME-Zarr group, float32 array ``"0"``).
+        destination: output folder (an OME-Zarr group, float32 array ``"0"``; ``ome_version``).
         model: the generator (an ``nn.Module``, checkpoint or bundle folder: ``bundle.inference.load_network``).
         roi_size: window ``(d, h, w)``, multiples of 16 (the network's divisor).
         overlap: window overlap fraction (0.25 = the paper's 16 voxels at 64³).
@@ -153,6 +157,7 @@ def deconvolve_zarr(
         bounded_memory: run under the ``"release"`` malloc policy (:func:`bundle.allocator.malloc_policy`:
             freed buffers are unmapped at once), so that the peak memory does not grow with the number
             of blocks (glibc; about 7 % slower on the CPU). False: glibc's default behaviour.
+        ome_version: OME-Zarr version of the output: ``"0.5"`` (Zarr v3; default) or ``"0.4"`` (Zarr v2).
 
     Returns:
         the output Zarr array (``destination/0``), float32, the source's shape.
@@ -193,7 +198,7 @@ def deconvolve_zarr(
             return _deconvolve_blocks(
                 volume, shape, network, halo, scale if (normalize is not None or intensity_range is not None) else None,
                 (lo, hi), output_range, block_size, chunks, voxel_size or source_voxel, destination, overwrite,
-                progress, precision, channels_last, sw_batch_size,
+                progress, precision, channels_last, sw_batch_size, ome_version,
             )
 
         # geometry: padded image, MONAI's window grid, blocks spanning padded axes whole
@@ -217,6 +222,7 @@ def deconvolve_zarr(
             voxel_size or source_voxel,
             overwrite=overwrite,
             name=Path(destination).stem,
+            ome_version=ome_version,
         )
         out.attrs.update(
             {"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap}
