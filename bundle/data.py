@@ -44,7 +44,7 @@ __all__ = [
     "validation_datalist",
 ]
 
-VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dv")
+VOLUME_EXTENSIONS = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dv", ".czi", ".nd2", ".lif")
 
 
 def list_volumes(source: str | Sequence[str]) -> list[str]:

@@ -454,3 +454,35 @@ def test_deltavision_stacks_load_with_their_voxel_size_and_channels(tmp_path):
     assert output_path(path, tmp_path).name == "toxo_deconv.tif"
     with pytest.raises(VolumeError, match="read, not written"):
         save_volume(tmp_path / "out.dv", volume)
+
+
+def _write_czi(path: Path, volume: np.ndarray, voxel_size: tuple[float, float, float]) -> None:
+    """A Zeiss CZI written with Zeiss' own open writer (pylibCZIrw, a dev extra): (C, Z, Y, X) planes."""
+    from pylibCZIrw import czi as pyczi
+
+    with pyczi.create_czi(str(path), exist_ok=True) as doc:
+        for c in range(volume.shape[0]):
+            for z in range(volume.shape[1]):
+                doc.write(data=volume[c, z], plane={"C": c, "Z": z, "T": 0})
+        z_um, y_um, x_um = voxel_size
+        doc.write_metadata(document_name=path.stem, channel_names={c: f"ch{c}" for c in range(volume.shape[0])},
+                           scale_x=x_um * 1e-6, scale_y=y_um * 1e-6, scale_z=z_um * 1e-6)  # fmt: skip
+
+
+def test_czi_stacks_load_through_bioio_with_voxel_size_and_channels(tmp_path, monkeypatch):
+    volume = (np.random.default_rng(0).random((2, 6, 24, 32)) * 4000).astype(np.uint16)
+    path = tmp_path / "cells.czi"
+    _write_czi(path, volume, (0.3, 0.11, 0.11))
+    with pytest.raises(VolumeError, match="2 channels"):
+        load_volume(path)
+    one, meta = load_volume(path, channel=1, dtype=None)
+    np.testing.assert_array_equal(one, volume[1])
+    assert one.dtype == np.uint16 and meta["voxel_size"] == pytest.approx((0.3, 0.11, 0.11))
+    single = tmp_path / "one.czi"
+    _write_czi(single, volume[:1], (0.2, 0.1, 0.1))
+    assert load_volume(single)[0].shape == (6, 24, 32)
+    assert str(single) in list_volumes(str(tmp_path))  # folders of vendor stacks are listed
+    assert output_path(path, tmp_path).name == "cells_deconv.tif"  # read, not written: outputs are TIFF
+    monkeypatch.setitem(__import__("sys").modules, "bioio", None)  # bioio missing: the error names the extra
+    with pytest.raises(VolumeError, match=r"cells\.czi: reading \.czi files needs bioio and bioio-czi"):
+        load_volume(path, channel=0)

@@ -128,11 +128,12 @@ def output_path(
     input_path: PathLike, output_dir: PathLike, suffix: str = "_deconv", output_ext: str | None = None
 ) -> Path:
     """``output_dir/<input name without extension><suffix><ext>``; ext defaults to the input's
-    (``.ome.tif`` and DeltaVision ``.dv`` become ``.tif``: the output is an ImageJ TIFF)."""
+    (``.ome.tif``, DeltaVision ``.dv`` and the vendor formats ``.czi``/``.nd2``/``.lif`` become ``.tif``:
+    the output is an ImageJ TIFF)."""
     name = Path(input_path).name
     ext = file_extension(input_path)
     stem = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else Path(name).stem
-    ext = output_ext or (".tif" if ext in (".ome.tif", ".ome.tiff", ".dv") else ext)
+    ext = output_ext or (".tif" if ext not in WRITABLE_EXTENSIONS or ext in (".ome.tif", ".ome.tiff") else ext)
     return Path(output_dir) / f"{stem}{suffix}{ext}"
 
 

@@ -17,8 +17,10 @@ TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 ITK_EXTENSIONS = (".mha", ".mhd", ".nrrd", ".nhdr", ".vtk", ".mnc", ".gipl")
 DV_EXTENSIONS = (".dv",)  # DeltaVision (widefield deconvolution systems), read with the optional `mrc` package
-SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS + DV_EXTENSIONS
-#: formats the bundle writes (DeltaVision is read only: outputs of a .dv input are written as TIFF)
+#: microscope vendors' formats, read with bioio and its reader plugin (optional extra ``vendor``)
+VENDOR_EXTENSIONS = {".czi": "bioio-czi", ".nd2": "bioio-nd2", ".lif": "bioio-lif"}
+SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS + DV_EXTENSIONS + tuple(VENDOR_EXTENSIONS)
+#: formats the bundle writes (DeltaVision and vendor formats are read only: their outputs are TIFF)
 WRITABLE_EXTENSIONS = TIFF_EXTENSIONS + NIFTI_EXTENSIONS + ITK_EXTENSIONS
 # header + separate data file: written as a pair (bundle.io.atomic_write)
 SIDECAR_EXTENSIONS = (".mhd", ".nhdr")

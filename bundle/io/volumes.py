@@ -17,6 +17,8 @@ from bundle.io.formats import (
     NIFTI_EXTENSIONS,
     SUPPORTED_EXTENSIONS,
     TIFF_EXTENSIONS,
+    VENDOR_EXTENSIONS,
+    VolumeError,
     _channel_hint,
     _check_exists,
     _err,
@@ -98,13 +100,60 @@ def _read_dv(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None, str
     return np.ascontiguousarray(data), axes, voxel_size, original_dtype
 
 
+def _read_vendor(path: Path) -> tuple[np.ndarray, str, tuple[float, ...] | None, str]:
+    """Zeiss ``.czi``, Nikon ``.nd2``, Leica ``.lif`` through ``bioio`` and the format's reader plugin.
+
+    Axes ``(C, Z, Y, X)`` (``(Z, Y, X)`` for one channel) of the first scene, voxel size from
+    ``physical_pixel_sizes`` (µm). A time series is refused; a file with several scenes is read at
+    its first (logged). A missing ``bioio`` or plugin gives an error naming what to install.
+    """
+    plugin = VENDOR_EXTENSIONS[file_extension(path)]
+    try:
+        from bioio import BioImage
+    except ImportError as exc:
+        raise _err(path, f"reading {file_extension(path)} files needs bioio and {plugin}: pip install bioio {plugin} "
+                         '(or the extra: pip install -e ".[vendor]")') from exc  # fmt: skip
+    try:
+        image = BioImage(path)
+    except Exception as exc:
+        if "plugin" in str(exc).lower() or "unsupported" in type(exc).__name__.lower():
+            raise _err(path, f"no bioio reader for {file_extension(path)}: pip install {plugin}") from exc
+        raise _err(path, f"cannot read ({type(exc).__name__}: {exc})") from exc
+    try:
+        if len(image.scenes) > 1:
+            logger.info(f"{path}: {len(image.scenes)} scenes; reading the first, {image.scenes[0]!r}")
+        dims = image.dims
+        if dims.T > 1:
+            raise _err(path, f"is a time series ({dims.T} time points); save one time point as a 3D stack first")
+        data = np.asarray(image.get_image_data("CZYX", T=0))
+        sizes = image.physical_pixel_sizes
+    except VolumeError:
+        raise
+    except Exception as exc:
+        raise _err(path, f"cannot read ({type(exc).__name__}: {exc})") from exc
+    original_dtype = str(data.dtype)
+    axes = "CZYX"
+    if data.shape[0] == 1:
+        data, axes = data[0], "ZYX"
+    voxel = (sizes.Z, sizes.Y, sizes.X)
+    voxel_size = tuple(float(v) for v in voxel) if all(v is not None and v > 0 for v in voxel) else None
+    return np.ascontiguousarray(data), axes, voxel_size, original_dtype
+
+
 def _read_any(path: Path, channel: int | None) -> tuple[np.ndarray, str, tuple[float, ...] | None, str]:
     """``(data, axes, voxel_size, original_dtype)`` of any supported file, spatial axes ``(Z, Y, X)``."""
     _check_exists(path)
     if file_extension(path) in TIFF_EXTENSIONS:
         return _read_tiff(path, channel)
     ext = file_extension(path)
-    reader = _read_nifti if ext in NIFTI_EXTENSIONS else _read_dv if ext in DV_EXTENSIONS else _read_itk
+    if ext in NIFTI_EXTENSIONS:
+        reader = _read_nifti
+    elif ext in DV_EXTENSIONS:
+        reader = _read_dv
+    elif ext in VENDOR_EXTENSIONS:
+        reader = _read_vendor
+    else:
+        reader = _read_itk
     data, axes, voxel_size, original_dtype = reader(path)
     if axes.startswith("C") and channel is not None:
         if not 0 <= channel < data.shape[0]:
