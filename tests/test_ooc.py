@@ -131,3 +131,29 @@ def test_ome_zarr_round_trip_read_by_ome_zarr_py(tmp_path, tiny_net, version):
     np.testing.assert_array_equal(np.asarray(open_volume(tmp_path / "in.ome.zarr")[0][...]), volume)
     with pytest.raises(ValueError, match="ome_version"):
         write_ome_zarr(tmp_path / "bad.ome.zarr", volume, ome_version="0.3")
+
+
+def test_dask_graph_on_a_two_worker_cluster_equals_in_memory(tmp_path):
+    """``deconvolve_dask`` on a ``LocalCluster`` of 2 worker processes, 2 chunks per axis: the in-memory
+    result; each worker loads the model once; the output is a complete OME-Zarr 0.5 with the voxel size."""
+    from distributed import Client, LocalCluster
+
+    from bundle.ooc import deconvolve_dask
+
+    torch.manual_seed(1)
+    net = DeblurUNet(features=(2, 4, 4, 2), depth=2, norm="batch", align_corners=False, last_bias=0.0).eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    volume = _volume((60, 64, 64), seed=5)
+    write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(30, 32, 32))
+    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        out = deconvolve_dask(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", str(tmp_path / "model.pt"),
+                              chunks=(30, 32, 32), precision="float32", scheduler=client)  # fmt: skip
+        loaded = client.run(lambda: len(__import__("bundle.ooc.dask_graph", fromlist=["_"])._DECONVOLVERS))
+    assert len(loaded) == 2 and all(n <= 1 for n in loaded.values()) and sum(loaded.values()) >= 1, loaded
+    got = np.asarray(out[...])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * float(np.abs(ref).max()))
+    arr, voxel = open_volume(tmp_path / "out.ome.zarr")
+    assert voxel == (0.2, 0.1, 0.1) and arr.attrs["complete"] is True and arr.chunks == (30, 32, 32)
+    with pytest.raises(ValueError, match="window-free"):
+        deconvolve_dask(volume, tmp_path / "no.ome.zarr", DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval())

@@ -38,11 +38,13 @@ Modules: :mod:`~bundle.ooc.zarr_io` (opening stacks, writing OME-Zarr), :mod:`~b
 (:func:`deconvolve_zarr`). Everything public is importable from ``bundle.ooc``.
 """
 
+from bundle.ooc.dask_graph import deconvolve_dask
 from bundle.ooc.deconvolve import deconvolve_zarr
 from bundle.ooc.grid import estimate_percentiles, window_grid
 from bundle.ooc.zarr_io import open_volume, write_ome_zarr
 
 __all__ = [
+    "deconvolve_dask",
     "deconvolve_zarr",
     "estimate_percentiles",
     "open_volume",

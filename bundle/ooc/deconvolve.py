@@ -34,6 +34,46 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def block_output(
+    context: np.ndarray,
+    missing: Sequence[tuple[int, int]],
+    deconv: nn.Module,
+    halo: int,
+    scale: Any,
+    intensity_range: tuple[float, float],
+    output_range: str,
+) -> np.ndarray:
+    """One block of a window-free network's output from the block read with its context.
+
+    Args:
+        context: the block with up to ``halo`` voxels of context on each side, raw intensities.
+        missing: per axis, ``(before, after)`` context voxels absent because the block meets the
+            stack's faces there: mirrored, as in-memory inference mirrors the stack (replicated when
+            the block is too thin to mirror).
+        deconv: a :class:`~bundle.inference.Deconvolver` with this ``halo``.
+        scale: the normalisation to [0, 1] (``None``: already normalised).
+        intensity_range: ``(v_lo, v_hi)`` the normalisation maps to [0, 1].
+        output_range: ``"input"`` maps the output back to ``[v_lo, v_hi]``; ``"normalized"`` keeps [0, 1].
+
+    Returns:
+        float32 block: ``context`` less ``halo`` on every side (with the missing context restored).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32))
+    x = torch.as_tensor(scale(x) if scale is not None else x)[None, None]
+    flat = [v for before, after in reversed(list(missing)) for v in (before, after)]
+    if any(flat):
+        mirror = all(p < s for p, s in zip(flat, [s for s in reversed(x.shape[2:]) for _ in range(2)]))
+        x = F.pad(x, flat, mode="reflect" if mirror else "replicate")
+    with torch.inference_mode():
+        y = deconv(x)[0, 0]
+    result = y[tuple(slice(halo, n - halo) for n in y.shape)]
+    if output_range == "input":
+        lo, hi = intensity_range
+        result = result * (hi - lo) + lo
+    return result.numpy()
+
+
+@torch.no_grad()
 def _deconvolve_blocks(
     volume: Any,
     shape: tuple[int, ...],
@@ -75,21 +115,8 @@ def _deconvolve_blocks(
         iterator = tqdm(blocks, desc="blocks")
     for dst in iterator:
         ctx = tuple(slice(max(0, d.start - halo), min(n, d.stop + halo)) for d, n in zip(dst, shape))
-        x = torch.from_numpy(np.ascontiguousarray(volume[ctx], dtype=np.float32))
-        x = torch.as_tensor(scale(x) if scale is not None else x)[None, None]
-        # where the context meets the stack's faces, mirror it as in-memory inference mirrors the stack
         missing = [(halo - (d.start - c.start), halo - (c.stop - d.stop)) for d, c in zip(dst, ctx)]
-        flat = [v for before, after in reversed(missing) for v in (before, after)]
-        if any(flat):
-            mirror = all(p < s for p, s in zip(flat, [s for s in reversed(x.shape[2:]) for _ in range(2)]))
-            x = F.pad(x, flat, mode="reflect" if mirror else "replicate")
-        with torch.inference_mode():
-            y = deconv(x)[0, 0]
-        core = tuple(slice(halo, halo + (d.stop - d.start)) for d in dst)
-        result = y[core]
-        if output_range == "input":
-            result = result * (hi - lo) + lo
-        out[dst] = result.numpy()
+        out[dst] = block_output(volume[ctx], missing, deconv, halo, scale, (lo, hi), output_range)
     out.attrs["complete"] = True
     logger.info(f"deconvolved {shape} in {len(blocks)} blocks with a halo of {halo} voxels -> {destination}")
     return out
