@@ -70,6 +70,9 @@ FULL = {
     "ooc_large": (128, 256, 256),
     "ooc_features": (16, 16, 32, 64, 128, 16),
     "ooc_block": (32, 64, 64),
+    "dask_features": (32, 64, 128, 32),  # the bundle's default generator (depth 2, batch norm: window-free)
+    "dask_chunks": (32, 128, 128),
+    "dask_sizes": ((64, 256, 256), (128, 512, 512)),
 }
 QUICK = {
     "patch": 32,
@@ -87,6 +90,9 @@ QUICK = {
     "ooc_large": (64, 64, 32),
     "ooc_features": (4, 4, 8, 8, 16, 4),
     "ooc_block": (32, 32, 32),
+    "dask_features": (4, 8, 16, 4),
+    "dask_chunks": (32, 32, 32),
+    "dask_sizes": ((32, 64, 64), (64, 64, 64)),
 }
 
 TARGETS = {
@@ -618,6 +624,44 @@ def case_memory(cfg: dict, kind: str, path: str) -> dict:
     }
 
 
+def case_dask(cfg: dict) -> dict:
+    """``bundle.ooc.deconvolve_dask`` on a ``LocalCluster``: per-worker peak RSS on two stack sizes
+    (1 worker each) and the time of 1 vs 2 workers on the larger stack (each worker one thread)."""
+    import resource
+
+    from distributed import Client, LocalCluster
+
+    from bundle.networks import DeblurUNet
+    from bundle.ooc import deconvolve_dask, write_ome_zarr
+
+    torch.manual_seed(0)
+    net = DeblurUNet(features=cfg["dask_features"], depth=2, norm="batch", align_corners=False).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(Path(tmp) / "model.pt")
+        torch.save(net.state_dict(), model)
+        rng = np.random.default_rng(0)
+        stacks = []
+        for i, shape in enumerate(cfg["dask_sizes"]):
+            path = str(Path(tmp) / f"stack{i}.ome.zarr")
+            write_ome_zarr(path, rng.gamma(2.0, 50.0, size=shape).astype(np.float32), chunks=cfg["dask_chunks"])
+            stacks.append((shape, path))
+        runs = [(shape, path, 1) for shape, path in stacks] + [(stacks[-1][0], stacks[-1][1], 2)]
+        for k, (shape, path, workers) in enumerate(runs):
+            env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              env=env) as cluster, Client(cluster) as client:  # fmt: skip
+                client.run(lambda: __import__("torch").set_num_threads(1))
+                t0 = time.perf_counter()
+                deconvolve_dask(path, Path(tmp) / f"out{k}.ome.zarr", model, chunks=cfg["dask_chunks"], scheduler=client)
+                seconds = time.perf_counter() - t0
+                peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            rows.append({"shape": list(shape), "workers": workers, "seconds": seconds,
+                         "worker_peak_bytes": max(peaks.values())})  # fmt: skip
+    return {"rows": rows, "chunks": list(cfg["dask_chunks"]), "features": list(cfg["dask_features"]),
+            "speedup_2_vs_1": rows[1]["seconds"] / rows[2]["seconds"]}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------
@@ -635,6 +679,8 @@ def dispatch(name: str, cfg: dict, args: argparse.Namespace, path: str | None = 
         return case_inference(cfg, args.model)
     if name == "rl":
         return case_rl(cfg)
+    if name == "dask":
+        return case_dask(cfg)
     return case_memory(cfg, name.split("_")[0], path)  # ooc_small, inmem_large, ...
 
 
@@ -904,6 +950,23 @@ def write_report(results: dict, out_dir: Path) -> None:
         lines.append(
             f"| {'×'.join(map(str, o['shape']))} | {o['peak_bytes'] * mb:.0f} MiB ({o['seconds']:.1f} s) | {i['peak_bytes'] * mb:.0f} MiB ({i['seconds']:.1f} s) |"
         )
+    if "dask" in results:
+        d = results["dask"]
+        lines += [
+            "",
+            "## Out-of-core inference as a dask graph (`bundle.ooc.deconvolve_dask`, `LocalCluster`)",
+            "",
+            f"Default generator (features {d['features']}, depth 2, batch norm), chunks {d['chunks']}, "
+            "one thread per worker process; peak RSS of the worker processes (`getrusage`).",
+            "",
+            "| stack | workers | time | peak RSS per worker |",
+            "|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            lines.append(
+                f"| {'×'.join(map(str, r['shape']))} | {r['workers']} | {r['seconds']:.1f} s | {r['worker_peak_bytes'] * mb:.0f} MiB |"
+            )
+        lines += ["", f"2 workers vs 1 on the larger stack: **{d['speedup_2_vs_1']:.2f}×** faster (same run)."]
     lines.append("")
     atomic_write_text(out_dir / "benchmark.md", "\n".join(lines))
 
@@ -941,6 +1004,7 @@ def main() -> None:
     results["roofline"] = run_case("roofline", args)
     results["inference"] = run_case("inference", args)
     results["rl"] = run_case("rl", args)
+    results["dask"] = run_case("dask", args)
     from bundle.ooc import write_ome_zarr
 
     results["memory"] = {}
