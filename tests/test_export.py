@@ -67,6 +67,13 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
     # the bundle folder itself is a model for the Python API (network from its configs)
     np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=root, device="cpu", progress=False),
                                original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
+    # so is the zip itself (what the napari Deconvolve widget accepts), read without unpacking it
+    np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=zip_path, device="cpu", progress=False),
+                               original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
+    with pytest.raises(ValueError, match="not an exported bundle"):
+        empty = tmp_path / "empty.zip"
+        zipfile.ZipFile(empty, "w").close()
+        load_network(empty)
 
 
 def test_export_refuses_mismatched_weights(tmp_path):

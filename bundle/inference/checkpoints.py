@@ -155,7 +155,8 @@ def load_network(model: nn.Module | PathLike, device: torch.device | str | None 
     """The generator, in eval mode on ``device``, from a module, a checkpoint or a trained bundle.
 
     Args:
-        model: an ``nn.Module``; a state-dict file (``model.pt``); a TorchScript file (``.ts``); or a
+        model: an ``nn.Module``; a state-dict file (``model.pt``); a TorchScript file (``.ts``); a bundle
+            zip written by ``scripts/export_bundle.py``; or a
             folder: a bundle root (``models/model.pt``, network from its ``configs/common.json``
             ``network_def`` when that matches) or a checkpoint folder (``model.pt``). Without a
             matching config the ``DeblurUNet`` sizes are read from the state dict.
@@ -163,6 +164,8 @@ def load_network(model: nn.Module | PathLike, device: torch.device | str | None 
     """
     if isinstance(model, nn.Module):
         net = model
+    elif Path(model).suffix.lower() == ".zip":
+        net = _load_zipped_bundle(Path(model))
     else:
         path = Path(model)
         if path.is_dir():
@@ -204,6 +207,29 @@ def load_network(model: nn.Module | PathLike, device: torch.device | str | None 
     if device is not None:
         net = net.to(device)
     return net.eval()
+
+
+def _load_zipped_bundle(path: Path) -> nn.Module:
+    """The generator of a bundle zip written by ``scripts/export_bundle.py`` (``<name>/models/model.pt``
+    with ``<name>/configs/common.json``), read without unpacking the zip anywhere but a temporary folder."""
+    import tempfile
+    import zipfile
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            models = [n for n in names if n.endswith("models/model.pt") and n.count("/") <= 2]
+            if not models:
+                raise ValueError(f"{path}: not an exported bundle (no <name>/models/model.pt inside)")
+            root = models[0][: -len("models/model.pt")]
+            wanted = [n for n in names if n == models[0] or n == f"{root}configs/common.json"]
+            with tempfile.TemporaryDirectory() as tmp:
+                zf.extractall(tmp, members=wanted)
+                return load_network(Path(tmp) / root if root else Path(tmp))
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path}: not a readable zip ({exc})") from exc
 
 
 def _matches(net: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
