@@ -201,3 +201,22 @@ def test_train_widget_trains_and_hands_its_model_to_deconvolve(make_napari_viewe
     widget.mode.value = "non-blind"
     widget.start()
     assert widget.worker is None and "PSF file" in widget.last_message
+
+
+def test_napari_finds_the_widgets_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for name, cls in (("Deconvolve", DeconvolveWidget), ("PSF", PSFWidget), ("Train", TrainWidget)):
+        dock, widget = viewer.window.add_plugin_dock_widget("cyclegan-blur-kernel-deconv", name)
+        assert isinstance(widget, cls), (name, type(widget))
+
+
+def test_a_4d_layer_is_deconvolved_at_the_chosen_channel(make_napari_viewer):
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(1).random((3, 8, 32, 32)).astype(np.float32)
+    layer = viewer.add_image(data, name="channels")
+    widget = DeconvolveWidget(viewer)
+    widget.channel.value = 2
+    np.testing.assert_array_equal(widget.volume_of(layer), data[2])
+    widget.channel.value = 5
+    with pytest.raises(ValueError, match="channel=5 requested but it has 3"):
+        widget.volume_of(layer)
