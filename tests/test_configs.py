@@ -2,9 +2,11 @@
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.utils import ID_SEP_KEY
 
 from conftest import ROOT, run_bundle
 
@@ -154,3 +156,36 @@ def test_setup_runs_once_per_command(files, run_id):
     assert len(setup) == len(set(setup)), setup
     assert sum("set_determinism" in e for e in executed) == 1, executed
     assert not any(e in parser.get("initialize", []) for e in parser[run_id]), parser[run_id]
+
+
+# keys of common.json that a blind training does not read: inference's (sliding window), the optics keys
+# of other configurations (na: own data / simulation; n_sample: the vectorial kernel; psf_file: non-blind),
+# and bundle_root (read by the default paths, which this test overrides)
+NOT_READ_BY_BLIND_TRAINING = {"inferer", "sliding_window_batch_size", "na", "n_sample", "psf_file", "bundle_root"}
+
+
+@pytest.mark.slow
+def test_every_key_is_read_during_a_real_training_run(tiny_dataset, tmp_path):
+    """The static dead-key test above, checked on what a real run resolves: every top-level key of
+    common.json (but the documented inference-only and other-configuration keys), train.json and
+    quick.json is read by one blind training iteration (a container counts when its items are)."""
+    files = [str(ROOT / "configs" / f) for f in ("common.json", "train.json", "quick.json")]
+    workflow = ConfigWorkflow(
+        config_file=files, workflow_type="train", run_id="training", logging_file=False, bundle_root=str(ROOT),
+        dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"),
+        max_epochs=1, epoch_length=1, val_interval=1, patch_size=[32, 32, 32], generator_features=[4, 8, 16, 4],
+        discriminator_channels=4, discriminator_layers=2, discriminator_scales=1, psf_kernel_size=[15, 15, 15],
+        num_workers=0,
+    )  # fmt: skip
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    resolved = set(workflow.parser.ref_resolver.resolved_content)
+    unread = {}
+    for path in files:
+        keys = [k for k in json.loads(Path(path).read_text()) if "#" not in k and k not in WORKFLOW_LISTS]
+        unread[Path(path).name] = [
+            k for k in keys if k not in resolved and not any(r.startswith((f"{k}#", f"{k}{ID_SEP_KEY}")) for r in resolved)
+        ]
+    assert set(unread["common.json"]) == NOT_READ_BY_BLIND_TRAINING, unread
+    assert unread["train.json"] == [] and unread["quick.json"] == [], unread
