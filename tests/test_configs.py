@@ -189,3 +189,30 @@ def test_every_key_is_read_during_a_real_training_run(tiny_dataset, tmp_path):
         ]
     assert set(unread["common.json"]) == NOT_READ_BY_BLIND_TRAINING, unread
     assert unread["train.json"] == [] and unread["quick.json"] == [], unread
+
+
+def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path):
+    """``--tracking configs/tracking/mlflow.json``: loss terms and learning rates per iteration, PSF
+    parameters and FWHMs per epoch, run parameters and tags, and the PSF figure and model as artifacts;
+    read back from the sqlite store and the artifact folder."""
+    run_bundle(
+        "training", "['configs/common.json','configs/train.json','configs/quick.json']",
+        "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]",
+        "--patch_size", "[32,32,32]", "--tracking", str(ROOT / "configs/tracking/mlflow.json"),
+    )
+    with sqlite3.connect(tmp_path / "eval/mlruns.db") as con:
+        metrics = {row[0] for row in con.execute("select distinct key from metrics")}
+        steps = {row[0] for row in con.execute("select step from metrics where key = 'cycle_sharp'")}
+        params = dict(con.execute("select key, value from params").fetchall())
+        tags = dict(con.execute("select key, value from tags").fetchall())
+        [location] = [row[0] for row in con.execute("select artifact_location from experiments where name = 'cyclegan_deconvolution'")]
+    for key in ("train_loss", "cycle_sharp", "cycle_blurred", "adv_sharp", "adv_blurred", "d_sharp", "d_blurred",
+                "lr_g_group_0", "lr_d_group_0", "psf_na", "psf_gain", "psf_fwhm_z_um", "val_psnr"):
+        assert key in metrics, (key, sorted(metrics))
+    assert steps == {1, 2, 3, 4}  # every iteration
+    assert params["mode"] == "blind" and params["psf_parameterization"] == "parametric" and "learning_rate" in params
+    assert tags["mode"] == "blind" and tags["seed"] == params["seed"]
+    artifacts = {p.name for p in Path(location.replace("file://", "")).rglob("*") if p.is_file()}
+    assert {"psf.png", "psf.pt", "model.pt", "blur.tif"} <= artifacts, artifacts
+    assert str(tmp_path) in location  # artifacts under the run's output folder, not the working directory

@@ -19,6 +19,7 @@ from bundle.handlers.checkpoints import (
 from bundle.handlers.common import AttachHandler, MallocPolicy, ProgressBar, every_n_iterations
 from bundle.handlers.records import PSFSnapshot, ValidationHistory, save_orthoslices
 from bundle.handlers.selection import BestModelSaver, ModelWithoutValidation
+from bundle.handlers.tracking import TrainingMLFlowHandler
 
 __all__ = [
     "ProgressBar",
@@ -36,4 +37,5 @@ __all__ = [
     "load_training_checkpoint",
     "save_orthoslices",
     "transform_random_states",
+    "TrainingMLFlowHandler",
 ]
