@@ -71,8 +71,8 @@ FULL = {
     "ooc_features": (16, 16, 32, 64, 128, 16),
     "ooc_block": (32, 64, 64),
     "dask_features": (32, 64, 128, 32),  # the bundle's default generator (depth 2, batch norm: window-free)
-    "dask_chunks": (32, 128, 128),
-    "dask_sizes": ((64, 256, 256), (128, 512, 512)),
+    "dask_chunks": (64, 128, 128),
+    "dask_sizes": ((64, 256, 256), (128, 256, 256)),
 }
 QUICK = {
     "patch": 32,

@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from bundle.ooc.deconvolve import block_output
-from bundle.ooc.grid import OUTPUT_RANGES, estimate_percentiles
+from bundle.ooc.grid import OUTPUT_RANGES, normalization_range
 from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
 
 __all__ = ["deconvolve_dask"]
@@ -137,16 +137,7 @@ def deconvolve_dask(
     smallest = min(min(c) for c in array.chunks)
     if smallest < halo:
         raise ValueError(f"chunks of {smallest} voxels are thinner than the halo ({halo}); use larger chunks")
-    if intensity_range is not None:
-        lo, hi = (float(v) for v in intensity_range)
-    elif normalize is not None:
-        lo, hi = estimate_percentiles(array, normalize)
-    else:
-        lo, hi = 0.0, 1.0
-    if normalize is None and intensity_range is None and output_range == "input":
-        output_range = "normalized"
-    if not hi > lo:
-        raise ValueError(f"intensity range ({lo:g}, {hi:g}) is empty: the volume is (nearly) constant")
+    lo, hi, output_range = normalization_range(array, normalize, intensity_range, output_range)
     result = da.map_overlap(
         _chunk_task, array, depth=halo, boundary="none", trim=False, chunks=array.chunks, dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32), model=model, halo=halo, intensity_range=(lo, hi),

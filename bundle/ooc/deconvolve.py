@@ -24,7 +24,7 @@ from bundle.ooc.grid import (
     _overlap,
     _padding,
     _shift,
-    estimate_percentiles,
+    normalization_range,
     window_grid,
 )
 from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
@@ -209,16 +209,9 @@ def deconvolve_zarr(
         predictor = None if halo else InferenceNetwork(network, precision, channels_last)
 
         # normalisation (whole-volume statistics, as in memory)
-        if intensity_range is not None:
-            lo, hi = (float(v) for v in intensity_range)
-        elif normalize is not None:
-            lo, hi = estimate_percentiles(volume, normalize, max_samples=max_percentile_samples)
-        else:
-            lo, hi = 0.0, 1.0
-        if normalize is None and intensity_range is None and output_range == "input":
-            output_range = "normalized"
-        if not hi > lo:
-            raise ValueError(f"intensity range ({lo:g}, {hi:g}) is empty: the volume is (nearly) constant")
+        lo, hi, output_range = normalization_range(
+            volume, normalize, intensity_range, output_range, max_samples=max_percentile_samples
+        )
         scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
 
         if halo:

@@ -72,6 +72,33 @@ def estimate_percentiles(
     return lo, hi
 
 
+def normalization_range(
+    volume: Any,
+    normalize: Sequence[float] | None,
+    intensity_range: Sequence[float] | None,
+    output_range: str,
+    max_samples: int = 1 << 21,
+) -> tuple[float, float, str]:
+    """``(v_lo, v_hi, output_range)`` of an out-of-core run: the given ``intensity_range``, else the
+    volume's values at the ``normalize`` percentiles, else (0, 1) (already normalised: then
+    ``output_range="input"`` becomes ``"normalized"``, there is nothing to undo).
+
+    Raises:
+        ValueError: the range is empty (a constant volume).
+    """
+    if intensity_range is not None:
+        lo, hi = (float(v) for v in intensity_range)
+    elif normalize is not None:
+        lo, hi = estimate_percentiles(volume, normalize, max_samples=max_samples)
+    else:
+        lo, hi = 0.0, 1.0
+    if normalize is None and intensity_range is None and output_range == "input":
+        output_range = "normalized"
+    if not hi > lo:
+        raise ValueError(f"intensity range ({lo:g}, {hi:g}) is empty: the volume is (nearly) constant")
+    return lo, hi, output_range
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the out-of-core loop
 # ----------------------------------------------------------------------------------------------------------
