@@ -30,6 +30,13 @@ def _crops(kernel: torch.Tensor, n: int = 12, size: int = 32, seed: int = 0, sig
     return sharp, blurred + sigma * torch.randn(blurred.shape, generator=g)
 
 
+class _StartedEngine:
+    """What BlurCalibration reads of an engine at STARTED: a fresh run (iteration 0)."""
+
+    class state:  # noqa: N801
+        iteration = 0
+
+
 def test_welch_spectrum_of_white_noise_is_flat():
     x = torch.randn(16, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     p = welch_power_spectrum(x)
@@ -111,18 +118,14 @@ def test_blur_calibration_runs_the_fit_and_records_it(tmp_path):
     calib = BlurCalibration(blur=blur, dataset=dataset, n_samples=4, psf_fit=SpectralPSFFit(steps=40, lr=0.05, n_samples=8),
                             record_path=str(tmp_path / "calibration.json"))  # fmt: skip
 
-    class _Engine:
-        class state:  # noqa: N801
-            iteration = 0
-
-    calib(_Engine())
+    calib(_StartedEngine())
     record = json.loads((tmp_path / "calibration.json").read_text())
     assert record["psf_fit"]["crops"] == [8, 8] and record["psf_fit"]["after"]["na"] > 1.0
     assert record["calibration"]["gain"] > 0
     fixed = PSFLayer(kernel_size=(9, 9, 9), parameterization="fixed", na=1.2, **OPTICS)
     calib = BlurCalibration(blur=fixed, dataset=dataset, n_samples=4, psf_fit=SpectralPSFFit(),
                             record_path=str(tmp_path / "fixed.json"))  # fmt: skip
-    calib(_Engine())
+    calib(_StartedEngine())
     assert "psf_fit" not in json.loads((tmp_path / "fixed.json").read_text())  # non-blind: the PSF stays
 
 
@@ -138,11 +141,7 @@ def test_blur_calibration_fits_the_psf_on_its_own_larger_crops(tmp_path):
                             psf_fit=SpectralPSFFit(steps=40, lr=0.05, n_samples=6),
                             record_path=str(tmp_path / "calibration.json"))  # fmt: skip
 
-    class _Engine:
-        class state:  # noqa: N801
-            iteration = 0
-
-    calib(_Engine())
+    calib(_StartedEngine())
     record = json.loads((tmp_path / "calibration.json").read_text())
     assert record["psf_fit"]["crops"] == [6, 6] and record["psf_fit"]["after"]["na"] > 1.0
     assert record["psf_fit"]["bins"] > 9 * 13  # a 24-voxel grid: more bins than 16-voxel crops give
