@@ -57,7 +57,9 @@ def _report(message: str, error: bool = True) -> str:
 
 
 class _Worker(Container):
-    """A container with a progress bar, Run/Cancel buttons and one napari thread worker at a time."""
+    """A container with a progress bar, Run/Cancel buttons and one napari thread worker at a time.
+
+    Subclasses define ``start()`` (what the Run button does: check the inputs, then ``_launch``)."""
 
     def __init__(self, viewer: napari.Viewer, run_text: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -71,9 +73,6 @@ class _Worker(Container):
         self.status = Label(value="")
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
-
-    def start(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
 
     def cancel(self) -> None:
         """Stop the running computation at its next step (safe from any thread)."""
