@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,12 @@ def fast_fft_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(next_fast_len(int(s), real=True) for s in shape)
 
 
-def fft_convolve(volume: torch.Tensor, kernel: torch.Tensor, pad_mode: str = "zeros") -> torch.Tensor:
+def fft_convolve(
+    volume: torch.Tensor,
+    kernel: torch.Tensor,
+    pad_mode: str = "zeros",
+    spectrum: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Linear 3D convolution ``volume * kernel`` computed by FFT, same size as ``volume``.
 
     This is true convolution (the kernel is flipped relative to ``torch.nn.functional.conv3d``,
@@ -37,6 +42,9 @@ def fft_convolve(volume: torch.Tensor, kernel: torch.Tensor, pad_mode: str = "ze
         pad_mode: boundary model outside the volume: ``"zeros"`` (the object is dark outside,
             the physical model of the simulator), ``"reflect"``, ``"replicate"`` or ``"circular"``
             (``torch.nn.functional.pad`` modes; they reduce edge artefacts on real stacks).
+        spectrum: optional ``(fft_shape, dtype) -> rfftn(kernel, s=fft_shape)``, for a caller that
+            caches the spectrum of a kernel that does not change (the non-blind PSF layer); by
+            default the kernel's spectrum is computed here.
 
     Returns:
         ``(..., D, H, W)`` tensor, dtype of ``volume`` (float32 or float64).
@@ -63,6 +71,9 @@ def fft_convolve(volume: torch.Tensor, kernel: torch.Tensor, pad_mode: str = "ze
     fft_shape = fast_fft_shape([a + b - 1 for a, b in zip(n, k)])
     real_dtype = volume.dtype if volume.dtype in (torch.float32, torch.float64) else torch.float32
     xf = torch.fft.rfftn(x.to(real_dtype), s=fft_shape, dim=(-3, -2, -1))
-    kf = torch.fft.rfftn(kernel.to(real_dtype), s=fft_shape, dim=(-3, -2, -1))
+    if spectrum is not None:
+        kf = spectrum(fft_shape, real_dtype)
+    else:
+        kf = torch.fft.rfftn(kernel.to(real_dtype), s=fft_shape, dim=(-3, -2, -1))
     full = torch.fft.irfftn(xf * kf, s=fft_shape, dim=(-3, -2, -1))
     return full[..., offset[0] : offset[0] + n[0], offset[1] : offset[1] + n[1], offset[2] : offset[2] + n[2]]

@@ -235,7 +235,7 @@ def case_psf(cfg: dict) -> dict:
 
     dev = device()
     p, k = cfg["patch"], cfg["kernel"]
-    layer = PSFLayer(kernel_size=(k, k, k), parameterization="parametric", na=1.0).to(dev)
+    layer = PSFLayer.build(kernel_size=(k, k, k), parameterization="parametric", na=1.0).to(dev)
     x = torch.rand(1, 1, p, p, p, device=dev)
 
     def fft_step() -> None:
@@ -252,7 +252,7 @@ def case_psf(cfg: dict) -> dict:
     fft = timed(fft_step, cfg["psf_repeats"])
     direct = timed(direct_step, cfg["direct_repeats"], warmup=0)
     # fixed (non-blind) kernel: h*x and h*G(y) per iteration; spectrum cached vs recomputed
-    fixed = PSFLayer(kernel_size=(k, k, k), parameterization="fixed", init="born_wolf").to(dev)
+    fixed = PSFLayer.build(kernel_size=(k, k, k), parameterization="fixed", init="born_wolf").to(dev)
     xs = torch.rand(2, 1, p, p, p, device=dev)
     with torch.no_grad():
         cached = timed(lambda: (fixed(xs), fixed(xs)), cfg["psf_repeats"] * 2)
@@ -296,11 +296,11 @@ def case_train(cfg: dict, mode: str, allocator: str = "system") -> dict:
 
         g = DeblurUNet(features=cfg["features"]).to(dev)
         if mode == "blind":
-            blur: torch.nn.Module = PSFLayer(kernel_size=(k, k, k), parameterization="parametric", na=1.0)
+            blur: torch.nn.Module = PSFLayer.build(kernel_size=(k, k, k), parameterization="parametric", na=1.0)
             d_blurred = disc()
         elif mode == "nonblind":
             blur, d_blurred = (
-                PSFLayer(kernel_size=(k, k, k), parameterization="fixed", init="born_wolf"),
+                PSFLayer.build(kernel_size=(k, k, k), parameterization="fixed", init="born_wolf"),
                 None,
             )
         else:  # conventional cycleGAN: the blur generator is a second deep U-Net

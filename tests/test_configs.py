@@ -43,7 +43,7 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
     if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
         blur = wf.parser.get_parsed_content("blur")
-        assert blur.parameterization == "module" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
+        assert blur.parameterization == "vectorial" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
         assert {n for n, p in blur.kernel_module.named_parameters() if p.requires_grad} >= {"na_raw"}
 
 
@@ -211,7 +211,7 @@ def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path
                 "lr_g_group_0", "lr_d_group_0", "psf_na", "psf_gain", "psf_fwhm_z_um", "val_psnr"):
         assert key in metrics, (key, sorted(metrics))
     assert steps == {1, 2, 3, 4}  # every iteration
-    assert params["mode"] == "blind" and params["psf_parameterization"] == "parametric" and "learning_rate" in params
+    assert params["mode"] == "blind" and params["psf_kernel"] == "bundle.networks.kernels.BornWolfKernel" and "learning_rate" in params
     assert tags["mode"] == "blind" and tags["seed"] == params["seed"]
     artifacts = {p.name for p in Path(location.replace("file://", "")).rglob("*") if p.is_file()}
     assert {"psf.png", "psf.pt", "model.pt", "blur.tif"} <= artifacts, artifacts

@@ -22,9 +22,9 @@ CONFIGS = ["configs/common.json", "configs/train.json", "configs/quick.json", "c
 
 
 def test_single_process_helpers_are_no_ops():
-    layer = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed")
+    layer = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed")
     assert ddp(layer) is layer and ddp(None) is None and unwrap(layer) is layer
-    a, b = PSFLayer(kernel_size=(5, 5, 5)), PSFLayer(kernel_size=(5, 5, 5))
+    a, b = PSFLayer.build(kernel_size=(5, 5, 5)), PSFLayer.build(kernel_size=(5, 5, 5))
     assert state_hash(a) == state_hash(b)
     with torch.no_grad():
         b.gain.add_(1e-3)
@@ -33,7 +33,7 @@ def test_single_process_helpers_are_no_ops():
 
 def test_rank_handlers_keep_files_and_logs_on_rank_zero(tmp_path):
     ckpt = ResumableCheckpoint(str(tmp_path), {})
-    calib = BlurCalibration(blur=PSFLayer(kernel_size=(5, 5, 5)), dataset=[])
+    calib = BlurCalibration(blur=PSFLayer.build(kernel_size=(5, 5, 5)), dataset=[])
     other = object()  # e.g. StatsHandler
     assert rank_handlers([ckpt, calib, other], rank=0) == [ckpt, calib, other]
     on_one = rank_handlers([ckpt, calib, other], rank=1)

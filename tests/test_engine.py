@@ -28,11 +28,11 @@ def _build(mode: str, adversarial=None, loader=None, max_epochs=1, blur_noise=No
     if mode == "conventional":
         blur = DeblurUNet(features=FEATURES)
     elif mode == "blind":
-        blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="parametric", na=1.1)
+        blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="parametric", na=1.1)
     elif mode == "constrained":
-        blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="constrained", init="gaussian")
+        blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="constrained", init="gaussian")
     else:
-        blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="born_wolf")
+        blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="born_wolf")
     d_sharp = MultiScalePatchDiscriminator(channels=4, num_layers_d=2)
     d_blurred = None if mode == "nonblind" else MultiScalePatchDiscriminator(channels=4, num_layers_d=2)
     g_opt = torch.optim.Adam(generator_param_groups(g, blur, lr=1e-3, psf_lr=2e-2, scale_lr=1e-3), betas=(0.5, 0.999))
@@ -78,7 +78,7 @@ def test_one_iteration_updates_the_right_networks(mode):
     assert _changed(before["d_sharp"], trainer.d_sharp)
     if mode == "nonblind":
         assert not trainer.blind and k.D_BLURRED not in out
-        torch.testing.assert_close(trainer.blur.kernel(), PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="born_wolf").kernel())
+        torch.testing.assert_close(trainer.blur.kernel(), PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="born_wolf").kernel())
     else:
         assert trainer.blind and torch.isfinite(torch.as_tensor(out[k.D_BLURRED]))
         assert _changed(d_blurred_before, trainer.d_blurred)
@@ -115,10 +115,10 @@ def test_missing_batch_key_is_a_clear_error():
 
 def test_param_groups_give_the_psf_its_learning_rate():
     g = DeblurUNet(features=FEATURES)
-    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="parametric")
+    blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="parametric")
     groups = generator_param_groups(g, blur, lr=1e-3, psf_lr=2e-2, scale_lr=5e-3)
     assert [grp["lr"] for grp in groups] == [1e-3, 2e-2, 5e-3]
-    fixed = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", learn_gain=False, learn_offset=False)
+    fixed = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", learn_gain=False, learn_offset=False)
     assert len(generator_param_groups(g, fixed, lr=1e-3)) == 1
     assert discriminator_parameters(None, torch.nn.Linear(2, 2))
 

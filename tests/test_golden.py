@@ -34,7 +34,7 @@ def _inference() -> dict[str, np.ndarray]:
 def _training_iteration() -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     g = DeblurUNet(features=FEATURES)
-    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="parametric", na=1.1)
+    blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="parametric", na=1.1)
     d_sharp = MultiScalePatchDiscriminator(channels=4, num_layers_d=2)
     d_blurred = MultiScalePatchDiscriminator(channels=4, num_layers_d=2)
     gen = torch.Generator().manual_seed(2)

@@ -65,7 +65,7 @@ def test_data_consistency_is_one_at_the_truth_and_above_one_for_the_input():
     from bundle.networks import PoissonGaussianNoise, PSFLayer
 
     torch.manual_seed(0)
-    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2), gain=2.0, offset=0.05)
+    blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2), gain=2.0, offset=0.05)
     noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.01)
     x = (torch.rand(2, 1, 16, 24, 24) > 0.97).float()
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_no_reference_score_is_highest_at_the_truth_and_symmetric_in_log_consist
     from bundle.networks import PoissonGaussianNoise, PSFLayer
 
     torch.manual_seed(0)
-    blur = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2))
+    blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="gaussian", init_fwhm=(0.4, 0.2, 0.2))
     noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.01)
     x = (torch.rand(2, 1, 16, 24, 24) > 0.97).float()
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_cycle_error_and_psf_stability():
     from bundle.networks import PSFLayer
 
     torch.manual_seed(0)
-    blur = PSFLayer(kernel_size=(5, 5, 5), parameterization="free", init="gaussian", init_fwhm=(0.3, 0.2, 0.2))
+    blur = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="free", init="gaussian", init_fwhm=(0.3, 0.2, 0.2))
     x = torch.rand(1, 1, 8, 16, 16)
     identity = torch.nn.Identity()
     identity.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))  # a device to read

@@ -49,11 +49,12 @@ def test_quick_nonblind_beats_the_input_and_does_not_collapse(quick_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("parameterization", ["parametric", "constrained"])
 def test_blind_training_keeps_a_valid_psf(tiny_dataset, tmp_path, parameterization):
+    kernel_config = {"parametric": "", "constrained": ",'configs/psf_constrained.json'"}[parameterization]
     run_bundle(
-        "training", QUICK_BLIND,
+        "training", QUICK_BLIND.replace("]", kernel_config + "]"),
         "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
         "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1",
-        "--psf_parameterization", parameterization, "--psf_kernel_size", "[15,15,15]",
+        "--psf_kernel_size", "[15,15,15]",
     )
     for path in (tmp_path / "models/blur.tif", tmp_path / "eval/psf/psf_latest.tif"):
         psf = tifffile.imread(path)

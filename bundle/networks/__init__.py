@@ -1,8 +1,26 @@
-"""Networks of the cycleGAN with a blur kernel: G (``DeblurUNet``), h (``PSFLayer``), φ/ψ (discriminators)."""
+"""Networks of the cycleGAN with a blur kernel: G (``DeblurUNet``), h (``PSFLayer`` with a kernel from
+:mod:`bundle.networks.kernels`), φ/ψ (discriminators)."""
 
 from bundle.networks.discriminator import MultiScalePatchDiscriminator
 from bundle.networks.generator import DeblurUNet
+from bundle.networks.kernels import (
+    BornWolfKernel,
+    ConstrainedKernel,
+    FixedKernel,
+    FreeKernel,
+    VectorialPSFKernel,
+)
 from bundle.networks.noise import PoissonGaussianNoise
 from bundle.networks.psf_layer import PSFLayer
 
-__all__ = ["DeblurUNet", "MultiScalePatchDiscriminator", "PoissonGaussianNoise", "PSFLayer"]
+__all__ = [
+    "BornWolfKernel",
+    "ConstrainedKernel",
+    "DeblurUNet",
+    "FixedKernel",
+    "FreeKernel",
+    "MultiScalePatchDiscriminator",
+    "PoissonGaussianNoise",
+    "PSFLayer",
+    "VectorialPSFKernel",
+]

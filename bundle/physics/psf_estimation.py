@@ -22,7 +22,7 @@ and one with ``-s`` have the same spectrum, and at ``s = 0`` the fit's gradient 
 so the sign of the spherical aberration must come from the optics: ``aberration_sign`` starts the
 fit on that branch and the result is mirrored onto it if it crossed over. For a sample of lower
 refractive index than the immersion medium (water under oil) imaged below the coverslip the sign is
-positive in :class:`~bundle.physics.pupil.VectorialPSFKernel`'s convention (measured against
+positive in :class:`~bundle.networks.kernels.VectorialPSFKernel`'s convention (measured against
 ``psfmodels``' PSF for n 1.33 under oil 1.515 at 2 µm: correlation 0.970 for ``+``, 0.867 for the
 mirror image). Third-order statistics of the data (skewness of axial differences, peak-to-centroid
 offsets) were tried to pick the sign without that knowledge and varied too much between volumes.
@@ -120,7 +120,7 @@ class SpectralPSFFit:
     ``a² |H|² P_sharp + s`` over cylindrical frequency bins (|k_z|, k_r), DC excluded; ``a`` and
     ``s`` (scale and white-noise floor) are fitted first with the PSF held, then jointly with it.
     Only parameterised kernels are fitted (the Born & Wolf ``"parametric"`` mode and kernel modules
-    such as :class:`~bundle.physics.pupil.VectorialPSFKernel`): a free-form kernel has one unknown
+    such as :class:`~bundle.networks.kernels.VectorialPSFKernel`): a free-form kernel has one unknown
     per voxel and its phase is not in the spectrum. With ``aberration_sign`` ±1 the kernel's
     spherical aberration starts at ``aberration_sign · seed_aberration`` (when it is 0) and ends with
     that sign (``mirror_z_`` when the fit crossed over); with 0 the spherical aberration keeps its value
@@ -181,8 +181,9 @@ class SpectralPSFFit:
     @staticmethod
     def fittable(blur: nn.Module) -> bool:
         """Whether ``blur`` has a parameterised kernel with trainable parameters."""
-        if getattr(blur, "parameterization", None) not in ("parametric", "module"):
-            return False
+        kernel = getattr(blur, "kernel_module", None)
+        if not hasattr(kernel, "physical_parameters") or not kernel.physical_parameters():
+            return False  # a stored kernel: one unknown per voxel, not fitted from spectra
         return any(p.requires_grad for p in blur.kernel_parameters())
 
     def __call__(self, blur: nn.Module, sharp: torch.Tensor, blurred: torch.Tensor) -> dict[str, Any]:
@@ -200,7 +201,8 @@ class SpectralPSFFit:
         if not self.fittable(blur):
             raise ValueError(
                 f"cannot fit the PSF of {type(blur).__name__} (parameterization "
-                f"{getattr(blur, 'parameterization', None)!r}): needs a parametric kernel or kernel module with learned parameters"
+                f"{getattr(blur, 'parameterization', None)!r}): needs an optical kernel (Born & Wolf, vectorial) "
+                "with learned parameters"
             )
         xs, ys = _spatial(sharp), _spatial(blurred)
         if xs.shape[1:] != ys.shape[1:]:
@@ -295,7 +297,7 @@ class SpectralPSFFit:
     def _grid_start(self, blur, model_power, log_by, log_scale, log_noise) -> dict[str, Any]:  # noqa: ANN001
         """Try ``na_grid`` NAs (scale and noise floor fitted for each, PSF held) and the current one;
         leave the layer at the best, with ``log_scale`` / ``log_noise`` at its values."""
-        n_imm = float(getattr(blur, "n_immersion", None) or blur.kernel_module.n_immersion)
+        n_imm = float(blur.n_immersion)
         low, high = self.na_range
         current = float(self._parameters(blur)["na"])
         candidates = [current] + [n_imm * (low + (high - low) * i / max(1, self.na_grid - 1)) for i in range(self.na_grid)]

@@ -21,7 +21,8 @@ def _conv3d_reference(x, h):
 @pytest.mark.parametrize("kernel_size", [(7, 7, 7), (6, 8, 5)])
 def test_fft_forward_equals_conv3d(parameterization, kernel_size):
     torch.manual_seed(0)
-    layer = PSFLayer(kernel_size=kernel_size, parameterization=parameterization, init_fwhm=(0.4, 0.3, 0.3))
+    stored = {"init_fwhm": (0.4, 0.3, 0.3)} if parameterization != "parametric" else {}
+    layer = PSFLayer.build(kernel_size=kernel_size, parameterization=parameterization, **stored)
     x = torch.rand(2, 1, 12, 16, 10)
     h = layer.kernel()
     assert h.shape == kernel_size and h.dtype == torch.float32
@@ -33,7 +34,7 @@ def test_fft_forward_equals_conv3d(parameterization, kernel_size):
 
 
 def test_gain_and_offset_are_applied():
-    layer = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed", gain=3.0, offset=0.25)
+    layer = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed", gain=3.0, offset=0.25)
     x = torch.rand(1, 1, 8, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -43,7 +44,7 @@ def test_gain_and_offset_are_applied():
 
 def test_constrained_kernel_stays_non_negative_and_normalised_after_a_step():
     torch.manual_seed(0)
-    layer = PSFLayer(kernel_size=(9, 9, 9), parameterization="constrained")
+    layer = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="constrained")
     opt = torch.optim.Adam(layer.kernel_parameters(), lr=0.5)
     x, target = torch.rand(1, 1, 12, 12, 12), torch.randn(1, 1, 12, 12, 12)
     for _ in range(3):
@@ -56,7 +57,7 @@ def test_constrained_kernel_stays_non_negative_and_normalised_after_a_step():
 
 
 def test_free_kernel_receives_gradients_and_starts_from_init():
-    layer = PSFLayer(
+    layer = PSFLayer.build(
         kernel_size=(7, 7, 7), parameterization="free", init="gaussian", init_fwhm=(0.3, 0.2, 0.2)
     )
     np.testing.assert_allclose(
@@ -69,18 +70,18 @@ def test_free_kernel_receives_gradients_and_starts_from_init():
 
 @pytest.mark.parametrize("learn_gain,learn_offset", [(True, True), (False, True), (False, False)])
 def test_fixed_has_no_trainable_kernel(learn_gain, learn_offset):
-    layer = PSFLayer(
+    layer = PSFLayer.build(
         kernel_size=(5, 5, 5), parameterization="fixed", learn_gain=learn_gain, learn_offset=learn_offset
     )
     assert list(layer.kernel_parameters()) == []
     assert not layer.kernel().requires_grad
     assert len(list(layer.scale_parameters())) == int(learn_gain) + int(learn_offset)
     assert len(list(layer.parameters())) == int(learn_gain) + int(learn_offset)
-    assert "fixed_kernel" in layer.state_dict() and "gain" in layer.state_dict()
+    assert "kernel_module.psf" in layer.state_dict() and "gain" in layer.state_dict()
 
 
 def test_parametric_parameters_and_na_gradient():
-    layer = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, learn_defocus=True)
+    layer = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, learn_defocus=True)
     assert layer.physical_parameters() == pytest.approx(
         {"na": 1.2, "wavelength": 0.5, "axial_scale": 1.0, "defocus": 0.0, "gain": 1.0, "offset": 0.0},
         abs=1e-6,
@@ -92,7 +93,7 @@ def test_parametric_parameters_and_na_gradient():
     torch.manual_seed(0)
     x = torch.rand(1, 1, 12, 12, 12)
     (layer(x) - x).pow(2).mean().backward()
-    grad = layer.na_raw.grad
+    grad = layer.kernel_module.na_raw.grad
     assert grad is not None and torch.isfinite(grad) and grad.abs() > 0
 
 
@@ -101,7 +102,7 @@ def test_parametric_fit_moves_na_toward_truth():
     x = torch.rand(1, 1, 24, 24, 24)
     h_true = born_wolf_psf_torch(1.2, shape=(15, 15, 15), voxel_size=(0.1, 0.1, 0.1))
     y = _conv3d_reference(x, h_true)
-    layer = PSFLayer(
+    layer = PSFLayer.build(
         kernel_size=(15, 15, 15), parameterization="parametric", na=0.9, learn_gain=False, learn_offset=False
     )
     opt = torch.optim.Adam(layer.kernel_parameters(), lr=2e-2)
@@ -115,7 +116,7 @@ def test_parametric_fit_moves_na_toward_truth():
 
 def test_calibrate_sets_gain_and_offset():
     torch.manual_seed(0)
-    layer = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed", init_fwhm=(0.3, 0.2, 0.2))
+    layer = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed", init_fwhm=(0.3, 0.2, 0.2))
     sharp = (torch.rand(2, 1, 16, 16, 16) > 0.97).float()
     blurred_truth = 20.0 * _conv3d_reference(sharp, layer.kernel()) + 0.1
     result = layer.calibrate(sharp, blurred_truth, low_percentile=0.0, high_percentile=100.0)
@@ -138,7 +139,7 @@ def test_calibrate_sets_gain_and_offset():
 
 
 def test_export_round_trip(tmp_path):
-    layer = PSFLayer(kernel_size=(9, 8, 7), parameterization="parametric", na=1.1, voxel_size=(0.2, 0.1, 0.1))
+    layer = PSFLayer.build(kernel_size=(9, 8, 7), parameterization="parametric", na=1.1, voxel_size=(0.2, 0.1, 0.1))
     tif, js = layer.export(tmp_path / "psf.tif")
     assert js == tmp_path / "psf.json"
     back = tifffile.imread(tif)
@@ -161,7 +162,7 @@ def test_file_init_crops_or_pads_centrally(tmp_path, file_shape):
     tifffile.imwrite(
         path, psf, imagej=True, resolution=(10.0, 10.0), metadata={"spacing": 0.1, "unit": "micron"}
     )
-    layer = PSFLayer(kernel_size=(7, 7, 7), parameterization="fixed", init="file", psf_file=str(path))
+    layer = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="fixed", init="file", psf_file=str(path))
     h = layer.kernel()
     assert h.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert h.argmax().item() == np.ravel_multi_index((3, 3, 3), (7, 7, 7))
@@ -171,7 +172,7 @@ def test_file_init_crops_or_pads_centrally(tmp_path, file_shape):
 
 @pytest.mark.parametrize("init", ["born_wolf", "vectorial"])
 def test_theoretical_inits(init):
-    layer = PSFLayer(kernel_size=(9, 9, 9), parameterization="constrained", init=init, na=1.2)
+    layer = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="constrained", init=init, na=1.2)
     h = layer.kernel()
     assert h.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert h.argmax().item() == np.ravel_multi_index((4, 4, 4), (9, 9, 9))
@@ -185,31 +186,31 @@ def test_theoretical_inits(init):
         ({"parameterization": "fixed", "init": "file"}, "psf_file"),
         ({"na": 1.5}, "na must satisfy"),
         ({"na": 1.6, "parameterization": "free", "init": "born_wolf"}, "na must satisfy"),
-        ({"kernel_size": (5, 5)}, "kernel_size"),
+        ({"kernel_size": (5, 5)}, "shape"),
         ({"voxel_size": (0.1, 0.0, 0.1)}, "voxel_size"),
         ({"pad_mode": "mirror"}, "pad_mode"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PSFLayer(kernel_size=kwargs.pop("kernel_size", (5, 5, 5)), **kwargs)
+        PSFLayer.build(kernel_size=kwargs.pop("kernel_size", (5, 5, 5)), **kwargs)
 
 
 def test_na_outside_range_is_fine_when_unused():
-    layer = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed", init="gaussian", na=1.6)
+    layer = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed", init="gaussian", na=1.6)
     assert math.isclose(layer.kernel().sum().item(), 1.0, rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
-# a kernel module (the vectorial PSF of bundle.physics.pupil) instead of a parameterization
+# the vectorial kernel module
 # ----------------------------------------------------------------------------------------------
 def _vectorial_layer(na=1.2, residual=False, **kwargs):
-    from bundle.physics.pupil import VectorialPSFKernel
+    from bundle.networks.kernels import VectorialPSFKernel
 
     kernel = VectorialPSFKernel(
         (9, 9, 9), na=na, n_immersion=1.515, wavelength=0.52, learn=("na", "spherical"), residual=residual
     )
-    return PSFLayer(kernel_size=(9, 9, 9), n_immersion=1.515, kernel=kernel, **kwargs)
+    return PSFLayer(kernel, **kwargs)
 
 
 def test_kernel_module_forward_and_parameters():
@@ -231,7 +232,8 @@ def test_kernel_module_forward_and_parameters():
     params = layer.physical_parameters()
     assert params["na"] == pytest.approx(1.2, abs=1e-6) and params["gain"] == pytest.approx(2.0)
     assert {"spherical", "wavelength", "offset"} <= set(params)
-    assert layer.parameterization == "module" and "VectorialPSFKernel" in repr(layer)
+    assert layer.parameterization == "vectorial" and "VectorialPSFKernel" in repr(layer)
+    assert layer.n_immersion == pytest.approx(1.515) and layer.kernel_size == (9, 9, 9)
 
 
 def test_kernel_module_fit_moves_na_toward_truth():
@@ -298,8 +300,8 @@ def test_kernel_module_export(tmp_path):
     tif, js = layer.export(tmp_path / "psf.tif")
     np.testing.assert_allclose(tifffile.imread(tif), layer.kernel().detach().numpy(), rtol=0, atol=1e-7)
     info = json.loads(js.read_text())
-    assert info["kernel_module"] == "bundle.physics.pupil.VectorialPSFKernel"
-    assert info["parameterization"] == "module" and info["n_immersion"] == pytest.approx(1.515)
+    assert info["kernel_module"] == "bundle.networks.kernels.vectorial.VectorialPSFKernel"
+    assert info["parameterization"] == "vectorial" and info["n_immersion"] == pytest.approx(1.515)
     assert info["physical_parameters"]["na"] == pytest.approx(1.25, abs=1e-6)
 
 
@@ -310,10 +312,8 @@ def test_kernel_module_from_config():
         {
             "blur": {
                 "_target_": "bundle.networks.PSFLayer",
-                "kernel_size": [9, 9, 9],
-                "voxel_size": [0.2, 0.1, 0.1],
                 "kernel": {
-                    "_target_": "bundle.physics.pupil.VectorialPSFKernel",
+                    "_target_": "bundle.networks.kernels.VectorialPSFKernel",
                     "shape": [9, 9, 9],
                     "na": 1.1,
                     "n_immersion": 1.33,
@@ -327,19 +327,31 @@ def test_kernel_module_from_config():
     layer = parser.get_parsed_content("blur")
     assert layer.physical_parameters()["na"] == pytest.approx(1.1, abs=1e-6)
     assert len(list(layer.kernel_parameters())) == 1
+    assert layer.kernel_size == (9, 9, 9) and layer.voxel_size == (0.2, 0.1, 0.1)
 
 
-@pytest.mark.parametrize(
-    "kwargs,err,match",
-    [
-        ({"parameterization": "fixed"}, ValueError, "replaces parameterization"),
-        ({"kernel_size": (9, 9, 7)}, ValueError, "kernel_size"),
-        ({"voxel_size": (0.2, 0.1, 0.1)}, ValueError, "voxel_size"),
-    ],
-)
-def test_kernel_module_bad_arguments(kwargs, err, match):
-    from bundle.physics.pupil import VectorialPSFKernel
+class _OddKernel(torch.nn.Module):
+    """A kernel module without ``shape``: the layer takes the shape it returns."""
 
-    kernel = VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515)
-    with pytest.raises(err, match=match):
-        PSFLayer(kernel=kernel, **{"kernel_size": (9, 9, 9), **kwargs})
+    def __init__(self, shape):
+        super().__init__()
+        self.h = torch.nn.Parameter(torch.full(shape, 1.0 / math.prod(shape)))
+        self.grow = False
+
+    def forward(self):
+        return torch.nn.functional.pad(self.h, (0, 1)) if self.grow else self.h
+
+
+def test_any_kernel_module_and_bad_arguments():
+    layer = PSFLayer(_OddKernel((3, 5, 7)))
+    assert layer.kernel_size == (3, 5, 7) and layer.voxel_size is None and layer.n_immersion is None
+    assert layer.parameterization == "module" and layer.physical_parameters().keys() == {"gain", "offset"}
+    layer.kernel_module.grow = True
+    with pytest.raises(ValueError, match="expected kernel_size"):
+        layer.kernel()
+    with pytest.raises(TypeError, match="nn.Module"):
+        PSFLayer(torch.ones(3, 3, 3))
+    with pytest.raises(ValueError, match="pad_mode"):
+        PSFLayer(_OddKernel((3, 3, 3)), pad_mode="edge")
+    with pytest.raises(TypeError, match="no NA"):
+        PSFLayer(_OddKernel((3, 3, 3))).set_na_(1.0)

@@ -8,11 +8,11 @@ import torch
 
 from bundle.handlers import BlurCalibration
 from bundle.networks import PSFLayer
+from bundle.networks.kernels import VectorialPSFKernel
 from bundle.ops import fft_convolve
 from bundle.physics.phantom import vesicle_phantom
 from bundle.physics.psf import psf_correlation
 from bundle.physics.psf_estimation import SpectralPSFFit, welch_power_spectrum
-from bundle.physics.pupil import VectorialPSFKernel
 
 OPTICS = {"n_immersion": 1.515, "wavelength": 0.52, "voxel_size": (0.1, 0.1, 0.1)}
 
@@ -48,9 +48,9 @@ def test_welch_spectrum_of_white_noise_is_flat():
 
 def test_fit_recovers_the_na_of_a_born_wolf_psf():
     """Blurred by Born & Wolf NA 1.2; the layer starts at NA 0.9 (measured: NA 1.20, 1.5 s)."""
-    true = PSFLayer(kernel_size=(15, 15, 15), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
+    true = PSFLayer.build(kernel_size=(15, 15, 15), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
     sharp, blurred = _crops(true)
-    blur = PSFLayer(kernel_size=(15, 15, 15), parameterization="parametric", na=0.9, **OPTICS)
+    blur = PSFLayer.build(kernel_size=(15, 15, 15), parameterization="parametric", na=0.9, **OPTICS)
     record = SpectralPSFFit(steps=60, lr=0.05, na_grid=8)(blur, sharp, blurred)
     assert abs(blur.physical_parameters()["na"] - 1.2) < 0.05, record
     assert record["loss_after"] < record["loss_before"]
@@ -65,7 +65,7 @@ def test_aberration_sign_picks_the_branch(sign):
     true = VectorialPSFKernel(shape, na=1.3, spherical=0.15, oversample=1, **OPTICS)().detach()
     sharp, blurred = _crops(true)
     kernel = VectorialPSFKernel(shape, na=1.4, oversample=1, **OPTICS)
-    blur = PSFLayer(kernel_size=shape, kernel=kernel)
+    blur = PSFLayer(kernel)
     record = SpectralPSFFit(steps=120, lr=0.05, aberration_sign=sign)(blur, sharp, blurred)
     found = record["after"]
     assert np.sign(found["spherical"]) == sign, record
@@ -83,7 +83,7 @@ def test_without_a_sign_the_aberration_is_left_alone():
     true = VectorialPSFKernel(shape, na=1.3, spherical=0.15, oversample=1, **OPTICS)().detach()
     sharp, blurred = _crops(true)
     kernel = VectorialPSFKernel(shape, na=1.4, oversample=1, **OPTICS)
-    record = SpectralPSFFit(steps=60, lr=0.05)(PSFLayer(kernel_size=shape, kernel=kernel), sharp, blurred)
+    record = SpectralPSFFit(steps=60, lr=0.05)(PSFLayer(kernel), sharp, blurred)
     assert record["after"]["spherical"] == 0.0 and record["after"]["na"] != pytest.approx(1.4, abs=1e-3)
 
 
@@ -94,16 +94,16 @@ def test_mirror_z_is_the_z_flip():
     kernel.mirror_z_()
     assert kernel.physical_parameters()["spherical"] == pytest.approx(-0.2, abs=1e-6)
     torch.testing.assert_close(kernel().detach(), before.flip(0), atol=1e-6, rtol=1e-4)
-    layer = PSFLayer(kernel_size=(9, 9, 9), parameterization="fixed", init="gaussian", init_fwhm=(0.5, 0.2, 0.3))
+    layer = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="fixed", init="gaussian", init_fwhm=(0.5, 0.2, 0.3))
     flipped = layer.kernel().flip(0).clone()
     torch.testing.assert_close(layer.mirror_z_().kernel(), flipped)
 
 
 def test_bad_input():
-    fixed = PSFLayer(kernel_size=(5, 5, 5), parameterization="fixed")
+    fixed = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed")
     with pytest.raises(ValueError, match="cannot fit the PSF"):
         SpectralPSFFit()(fixed, torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8))
-    blur = PSFLayer(kernel_size=(5, 5, 5), parameterization="parametric", na=1.0)
+    blur = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="parametric", na=1.0)
     with pytest.raises(ValueError, match="differ in size"):
         SpectralPSFFit()(blur, torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 9))
     with pytest.raises(ValueError, match="aberration_sign"):
@@ -111,10 +111,10 @@ def test_bad_input():
 
 
 def test_blur_calibration_runs_the_fit_and_records_it(tmp_path):
-    true = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
+    true = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
     sharp, blurred = _crops(true, n=8, size=16)
     dataset = [{"sharp": s, "blurred": b} for s, b in zip(sharp, blurred, strict=True)]
-    blur = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=0.9, **OPTICS)
+    blur = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="parametric", na=0.9, **OPTICS)
     calib = BlurCalibration(blur=blur, dataset=dataset, n_samples=4, psf_fit=SpectralPSFFit(steps=40, lr=0.05, n_samples=8),
                             record_path=str(tmp_path / "calibration.json"))  # fmt: skip
 
@@ -122,7 +122,7 @@ def test_blur_calibration_runs_the_fit_and_records_it(tmp_path):
     record = json.loads((tmp_path / "calibration.json").read_text())
     assert record["psf_fit"]["crops"] == [8, 8] and record["psf_fit"]["after"]["na"] > 1.0
     assert record["calibration"]["gain"] > 0
-    fixed = PSFLayer(kernel_size=(9, 9, 9), parameterization="fixed", na=1.2, **OPTICS)
+    fixed = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="fixed", na=1.2, **OPTICS)
     calib = BlurCalibration(blur=fixed, dataset=dataset, n_samples=4, psf_fit=SpectralPSFFit(),
                             record_path=str(tmp_path / "fixed.json"))  # fmt: skip
     calib(_StartedEngine())
@@ -132,11 +132,11 @@ def test_blur_calibration_runs_the_fit_and_records_it(tmp_path):
 def test_blur_calibration_fits_the_psf_on_its_own_larger_crops(tmp_path):
     """``fit_dataset`` feeds the fit (larger crops resolve the transfer function better); the
     calibration keeps the training items."""
-    true = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
+    true = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="parametric", na=1.2, **OPTICS).kernel().detach()
     small = [{"sharp": s, "blurred": b} for s, b in zip(*_crops(true, n=4, size=16), strict=True)]
     sharp, blurred = _crops(true, n=6, size=24, seed=1)
     large = [{"sharp": s, "blurred": b} for s, b in zip(sharp, blurred, strict=True)]
-    blur = PSFLayer(kernel_size=(9, 9, 9), parameterization="parametric", na=0.9, **OPTICS)
+    blur = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="parametric", na=0.9, **OPTICS)
     calib = BlurCalibration(blur=blur, dataset=small, n_samples=4, fit_dataset=large,
                             psf_fit=SpectralPSFFit(steps=40, lr=0.05, n_samples=6),
                             record_path=str(tmp_path / "calibration.json"))  # fmt: skip

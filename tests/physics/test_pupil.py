@@ -1,4 +1,4 @@
-"""Checks of the differentiable vectorial PSF and its learnable kernel (bundle.physics.pupil)."""
+"""Checks of the differentiable vectorial PSF (bundle.physics.pupil); its learnable kernel: tests/networks/test_kernels.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from bundle.physics.psf import psf_correlation, vectorial_psf
 from bundle.physics.pupil import (
-    VectorialPSFKernel,
     noll_to_nm,
     vectorial_psf_torch,
     vectorial_pupil_psf,
@@ -166,128 +165,3 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         vectorial_psf_torch(**args)
-
-
-# ----------------------------------------------------------------------------------------------
-# VectorialPSFKernel
-# ----------------------------------------------------------------------------------------------
-def test_kernel_renders_the_model_and_reports_parameters():
-    kernel = VectorialPSFKernel((11, 12, 13), na=1.25, n_immersion=1.515, wavelength=0.52, spherical=0.1)
-    torch.testing.assert_close(
-        kernel(), vectorial_psf_torch((11, 12, 13), 1.25, 1.515, 0.52, spherical=0.1), rtol=1e-4, atol=1e-7
-    )
-    assert kernel.physical_parameters() == pytest.approx(
-        dict(na=1.25, wavelength=0.52, spherical=0.1, secondary_spherical=0.0, defocus=0.0), abs=1e-6
-    )
-    assert sorted(n for n, _ in kernel.named_parameters()) == ["na_raw", "spherical_raw"]
-    assert {"wavelength_raw", "defocus_raw", "secondary_spherical_raw"} <= set(kernel.state_dict())
-    assert kernel.double()().dtype == torch.float64
-
-
-def test_kernel_parameters_stay_in_bounds():
-    kernel = VectorialPSFKernel(
-        (9, 9, 9), na=1.2, n_immersion=1.515, learn=("na", "spherical"), na_bounds=(1.0, 1.515)
-    )
-    with torch.no_grad():
-        kernel.na_raw.fill_(80.0)
-        kernel.spherical_raw.fill_(-80.0)
-    assert 1.0 < kernel.na.item() < 1.515
-    assert kernel.spherical.item() == pytest.approx(-2.0)
-    h = kernel()
-    assert torch.isfinite(h).all() and h.sum().item() == pytest.approx(1.0, abs=1e-5)
-    with torch.no_grad():
-        kernel.na_raw.fill_(-80.0)
-    assert kernel.na.item() == pytest.approx(1.0)
-
-
-def test_sample_index_caps_the_learned_na():
-    """A fluorophore in water under an oil objective: the effective NA is at most the sample's index."""
-    kernel = VectorialPSFKernel((9, 9, 9), na=1.4, n_immersion=1.515, n_sample=1.33, learn=("na",))
-    assert kernel.na_bounds[1] == pytest.approx(1.33, abs=2e-4)
-    assert 1.3 < kernel.na.item() < 1.33  # the data sheet's 1.4 starts just below the cap
-    with torch.no_grad():
-        kernel.na_raw.fill_(80.0)
-    assert kernel.na.item() <= 1.33
-    assert torch.isfinite(kernel()).all()
-    with pytest.raises(ValueError, match="na_bounds"):
-        kernel.set_na_(1.35)
-    uncapped = VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515, n_sample=1.6)  # denser sample: no cap
-    assert uncapped.na_bounds == VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515).na_bounds
-    assert uncapped.na.item() == pytest.approx(1.2, abs=1e-5)
-    with pytest.raises(ValueError, match="n_sample"):
-        VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515, n_sample=0.0)
-
-
-def test_kernel_fit_recovers_na_of_psfmodels():
-    """60 Adam steps from NA 1.2 to a psfmodels NA 1.35 kernel (measured: NA 1.346, 0.2 s on one idle core).
-
-    Not the same model: psfmodels interpolates its radial profile and integrates θ by Simpson's rule.
-    """
-    shape = (17, 17, 17)
-    target = torch.from_numpy(vectorial_psf(shape, na=1.35, n_immersion=1.515, wavelength=0.52))
-    kernel = VectorialPSFKernel(shape, na=1.2, n_immersion=1.515, wavelength=0.52, learn=("na", "spherical"))
-    opt = torch.optim.Adam(kernel.parameters(), lr=2e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        (((kernel() - target) ** 2).sum() / (target**2).sum()).backward()
-        opt.step()
-    found = kernel.physical_parameters()
-    assert abs(found["na"] - 1.35) < 0.03, found
-    assert abs(found["spherical"]) < 0.02, found
-    assert psf_correlation(kernel(), target) > 0.999
-
-
-def test_residual_is_frozen_until_released_then_learns():
-    torch.manual_seed(0)
-    kernel = VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515, learn=("na",), residual=True)
-    logits0 = kernel.residual_logits.detach().clone()
-    target = vectorial_psf_torch((9, 9, 9), 1.2, 1.515, 0.5).detach()
-    target = torch.nn.functional.avg_pool3d(target[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
-    opt = torch.optim.Adam(kernel.parameters(), lr=5e-2)
-
-    def step():
-        opt.zero_grad()
-        ((kernel() - target) ** 2).sum().backward()
-        opt.step()
-
-    torch.testing.assert_close(kernel(), kernel.optical_kernel())  # no effect before release
-    step()
-    assert kernel.residual_logits.grad is None
-    torch.testing.assert_close(kernel.residual_logits.detach(), logits0, rtol=0, atol=0)
-    kernel.release_residual()
-    assert kernel.physical_parameters()["residual_centre"] == pytest.approx(1.0, abs=2e-4)
-    assert (kernel() - kernel.optical_kernel()).abs().max() < 1e-3 * kernel().max()  # starts as identity
-    for _ in range(5):
-        step()
-    assert kernel.residual_logits.grad is not None
-    assert not torch.equal(kernel.residual_logits.detach(), logits0)
-    h = kernel()
-    assert (h >= 0).all() and h.sum().item() == pytest.approx(1.0, abs=1e-5)
-    q = kernel.residual_kernel()
-    assert (q >= 0).all() and q.sum().item() == pytest.approx(1.0, abs=1e-5)
-    # the released state is part of the state dict
-    fresh = VectorialPSFKernel((9, 9, 9), na=1.0, n_immersion=1.515, learn=("na",), residual=True)
-    fresh.load_state_dict(kernel.state_dict())
-    assert fresh.released
-    torch.testing.assert_close(fresh(), kernel())
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(learn=("na", "tilt")), "learn"),
-        (dict(na=1.2, na_bounds=(1.3, 1.5)), "na_bounds"),
-        (dict(na_bounds=(0.5, 1.6)), "na_bounds"),
-        (dict(spherical=2.5), "aberration_bound"),
-        (dict(residual=True, residual_size=(3, 4, 3)), "residual_size"),
-        (dict(residual=True, residual_size=(11, 3, 3)), "larger than the kernel"),
-        (dict(na=1.6), "na"),
-    ],
-)
-def test_kernel_bad_arguments(kwargs, match):
-    args = dict(shape=(9, 9, 9), na=1.2, n_immersion=1.515)
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        VectorialPSFKernel(**args)
-    with pytest.raises(RuntimeError, match="residual"):
-        VectorialPSFKernel((9, 9, 9), na=1.2, n_immersion=1.515).release_residual()
