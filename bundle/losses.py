@@ -131,25 +131,33 @@ def adversarial_loss(kind: str = "lsgan") -> LSGANLoss | WGANGPLoss:
 
 
 class CycleLoss(nn.Module):
-    """Weighted L1 cycle-consistency loss ``γ · mean |target − reconstruction|`` (Lim et al. eq. 10).
+    """Weighted cycle-consistency loss ``γ · mean |target − reconstruction|^p`` (Lim et al. eq. 10: p = 1).
 
-    Used for both cycles: ``x`` vs ``G(h * x)`` and ``y`` vs ``h * G(y)``.
+    Used for both cycles: ``x`` vs ``G(h * x)`` and ``y`` vs ``h * G(y)``. The paper's L1 (``p = 1``) is
+    minimised by the *median* of a noisy target; ``p = 2`` by its mean. On the blurred cycle the target
+    is a noisy stack whose Poisson noise is skewed at low counts (median below the mean), which the
+    L1 loss can turn into darker dim structure (see ``docs/results.md``).
 
     Args:
         weight: γ (10 in the paper).
+        power: 1 (L1, the paper's) or 2 (squared error).
 
     Example::
 
         >>> loss = CycleLoss(weight=10.0)(g_deblur(blur(x)), x)  # (B, 1, D, H, W) each
     """
 
-    def __init__(self, weight: float = 10.0) -> None:
+    def __init__(self, weight: float = 10.0, power: int = 1) -> None:
         super().__init__()
+        if power not in (1, 2):
+            raise ValueError(f"power must be 1 (L1) or 2 (squared error), got {power}")
         self.weight = float(weight)
+        self.power = int(power)
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args: reconstruction, target: ``(B, C, D, H, W)``. Returns: scalar."""
-        return self.weight * (reconstruction - target).abs().mean()
+        diff = reconstruction - target
+        return self.weight * (diff.abs().mean() if self.power == 1 else diff.square().mean())
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}"
+        return f"weight={self.weight}, power={self.power}"

@@ -81,3 +81,23 @@ def test_cycle_loss_value():
     a, b = torch.zeros(2, 1, 4, 4, 4), torch.full((2, 1, 4, 4, 4), 0.5)
     assert CycleLoss()(a, b).item() == pytest.approx(5.0)
     assert CycleLoss(weight=1.0)(b, a).item() == pytest.approx(0.5)
+
+
+def test_cycle_loss_power_two_is_the_mean_not_the_median():
+    """On a skewed noisy target the L1 cycle pulls a constant toward the median, the squared one toward the mean."""
+    torch.manual_seed(0)
+    target = torch.poisson(torch.full((1, 1, 16, 16, 16), 2.0))  # Poisson(2): mean 2, median 2 but skewed
+    target = torch.cat([target, torch.zeros_like(target)]).view(1, 1, 32, 16, 16)  # half empty: median 0.5-1
+    estimates = {}
+    for power in (1, 2):
+        c = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([c], lr=0.05)
+        for _ in range(400):
+            opt.zero_grad()
+            CycleLoss(weight=1.0, power=power)(c.expand_as(target), target).backward()
+            opt.step()
+        estimates[power] = float(c)
+    assert estimates[2] == pytest.approx(float(target.mean()), abs=0.02)
+    assert estimates[1] < float(target.mean()) - 0.3  # the median of the target sits well below its mean
+    with pytest.raises(ValueError, match="power"):
+        CycleLoss(power=3)
