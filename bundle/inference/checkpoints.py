@@ -29,6 +29,18 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
     """
     from bundle.networks import DeblurUNet
 
+    return DeblurUNet(**generator_arguments(state_dict))
+
+
+def generator_arguments(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``DeblurUNet`` keyword arguments that a state dict reveals: channels, ``features``,
+    ``depth``, ``align_corners``, ``norm`` and ``voxel_size`` (plain Python values).
+
+    Raises:
+        KeyError: the state dict is not a ``DeblurUNet``'s.
+    """
+    from bundle.networks import DeblurUNet
+
     def out_ch(key: str) -> int:
         return int(state_dict[f"unet.{key}.conv.weight"].shape[0])
 
@@ -46,13 +58,13 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
             norm = "none"
         settings = {"depth": depth, "align_corners": True, "norm": norm}
     voxel = state_dict.get("voxel_size")
-    return DeblurUNet(
-        in_channels=int(first.shape[1]),
-        out_channels=int(state_dict["unet.final_conv.weight"].shape[0]),
-        features=features,
-        voxel_size=None if voxel is None else [float(v) for v in voxel],
+    return {
+        "in_channels": int(first.shape[1]),
+        "out_channels": int(state_dict["unet.final_conv.weight"].shape[0]),
+        "features": features,
+        "voxel_size": None if voxel is None or not torch.isfinite(voxel).all() else [float(v) for v in voxel],
         **settings,
-    )
+    }
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

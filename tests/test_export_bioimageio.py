@@ -1,0 +1,86 @@
+"""BioImage Model Zoo export (scripts/export_bioimageio.py): the package passes bioimageio.core's own
+test, and its test output is what the bundle's inference gives on the same input."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from export_bioimageio import export_bioimageio, scale_range_clip  # noqa: E402
+
+from bundle.inference import deconvolve  # noqa: E402
+from bundle.networks import DeblurUNet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small generator with random (but non-trivial) weights in a checkpoint folder, with a PSF."""
+    from bundle.io import save_volume
+    from bundle.physics.psf import born_wolf_psf
+
+    torch.manual_seed(0)
+    net = DeblurUNet(features=(4, 8, 8, 4), depth=2, norm="batch", last_bias=0.0, voxel_size=(0.2, 0.1, 0.1))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("models")
+    torch.save(net.state_dict(), folder / "model.pt")
+    save_volume(folder / "blur.tif", born_wolf_psf((9, 9, 9)), voxel_size=(0.2, 0.1, 0.1))
+    return folder
+
+
+@pytest.mark.slow
+def test_package_passes_bioimageio_test_and_matches_the_bundle(tiny_model, tmp_path):
+    out = export_bioimageio(tiny_model, tmp_path / "pkg.zip", percentiles=(0.1, 99.9), check=True)
+    assert out == tmp_path / "pkg.zip" and out.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg.zip"]  # no partial file left behind
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        with z.open("test_input.npy") as f:
+            raw = np.load(f)
+        with z.open("test_output.npy") as f:
+            expected = np.load(f)
+    assert {"weights.pt", "weights.torchscript.pt", "README.md", "cover.png", "blur.tif", "environment.yaml"} <= names
+    assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"pytorch_state_dict", "torchscript"}
+    assert "## Validation" in zipfile.ZipFile(out).read("README.md").decode()
+    axes = rdf["inputs"][0]["axes"]
+    assert [a.get("id", a["type"]) for a in axes] == ["batch", "channel", "z", "y", "x"]
+    assert axes[2]["size"]["step"] == 4 and axes[2]["scale"] == pytest.approx(0.2)
+    assert [p["id"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] != "ensure_dtype"] == ["scale_range", "clip"]
+    halo = rdf["outputs"][0]["axes"][2]["halo"]
+    assert halo >= DeblurUNet(features=(4, 8, 8, 4), depth=2).receptive_radius  # a consumer's tiles discard it
+    # the same stack through the bundle's own inference (one window, float32, [0, 1] output)
+    ours = deconvolve(raw[0, 0], tiny_model, axes="ZYX", roi_size=raw.shape[2:], normalize=(0.1, 99.9),
+                      output_range="normalized", precision="float32", progress=False)
+    np.testing.assert_allclose(ours, expected[0, 0], rtol=0, atol=1e-4)
+    assert float(expected.std()) > 1e-3  # not a constant output
+
+
+def test_preprocessing_is_the_bundles_normalisation():
+    from bundle.inference.transforms import NormalizePercentilesd
+
+    rng = np.random.default_rng(0)
+    volume = rng.gamma(2.0, 50.0, size=(8, 16, 16)).astype(np.float32)
+    ours = NormalizePercentilesd("image", (0.1, 99.9))({"image": torch.from_numpy(volume)[None]})["image"][0]
+    np.testing.assert_allclose(scale_range_clip(volume, (0.1, 99.9)), np.asarray(ours), rtol=0, atol=1e-5)
+
+
+def test_bad_test_input_writes_nothing(tiny_model, tmp_path):
+    from bundle.io import save_volume
+
+    small = tmp_path / "small.tif"
+    save_volume(small, np.random.default_rng(0).random((8, 8, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="smaller than the test size"):
+        export_bioimageio(tiny_model, tmp_path / "out" / "pkg.zip", test_input=str(small), check=False)
+    assert not (tmp_path / "out" / "pkg.zip").exists()
