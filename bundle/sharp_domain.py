@@ -207,8 +207,11 @@ class SimulatedSharpDomain:
     Physical sizes are kept whatever the voxel size: filaments of 0.1 µm Gaussian radius and 3 µm
     persistence length (``"microtubules"``), shells of 0.3–0.9 µm radius and puncta of 60–120 nm
     (``"vesicles"``), converted to voxels per axis. Intensities are in [0, 1]; the training
-    normalisation matches the two domains' scales. The number of structures follows the phantom
-    functions' defaults (density per voxel at 0.1 µm voxels, rescaled to the volume's physical size).
+    normalisation matches the two domains' scales. The number of structures is the phantom
+    functions' default (density per voxel at 0.1 µm voxels, rescaled to the volume's physical size)
+    times ``density``; with ``match_blurred`` the multiplier is chosen so that the phantoms, blurred by
+    the optics' PSF, are as crowded as the user's stacks (:func:`bundle.physics.density.match_density`;
+    the choice is logged and kept in ``sharp_sim.json``).
 
     Args:
         cache_dir: where ``sharp_sim_<i>.tif`` are written (reused while the settings are unchanged).
@@ -217,6 +220,13 @@ class SimulatedSharpDomain:
         shape: ``(Z, Y, X)`` voxels of each volume.
         voxel_size: ``(z, y, x)`` µm.
         seed: seed of the first volume (volume ``i`` uses ``seed + i``).
+        density: multiple of the default number of structures (> 0); ignored with ``match_blurred``.
+        match_blurred: the user's blurred stacks (folder, glob, file or list) to match the density to;
+            ``None``: use ``density``.
+        na: numerical aperture of the PSF used for matching (vectorial, ``psfmodels``).
+        n_immersion: immersion refractive index.
+        wavelength: emission wavelength, µm.
+        psf_shape: PSF size for matching, voxels.
     """
 
     def __init__(
@@ -227,6 +237,12 @@ class SimulatedSharpDomain:
         shape: Sequence[int] = (32, 128, 128),
         voxel_size: Sequence[float] = (0.1, 0.1, 0.1),
         seed: int = 0,
+        density: float = 1.0,
+        match_blurred: str | os.PathLike | Sequence[str] | None = None,
+        na: float = 1.4,
+        n_immersion: float = 1.515,
+        wavelength: float = 0.52,
+        psf_shape: Sequence[int] = (31, 31, 31),
     ) -> None:
         from bundle.physics.phantom import PHANTOM_MODELS
 
@@ -242,13 +258,47 @@ class SimulatedSharpDomain:
         if len(self.shape) != 3 or len(self.voxel_size) != 3 or min(self.voxel_size) <= 0:
             raise ValueError(f"need a 3D shape and positive voxel sizes, got {shape}, {voxel_size}")
         self.seed = int(seed)
+        if not float(density) > 0:
+            raise ValueError(f"density must be a positive multiple of the default, got {density}")
+        self.density = float(density)
+        self.match_blurred = (
+            None if match_blurred is None
+            else [str(d) for d in match_blurred] if isinstance(match_blurred, (list, tuple)) else str(match_blurred)
+        )
+        self.optics = {"na": float(na), "n_immersion": float(n_immersion), "wavelength": float(wavelength)}
+        self.psf_shape = tuple(int(s) for s in psf_shape)
+        self.density_match: dict[str, Any] | None = None
 
-    def phantom_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of the phantom function for this voxel size (sizes in voxels)."""
+    def matched_density(self) -> dict[str, Any]:
+        """Choose the density multiplier from ``match_blurred`` (see :func:`~bundle.physics.density.match_density`)."""
+        from bundle.data import list_volumes
+        from bundle.io import load_volume
+        from bundle.physics.density import match_density
+        from bundle.physics.phantom import make_phantom
+        from bundle.physics.psf import vectorial_psf
+
+        stacks = [load_volume(f, dtype=np.float32)[0] for f in list_volumes(self.match_blurred)]
+        psf = vectorial_psf(self.psf_shape, voxel_size=self.voxel_size, **self.optics)
+        result = match_density(
+            stacks, psf, lambda m, i: make_phantom(self.phantom_model, shape=self.shape, seed=self.seed + 1000 + i,
+                                                   **self.phantom_arguments(m))
+        )
+        note = " (outside the tried range: the nearest end)" if result["clipped"] else ""
+        logger.info(
+            f"simulated sharp domain: density x{result['multiplier']:.3g} of the default{note}, matching the "
+            f"occupancy {result['target']:.4f} of {len(stacks)} blurred stacks"
+        )
+        return result
+
+    def phantom_arguments(self, density: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of the phantom function for this voxel size (sizes in voxels), with
+        ``density`` (default: the chosen multiplier) times the default number of structures."""
+        if density is None:
+            density = self.density_match["multiplier"] if self.density_match else self.density
         vz, vy, vx = self.voxel_size
         lateral = (vy + vx) / 2
         volume_um3 = np.prod(self.shape) * vz * vy * vx
-        per_reference_voxel = volume_um3 / 1e-3  # the phantoms' default densities are per (0.1 µm)³ voxel
+        per_reference_voxel = density * volume_um3 / 1e-3  # the phantoms' default densities are per (0.1 µm)³ voxel
         if self.phantom_model == "microtubules":
             return {
                 "radius": (0.1 / vz, 0.1 / vy, 0.1 / vx),
@@ -270,13 +320,22 @@ class SimulatedSharpDomain:
         from bundle.physics.phantom import make_phantom
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        stamp = {"phantom_model": self.phantom_model, "shape": list(self.shape), "voxel_size": list(self.voxel_size),
-                 "seed": self.seed, "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in self.phantom_arguments().items()}}  # fmt: skip
         record = self.cache_dir / "sharp_sim.json"
         try:
-            same = json.loads(record.read_text()) == stamp if record.is_file() else False
+            previous = json.loads(record.read_text()) if record.is_file() else {}
         except ValueError:
-            same = False
+            previous = {}
+        if self.match_blurred is not None and self.density_match is None:
+            sources = {"match_blurred": self.match_blurred, **self.optics, "psf_shape": list(self.psf_shape)}
+            kept = previous.get("density_match")
+            if kept and kept.get("sources") == sources:
+                self.density_match = kept
+            else:
+                self.density_match = {**self.matched_density(), "sources": sources}
+        stamp = {"phantom_model": self.phantom_model, "shape": list(self.shape), "voxel_size": list(self.voxel_size),
+                 "seed": self.seed, "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in self.phantom_arguments().items()},
+                 "density_match": self.density_match}  # fmt: skip
+        same = previous == stamp
         out = []
         for i in range(self.n_volumes):
             path = self.cache_dir / f"sharp_sim_{i:03d}.tif"

@@ -125,3 +125,6 @@ def test_the_simulated_config_builds_the_training_dataset(tiny_dataset, tmp_path
     item = wf.parser.get_parsed_content("train#dataset")[0]
     assert len(list((tmp_path / "eval/sharp_domain").glob("sharp_sim_*.tif"))) == 2
     assert item["sharp"].shape == item["blurred"].shape
+    record = json.loads((tmp_path / "eval/sharp_domain/sharp_sim.json").read_text())
+    assert record["density_match"]["sources"]["match_blurred"] == str(tiny_dataset / "train" / "blurred")
+    assert record["density_match"]["multiplier"] > 0  # matched to the training's blurred stacks
