@@ -84,3 +84,101 @@ def test_export_refuses_mismatched_weights(tmp_path):
     with pytest.raises(ValueError, match="model.pt: checkpoint does not match"):
         export_bundle(tmp_path / "x.zip", ROOT, tmp_path / "ckpt", QUICK_COMMON)
     assert not (tmp_path / "x.zip").exists()
+
+
+# keys and types of a bundle's metadata.json, as MONAI's bundle specification documents them
+# (docs.monai.io "MONAI Bundle Specification", metadata.json); written here, not downloaded
+_META_KEYS = {"version": str, "changelog": dict, "monai_version": str, "pytorch_version": str, "numpy_version": str,
+              "task": str, "description": str, "authors": str, "copyright": str, "network_data_format": dict}
+_META_OPTIONAL = {"required_packages_version": dict, "optional_packages_version": dict, "data_source": str,
+                  "data_type": str, "image_classes": str, "label_classes": str, "pred_classes": str,
+                  "eval_metrics": dict, "intended_use": str, "references": list, "supported_apps": dict,
+                  "name": str, "schema": str}
+_TENSOR_KEYS = {"type": str, "format": str, "num_channels": int, "spatial_shape": list, "dtype": str,
+                "value_range": list, "is_patch_data": bool, "channel_def": dict}
+
+
+def _check_metadata(meta: dict) -> list[str]:
+    problems = [f"missing {k}" for k in _META_KEYS if k not in meta]
+    for key, kind in {**_META_KEYS, **_META_OPTIONAL}.items():
+        if key in meta and not isinstance(meta[key], kind):
+            problems.append(f"{key} is {type(meta[key]).__name__}, not {kind.__name__}")
+    for side in ("inputs", "outputs"):
+        for tensor, spec in meta.get("network_data_format", {}).get(side, {}).items():
+            for key, kind in _TENSOR_KEYS.items():
+                if not isinstance(spec.get(key), kind):
+                    problems.append(f"network_data_format.{side}.{tensor}.{key} is not {kind.__name__}")
+    for key, value in meta.get("eval_metrics", {}).items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.append(f"eval_metrics.{key} is not a number: {value!r}")
+    return problems
+
+
+def test_metadata_checker_catches_bad_metadata():
+    import json
+
+    good = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    assert _check_metadata(good) == [] and good["eval_metrics"] == {}  # an export fills in measured numbers
+    bad = {**good, "eval_metrics": {"psnr": "see docs"}, "authors": ["a"]}
+    bad.pop("task")
+    assert set(_check_metadata(bad)) == {"missing task", "authors is list, not str",
+                                         "eval_metrics.psnr is not a number: 'see docs'"}
+
+
+@pytest.mark.slow
+def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
+    """What the zoo's verify_bundle does, on the unpacked export with inference.json alone, in a process
+    whose ``bundle`` package is the export's own copy."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from conftest import run_bundle
+
+    reports = {}
+    for name, extra in (("model", []), ("rl", ["configs/inference_rl.json"])):
+        files = str(["configs/common.json", "configs/inference.json", *extra, "configs/evaluate.json"])
+        run_bundle("evaluate", files, "--dataset_dir", str(quick_model["dataset_dir"]), "--ckpt_dir",
+                   str(quick_model["ckpt_dir"]), "--output_dir", str(tmp_path / name), "--rl_num_iter", "10")
+        reports[name] = tmp_path / name / "report.json"
+    zip_path = export_bundle(tmp_path / "deconv.zip", ROOT, quick_model["ckpt_dir"], QUICK_COMMON, "deconv",
+                             reports["model"], reports["rl"])
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    root = tmp_path / "unpacked" / "deconv"
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert _check_metadata(meta) == []
+    model_psnr = json.loads(reports["model"].read_text())["mean"]["psnr"]["output_fit"]
+    assert meta["eval_metrics"]["test_psnr_affine_fit_db"] == pytest.approx(model_psnr, abs=1e-3)
+    readme = (root / "docs" / "README.md").read_text()
+    for section in ("# Model Overview", "## Data", "## Performance", "## System configuration", "## Limitations",
+                    "# References"):
+        assert section in readme, section
+    assert "| Richardson-Lucy |" in readme and f"{model_psnr:.2f}" in readme
+    assert (root / "docs" / "data_license.txt").stat().st_size > 100 and (root / "LICENSE").is_file()
+    large = yaml.safe_load((root / "large_files.yml").read_text())["large_files"]
+    for entry in large:
+        assert entry["hash_val"] == hashlib.sha256((root / entry["path"]).read_bytes()).hexdigest()
+    assert "models/model.pt" in {e["path"] for e in large}
+    for config in ("inference.json", "train.json"):  # formatted, and self-contained
+        text = (root / "configs" / config).read_text()
+        assert text.startswith("{\n    ") and "network_def" in json.loads(text)
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-s", "-c", "import bundle; print(bundle.__file__)"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert Path(res.stdout.strip()).resolve().is_relative_to(root.resolve()), res.stdout  # the export's own code
+    _monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                  "--config_file", "configs/inference.json", cwd=root, env=env)
+    _monai_bundle("ckpt_export", "network_def", "--filepath", "models/model_zoo.ts", "--ckpt_file", "models/model.pt",
+                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=root, env=env)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(str(root / "models" / "model_zoo.ts"))(x).numpy(),
+                                   load_network(Path(quick_model["ckpt_dir"]) / "model.pt")(x).numpy(), atol=1e-5)
+    # and the self-contained inference.json runs alone (as MONAI Label and monai.bundle.load read it)
+    stack = next((Path(quick_model["dataset_dir"]) / "test" / "blurred").iterdir())
+    _monai_bundle("run", "inference", "--config_file", "configs/inference.json", "--input", str(stack),
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
+    assert (tmp_path / "out" / f"{stack.stem}_deconv.tif").is_file()
