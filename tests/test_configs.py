@@ -19,6 +19,7 @@ TRAIN_VARIANTS = [
     # the trainer (with its handlers) is built below: paper_recipe's ema_momentum 1 failed there
     ["configs/common.json", "configs/train.json", "configs/paper_recipe.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/sharp_cycle.json"],
 ]
 
 
@@ -41,6 +42,8 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         assert wf.parser.get(key) is not None, key
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
+    if "sharp_cycle.json" in " ".join(files):  # the blind recipe measured best on domain B: sharp cycle only
+        assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
     if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
         blur = wf.parser.get_parsed_content("blur")
         assert blur.parameterization == "vectorial" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
