@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bundle.networks.kernels import BORN_WOLF_LEARNABLE, FixedKernel, make_kernel
+from bundle.networks.kernels._scalar import register_scalar
 from bundle.ops import fft_convolve
 
 __all__ = ["PSFLayer"]
@@ -101,8 +102,8 @@ class PSFLayer(nn.Module):
         self.voxel_size = tuple(float(v) for v in vs) if vs is not None else None
         self.kernel_module = kernel
         self.pad_mode = pad_mode
-        self._register("gain", float(gain), learn_gain)
-        self._register("offset", float(offset), learn_offset)
+        register_scalar(self, "gain", float(gain), learn_gain)
+        register_scalar(self, "offset", float(offset), learn_offset)
 
     @classmethod
     def build(
@@ -128,13 +129,6 @@ class PSFLayer(nn.Module):
             )
         kernel = make_kernel(parameterization, kernel_size, **kernel_args)
         return cls(kernel, gain=gain, offset=offset, learn_gain=learn_gain, learn_offset=learn_offset, pad_mode=pad_mode)
-
-    def _register(self, name: str, value: float, learn: bool) -> None:
-        tensor = torch.tensor(float(value), dtype=torch.float32)
-        if learn:
-            self.register_parameter(name, nn.Parameter(tensor))
-        else:
-            self.register_buffer(name, tensor)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
         """Load checkpoints written when the kernel's tensors were the layer's own (``na_raw``,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bundle.networks.kernels._scalar import register_scalar
 from bundle.physics.psf import _check_shape, _check_voxel_size, born_wolf_psf_torch
 
 __all__ = ["BornWolfKernel", "BORN_WOLF_LEARNABLE"]
@@ -76,17 +77,10 @@ class BornWolfKernel(nn.Module):
             raise ValueError(f"defocus must be finite, got {defocus}")
         self.n_immersion = float(n_immersion)
         self.learn = learn
-        self._register("na_raw", math.log(na / (n_immersion - na)), "na" in learn)
-        self._register("wavelength_raw", math.log(wavelength), "wavelength" in learn)
-        self._register("axial_scale_raw", math.log(axial_scale), "axial_scale" in learn)
-        self._register("defocus_raw", float(defocus), "defocus" in learn)
-
-    def _register(self, name: str, value: float, learn: bool) -> None:
-        tensor = torch.tensor(float(value), dtype=torch.float32)
-        if learn:
-            self.register_parameter(name, nn.Parameter(tensor))
-        else:
-            self.register_buffer(name, tensor)
+        register_scalar(self, "na_raw", math.log(na / (n_immersion - na)), "na" in learn)
+        register_scalar(self, "wavelength_raw", math.log(wavelength), "wavelength" in learn)
+        register_scalar(self, "axial_scale_raw", math.log(axial_scale), "axial_scale" in learn)
+        register_scalar(self, "defocus_raw", float(defocus), "defocus" in learn)
 
     @property
     def na(self) -> torch.Tensor:

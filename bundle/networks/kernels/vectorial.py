@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bundle.networks.kernels._scalar import register_scalar
 from bundle.physics.psf import _check_optics, _check_shape, _check_voxel_size
 from bundle.physics.pupil import vectorial_psf_torch
 
@@ -155,15 +156,15 @@ class VectorialPSFKernel(nn.Module):
         self.n_theta = None if n_theta is None else int(n_theta)
 
         fraction = (float(na) - lower) / (upper - lower)
-        self._register("na_raw", math.log(fraction / (1.0 - fraction)), "na" in learn)
-        self._register("wavelength_raw", math.log(float(wavelength)), "wavelength" in learn)
-        self._register("spherical_raw", math.atanh(float(spherical) / aberration_bound), "spherical" in learn)
-        self._register(
+        register_scalar(self, "na_raw", math.log(fraction / (1.0 - fraction)), "na" in learn)
+        register_scalar(self, "wavelength_raw", math.log(float(wavelength)), "wavelength" in learn)
+        register_scalar(self, "spherical_raw", math.atanh(float(spherical) / aberration_bound), "spherical" in learn)
+        register_scalar(self,
             "secondary_spherical_raw",
             math.atanh(float(secondary_spherical) / aberration_bound),
             "secondary_spherical" in learn,
         )
-        self._register("defocus_raw", float(defocus), "defocus" in learn)
+        register_scalar(self, "defocus_raw", float(defocus), "defocus" in learn)
 
         self.residual_size: tuple[int, int, int] | None = None
         if residual:
@@ -184,13 +185,6 @@ class VectorialPSFKernel(nn.Module):
             self.residual_size = rs  # type: ignore[assignment]
             self.residual_logits = nn.Parameter(logits)
             self.register_buffer("residual_released", torch.tensor(0, dtype=torch.uint8))  # 1 = released
-
-    def _register(self, name: str, value: float, learn: bool) -> None:
-        tensor = torch.tensor(float(value), dtype=torch.float32)
-        if learn:
-            self.register_parameter(name, nn.Parameter(tensor))
-        else:
-            self.register_buffer(name, tensor)
 
     # ------------------------------------------------------------------------------------------
     @property
