@@ -186,6 +186,15 @@ deconvolution microscopy" (network arguments: {json.dumps({k: v for k, v in args
 """
 
 
+def _exact_size(size: int, scale: float, step: int) -> int:
+    """The first size >= ``size`` (in ``step`` s) that survives ``size · scale / scale`` in floating point:
+    bioimage.io checks an output axis of the input's size through the axes' scales (96 · 0.1 / 0.1 is
+    96.00000000000001 and fails; 64 passes)."""
+    while size * scale / scale != size:
+        size += step
+    return size
+
+
 def build_description(
     net: torch.nn.Module,
     workdir: Path,
@@ -205,16 +214,28 @@ def build_description(
     step = max(1, divisor // 2)  # the receptive radius rounded as the bundle's own tiling does
     halo = int(-(-net.receptive_radius // step) * step)
     min_side = divisor * max(1, -(-(2 * halo + divisor) // divisor))  # a window larger than both halos
-    lateral = max(64, min_side)
-    test_size = (max(32, min_side), lateral, lateral)
+    # test stack: every side min_side + 16 or more, so that a core away from the borders (where the
+    # bundle's tiled inference and a consumer's single pass treat the edges differently) is left
+    lateral = max(96, min_side + 16)
+    vs = [float(v) for v in (_constructor_args(net).get("voxel_size") or (1.0, 1.0, 1.0))]
+    test_size = tuple(_exact_size(n, v, divisor) for n, v in zip((min_side + 16, lateral, lateral), vs, strict=True))
     raw = _test_input(net, test_input, test_size, seed)
+    args = _constructor_args(net)
+    # the bundle mirror-pads a stack by the network's tiling halo before its windows: the package's
+    # model does the same in its one pass, so both give the same numbers
+    pad = int(net.tiling_halo)
+    args["pad"] = pad
+    from bundle.networks.generator import MirrorPaddedDeblurUNet
+
+    padded = MirrorPaddedDeblurUNet(**args).eval()
+    padded.load_state_dict(net.state_dict())
+    net = padded
     scripted = torch.jit.script(net)
     scripted.save(str(workdir / "weights.torchscript.pt"))
     with torch.no_grad():
         out = scripted(torch.from_numpy(scale_range_clip(raw, percentiles))[None, None]).numpy()
     np.save(workdir / "test_input.npy", raw[None, None])
     np.save(workdir / "test_output.npy", out.astype(np.float32))
-    args = _constructor_args(net)
     torch.save(net.state_dict(), workdir / "weights.pt")
     _cover(workdir / "cover.png", raw, out[0, 0])
     (workdir / "README.md").write_text(
@@ -267,7 +288,7 @@ def build_description(
         pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
             source=workdir / "weights.pt",
             architecture=spec.ArchitectureFromFileDescr(
-                source=ROOT / "bundle" / "networks" / "generator.py", callable=spec.Identifier("DeblurUNet"),
+                source=ROOT / "bundle" / "networks" / "generator.py", callable=spec.Identifier("MirrorPaddedDeblurUNet"),
                 kwargs=args,
             ),
             pytorch_version=torch_version,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from export_bioimageio import export_bioimageio, scale_range_clip  # noqa: E402
 
-from bundle.inference import deconvolve  # noqa: E402
+from bundle.inference import deconvolve, load_network  # noqa: E402
 from bundle.networks import DeblurUNet  # noqa: E402
 
 
@@ -40,8 +41,10 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_package_passes_bioimageio_test_and_matches_the_bundle(tiny_model, tmp_path):
-    out = export_bioimageio(tiny_model, tmp_path / "pkg.zip", percentiles=(0.1, 99.9), check=True)
+def test_package_passes_bioimageio_test_and_matches_the_bundle(quick_model, tmp_path):
+    """The quick model (trained once per session through the command line) with its learned PSF."""
+    model_dir = Path(quick_model["ckpt_dir"])
+    out = export_bioimageio(model_dir, tmp_path / "pkg.zip", percentiles=(0.1, 99.9), check=True)
     assert out == tmp_path / "pkg.zip" and out.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["pkg.zip"]  # no partial file left behind
     with zipfile.ZipFile(out) as z:
@@ -56,14 +59,17 @@ def test_package_passes_bioimageio_test_and_matches_the_bundle(tiny_model, tmp_p
     assert "## Validation" in zipfile.ZipFile(out).read("README.md").decode()
     axes = rdf["inputs"][0]["axes"]
     assert [a.get("id", a["type"]) for a in axes] == ["batch", "channel", "z", "y", "x"]
-    assert axes[2]["size"]["step"] == 4 and axes[2]["scale"] == pytest.approx(0.2)
+    net = load_network(model_dir / "model.pt")
+    assert axes[2]["size"]["step"] == net.divisor and axes[2]["scale"] == pytest.approx(net.trained_voxel_size[0])
     assert [p["id"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] != "ensure_dtype"] == ["scale_range", "clip"]
     halo = rdf["outputs"][0]["axes"][2]["halo"]
-    assert halo >= DeblurUNet(features=(4, 8, 8, 4), depth=2).receptive_radius  # a consumer's tiles discard it
-    # the same stack through the bundle's own inference (one window, float32, [0, 1] output)
-    ours = deconvolve(raw[0, 0], tiny_model, axes="ZYX", roi_size=raw.shape[2:], normalize=(0.1, 99.9),
-                      output_range="normalized", precision="float32", progress=False)
+    assert halo >= net.receptive_radius  # what a consumer's tiles must discard
+    # the same stack through the bundle's own inference (float32, [0, 1] output): the package's model
+    # mirror-pads by the tiling halo as the bundle does, so the two agree on every voxel
+    ours = deconvolve(raw[0, 0], model_dir, axes="ZYX", normalize=(0.1, 99.9), output_range="normalized",
+                      precision="float32", progress=False)
     np.testing.assert_allclose(ours, expected[0, 0], rtol=0, atol=1e-4)
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]["pad"] == net.tiling_halo
     assert float(expected.std()) > 1e-3  # not a constant output
 
 

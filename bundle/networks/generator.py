@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.layers import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
-__all__ = ["DeblurUNet", "UNetLevels"]
+__all__ = ["DeblurUNet", "MirrorPaddedDeblurUNet", "UNetLevels"]
 
 _OUT_ACTIVATIONS = ("sigmoid", "none")
 
@@ -251,3 +252,35 @@ class DeblurUNet(nn.Module):
                 f"DeblurUNet needs an input larger than {self.divisor}^3 (its bottleneck would be one voxel, "
                 f"where instance norm is undefined); use e.g. {2 * self.divisor}^3 patches"
             )
+
+
+class MirrorPaddedDeblurUNet(DeblurUNet):
+    """``DeblurUNet`` that mirror-pads its input by ``pad`` voxels on every side and crops the result.
+
+    This is what the bundle's tiled inference does to a whole stack (:class:`bundle.inference.Deconvolver`
+    with the network's ``tiling_halo``): with a pad that is that halo, one forward pass of this module
+    equals the bundle's own deconvolution, so a package for other tools (``scripts/export_bioimageio.py``)
+    gives the same numbers. The state dict is the ``DeblurUNet``'s (same keys).
+
+    Args:
+        pad: voxels mirrored on every side (< every side of the input), a multiple of ``2**(depth-1)``
+            keeps the poolings' phase.
+        kwargs: the ``DeblurUNet`` arguments.
+    """
+
+    def __init__(self, pad: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(pad) < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        self.pad = int(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` with sides divisible by ``divisor`` and larger than ``pad`` -> same shape."""
+        p = self.pad
+        if p > 0:
+            x = torch.nn.functional.pad(x, [p, p, p, p, p, p], mode="reflect")
+        out = self.unet(x)
+        out = torch.sigmoid(out) if self.out_activation == "sigmoid" else out
+        if p > 0:
+            out = out[:, :, p:-p, p:-p, p:-p]
+        return out
