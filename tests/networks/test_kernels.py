@@ -137,7 +137,7 @@ def test_checkpoints_from_before_the_kernel_modules_load():
               "gain": torch.tensor(2.0), "offset": torch.tensor(0.1)}
     layer.load_state_dict(legacy)
     assert layer.physical_parameters()["na"] == pytest.approx(1.5 * torch.sigmoid(torch.tensor(0.5)).item())
-    assert layer.physical_parameters()["wavelength"] == pytest.approx(0.6) and float(layer.gain) == 2.0
+    assert layer.physical_parameters()["wavelength"] == pytest.approx(0.6) and float(layer.gain.detach()) == 2.0
     fixed = PSFLayer.build((5, 5, 5), "fixed")
     old = torch.rand(5, 5, 5)
     fixed.load_state_dict({"fixed_kernel": old, "gain": torch.tensor(1.0), "offset": torch.tensor(0.0)})
