@@ -98,6 +98,8 @@ class _StoredKernel(nn.Module):
     """Shared checks and z-mirroring of the voxel-wise kernels (not used on its own)."""
 
     parameterization = "stored"
+    stored_name = ""  # the attribute holding the stored tensor
+    learned = False  # stored as an nn.Parameter (else a buffer)
 
     def __init__(
         self,
@@ -110,13 +112,19 @@ class _StoredKernel(nn.Module):
         self.shape = _check_shape(shape)
         self.voxel_size = _check_voxel_size(voxel_size)
         self.source = str(psf) if isinstance(psf, (str, os.PathLike)) else ("gaussian" if psf is None else "array")
-        self._store(torch.as_tensor(initial_psf(psf, self.shape, self.voxel_size, init_fwhm)))
+        value = self._from_kernel(torch.as_tensor(initial_psf(psf, self.shape, self.voxel_size, init_fwhm)))
+        if self.learned:
+            self.register_parameter(self.stored_name, nn.Parameter(value))
+        else:
+            self.register_buffer(self.stored_name, value)
 
-    def _store(self, h0: torch.Tensor) -> None:
-        raise NotImplementedError  # each subclass stores its own tensor
+    @staticmethod
+    def _from_kernel(h0: torch.Tensor) -> torch.Tensor:
+        """The stored tensor for a starting kernel ``h0`` (the kernel itself unless a subclass says otherwise)."""
+        return h0.clone()
 
     def _stored(self) -> torch.Tensor:
-        raise NotImplementedError
+        return getattr(self, self.stored_name)
 
     @torch.no_grad()
     def mirror_z_(self) -> _StoredKernel:
@@ -149,12 +157,7 @@ class FixedKernel(_StoredKernel):
     """
 
     parameterization = "fixed"
-
-    def _store(self, h0: torch.Tensor) -> None:
-        self.register_buffer("psf", h0.clone())
-
-    def _stored(self) -> torch.Tensor:
-        return self.psf
+    stored_name = "psf"
 
     def forward(self) -> torch.Tensor:
         """The PSF: ``(Z, Y, X)``, sum 1."""
@@ -168,12 +171,8 @@ class FreeKernel(_StoredKernel):
     """
 
     parameterization = "free"
-
-    def _store(self, h0: torch.Tensor) -> None:
-        self.weight = nn.Parameter(h0.clone())
-
-    def _stored(self) -> torch.Tensor:
-        return self.weight
+    stored_name = "weight"
+    learned = True
 
     def forward(self) -> torch.Tensor:
         """The weights: ``(Z, Y, X)``."""
@@ -191,12 +190,12 @@ class ConstrainedKernel(_StoredKernel):
     """
 
     parameterization = "constrained"
+    stored_name = "logits"
+    learned = True
 
-    def _store(self, h0: torch.Tensor) -> None:
-        self.logits = nn.Parameter(torch.log(h0.clamp(min=1e-6 * float(h0.max()))))
-
-    def _stored(self) -> torch.Tensor:
-        return self.logits
+    @staticmethod
+    def _from_kernel(h0: torch.Tensor) -> torch.Tensor:
+        return torch.log(h0.clamp(min=1e-6 * float(h0.max())))
 
     def forward(self) -> torch.Tensor:
         """``softmax(logits)``: ``(Z, Y, X)``, non-negative, sum 1."""
