@@ -11,6 +11,7 @@ from bundle import (  # noqa: F401
     engine,
     errors,
     evaluate,
+    flags,
     handlers,
     image_pool,
     inference,

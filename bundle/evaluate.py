@@ -31,6 +31,7 @@ import torch
 from monai.config import PathLike
 
 from bundle.data import paired_datalist
+from bundle.flags import as_flag
 from bundle.handlers import save_orthoslices
 from bundle.inference import (
     Deconvolver,
@@ -175,7 +176,8 @@ class DeconvolutionReport:
         self.blurred_percentiles = tuple(float(p) for p in blurred_percentiles)
         self.sharp_percentiles = tuple(float(p) for p in sharp_percentiles)
         self.learned_psf, self.true_psf = learned_psf, true_psf
-        self.save_predictions, self.figures = save_predictions, figures
+        self.save_predictions = as_flag(save_predictions, "save_predictions")
+        self.figures = as_flag(figures, "figures")
         self.model_name = model_name
 
     def _load_pairs(self) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bundle.flags import as_flag
 
 __all__ = ["ClassicalSharpDomain", "SimulatedSharpDomain"]
 
@@ -93,7 +94,7 @@ class ClassicalSharpDomain:
         self.discrepancy = float(discrepancy)
         self.stall_tol = float(stall_tol)
         self.background_percentile = float(background_percentile)
-        self.progress = bool(progress)
+        self.progress = as_flag(progress, "progress")
 
     def _settings(self, voxel_size: Sequence[float]) -> dict[str, Any]:
         return {

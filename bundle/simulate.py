@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from bundle.flags import as_flag
 from bundle.io import save_volume
 from bundle.physics.forward import simulate_acquisition
 from bundle.physics.phantom import PHANTOM_MODELS, make_phantom
@@ -130,8 +131,8 @@ class SimulateDataset:
             "n_sample": None if n_sample is None else float(n_sample),
             "psf_depth": float(psf_depth),
         }
-        self.overwrite = overwrite
-        self.progress = progress
+        self.overwrite = as_flag(overwrite, "overwrite")
+        self.progress = as_flag(progress, "progress")
 
     def psf(self) -> np.ndarray:
         """The PSF ``(Z, Y, X)`` float32, sum 1, used to blur every volume."""

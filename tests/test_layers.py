@@ -14,7 +14,7 @@ import ast
 from conftest import ROOT
 
 STAGES = [
-    {"errors", "allocator", "ops", "io", "metrics", "losses", "image_pool", "sampling", "classical"},
+    {"errors", "flags", "allocator", "ops", "io", "metrics", "losses", "image_pool", "sampling", "classical"},
     {"physics"},
     {"data", "networks", "stability", "simulate", "sharp_domain"},
     {"engine", "handlers"},

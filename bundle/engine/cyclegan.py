@@ -19,6 +19,7 @@ from bundle.engine.steps import (
     _step,
     prepare_unpaired_batch,
 )
+from bundle.flags import as_flag
 from bundle.image_pool import ImagePool
 from bundle.losses import CycleLoss, LSGANLoss
 
@@ -120,7 +121,7 @@ class CycleGANTrainer(Trainer):
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
             handlers=train_handlers,
-            amp=amp,
+            amp=as_flag(amp, "amp"),
             event_names=event_names,
             event_to_attr=event_to_attr,
             decollate=decollate,

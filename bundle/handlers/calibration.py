@@ -10,6 +10,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.flags import as_flag
 from bundle.handlers.checkpoints import _atomic_json
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class BlurCalibration:
         self.low_percentile = low_percentile
         self.high_percentile = high_percentile
         self.noise = noise
-        self.estimate_noise = bool(estimate_noise)
+        self.estimate_noise = as_flag(estimate_noise, "estimate_noise")
         self.record_path = None if record_path is None else Path(record_path)
 
     @staticmethod
@@ -121,6 +122,8 @@ class BlurCalibration:
             self.noise.set_parameters(est["photons_per_unit"], est["gaussian_sigma"], est["black_level"])
             record["noise_estimate"] = est
             logger.info(f"blur-path noise estimated from {est['voxels']} voxels: {self.noise.parameters_dict()}")
+        elif self.noise is not None:
+            logger.info(f"blur-path noise as configured (estimation off): {self.noise.parameters_dict()}")
         if self.noise is not None:
             record["blur_noise"] = self.noise.parameters_dict()
         # ignite's rank (as MONAI's handlers use): bundle.distributed builds on this module, not the reverse

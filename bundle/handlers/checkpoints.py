@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from bundle.flags import as_flag
 from bundle.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -184,12 +185,12 @@ class ResumableCheckpoint:
         overwrite: bool = False,
     ) -> None:
         self.save_dir = Path(save_dir)
-        self.overwrite = bool(overwrite)
+        self.overwrite = as_flag(overwrite, "overwrite")
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.engine_objects = tuple(engine_objects)
         self.save_interval = max(1, int(save_interval))
         self.n_saved = n_saved
-        self.resume = bool(resume) or load_path is not None
+        self.resume = as_flag(resume, "resume") or load_path is not None
         self.load_path = load_path
 
     def latest(self) -> Path | None:

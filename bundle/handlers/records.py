@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.flags import as_flag
 from bundle.handlers.checkpoints import _atomic_json
 from bundle.io import atomic_write
 
@@ -103,7 +104,7 @@ class ValidationHistory:
         self.path = Path(path)
         self.blur = blur
         self.epoch_length = epoch_length
-        self._keep_earlier = bool(resume)
+        self._keep_earlier = as_flag(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.flags import as_flag
 from bundle.handlers.checkpoints import _atomic_json, atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class BestModelSaver:
         resume: bool = False,
         overwrite: bool = False,
     ) -> None:
-        self.resume = bool(resume)
-        self.overwrite = bool(overwrite)
+        self.resume = as_flag(resume, "resume")
+        self.overwrite = as_flag(overwrite, "overwrite")
         self.save_dir = Path(save_dir)
         self.network = network
         self.metric_name = metric_name

@@ -13,6 +13,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
+from bundle.flags import as_flag
 from bundle.inference.precision import InferenceNetwork
 from bundle.inference.windows import (
     _core_weight_map,
@@ -159,6 +160,7 @@ class Deconvolver(nn.Module):
                 device=device,
                 progress=progress,
             )
+        inferer.progress = as_flag(inferer.progress, "progress")  # '--progress false' arrives as a string
         self.inferer = inferer
         if self.auto:
             self.roi_size: tuple[int, ...] | str = "auto"

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
+from bundle.flags import as_flag
+
 logger = logging.getLogger(__name__)
 
 
@@ -159,4 +161,5 @@ def _inferer_like(base: SlidingWindowInferer, roi: Sequence[int], **changes: Any
             "progress",
         )
     }
+    settings["progress"] = as_flag(settings["progress"], "progress")  # '--progress false' arrives as a string
     return SlidingWindowInferer(roi_size=tuple(roi), **{**settings, **changes})

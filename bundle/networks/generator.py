@@ -10,6 +10,7 @@ import torch
 from monai.networks.layers import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
+from bundle.flags import as_flag
 
 __all__ = ["DeblurUNet", "MirrorPaddedDeblurUNet", "UNetLevels"]
 
@@ -158,14 +159,14 @@ class DeblurUNet(nn.Module):
         if len(tuple(features)) != int(depth) + 2:
             raise ValueError(f"features must have depth + 2 = {int(depth) + 2} entries, got {tuple(features)}")
         self.unet = UNetLevels(
-            in_channels, out_channels, features, int(depth), "relu", _NORMS[norm], True, dropout, bool(align_corners)
+            in_channels, out_channels, features, int(depth), "relu", _NORMS[norm], True, dropout, as_flag(align_corners, "align_corners")
         )
         with torch.no_grad():
             self.unet.final_conv.bias.fill_(float(last_bias))
         self.out_activation = out_activation
         self.norm = norm
         self.depth = int(depth)
-        self.align_corners = bool(align_corners)
+        self.align_corners = as_flag(align_corners, "align_corners")
         self.divisor = 2 ** int(depth)
         # the settings that the weights do not reveal travel in the state dict (model.pt alone rebuilds
         # the network: bundle.inference.network_from_state_dict); checkpoints without them still load

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from bundle.flags import as_flag
 from bundle.io import atomic_write_text, load_volume, save_volume
 from bundle.own_data.checks import check_stacks
 
@@ -60,7 +61,7 @@ class OwnStacks:
         self.held_out = float(held_out)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.optics = {"na": float(na), "n_immersion": float(n_immersion), "wavelength": float(wavelength)}
-        self.spot_check = bool(spot_check)
+        self.spot_check = as_flag(spot_check, "spot_check")
         self._record: dict[str, Any] | None = None
 
     # the answers, computed on first use
