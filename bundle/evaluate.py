@@ -1,8 +1,8 @@
 """Evaluate a trained generator on volumes with ground truth: PSNR/SSIM report, figures, learned PSF.
 
 ``configs/evaluate.json`` builds a :class:`DeconvolutionReport` from the inference config's
-``deconvolver`` (so evaluation deconvolves exactly like ``inference`` and :func:`bundle.inference.deconvolve`)
-and runs it::
+``network`` and ``inferer`` (so evaluation deconvolves exactly like ``inference`` and
+:func:`bundle.inference.deconvolve`) and runs it::
 
     python -m monai.bundle run evaluate \\
         --config_file "['configs/common.json','configs/inference.json','configs/evaluate.json']"
@@ -34,9 +34,9 @@ from bundle.data import paired_datalist
 from bundle.flags import as_flag
 from bundle.handlers import save_orthoslices
 from bundle.inference import (
-    Deconvolver,
     NormalizePercentilesd,
     RestoreIntensityd,
+    TiledInferer,
     load_checkpoint,
     output_path,
 )
@@ -131,7 +131,7 @@ def _psf_was_fixed(learned: Any) -> bool:
 class DeconvolutionReport:
     """Deconvolve volumes that have a ground truth and write ``report.md``, ``report.json`` and figures.
 
-    For every ``image_dir/<name>`` with ``label_dir/<name>``: deconvolve with ``deconvolver`` (same
+    For every ``image_dir/<name>`` with ``label_dir/<name>``: deconvolve with ``inferer`` (same
     normalisation and sliding window as inference), score input and output against the ground truth
     (see the module docstring for the normalisation), save the deconvolved volume
     (``predictions/<name>_deconv.tif``, input intensity range, voxel size kept) and a figure of the
@@ -140,7 +140,9 @@ class DeconvolutionReport:
     (``figures/psf.png``). Every pair is read and checked before anything is written.
 
     Args:
-        deconvolver: the :class:`bundle.inference.Deconvolver` (its network is loaded from ``ckpt_path``).
+        network: the generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)`` in [0, 1] (loaded from ``ckpt_path``).
+        inferer: the :class:`bundle.inference.TiledInferer` (``configs/inference.json``'s ``inferer``);
+            None: a default one (planned windows, float32).
         image_dir: blurred volumes (folder, glob or file).
         label_dir: ground-truth folder, files named like the blurred ones.
         output_dir: report folder.
@@ -156,7 +158,8 @@ class DeconvolutionReport:
 
     def __init__(
         self,
-        deconvolver: Deconvolver,
+        network: torch.nn.Module,
+        inferer: TiledInferer | None,
         image_dir: str,
         label_dir: str,
         output_dir: str,
@@ -169,7 +172,7 @@ class DeconvolutionReport:
         figures: bool = True,
         model_name: str = "cycleGAN with a blur kernel",
     ) -> None:
-        self.deconvolver = deconvolver
+        self.network, self.inferer = network, TiledInferer() if inferer is None else inferer
         self.image_dir, self.label_dir = image_dir, label_dir
         self.output_dir = Path(output_dir)
         self.ckpt_path = ckpt_path
@@ -203,8 +206,10 @@ class DeconvolutionReport:
         """Deconvolve, score and write the report; returns the JSON content."""
         start = time.perf_counter()
         if self.ckpt_path is not None:
-            load_checkpoint(self.deconvolver.network, self.ckpt_path)
-        self.deconvolver.network.eval()
+            load_checkpoint(self.network, self.ckpt_path)
+            self.inferer.reset()  # an optimised deconvolver is built from the weights it sees first
+        self.network.eval()
+        deconvolver = self.inferer.deconvolver_for(self.network)
         pairs = self._load_pairs()
         psf = None
         learned = self.learned_psf
@@ -217,7 +222,7 @@ class DeconvolutionReport:
         for pair in pairs:
             name = Path(pair["image"]).name
             with torch.no_grad():
-                pred = self.deconvolver(pair["image_norm"][None])  # (1, 1, D, H, W) in [0, 1]
+                pred = deconvolver(pair["image_norm"][None])  # (1, 1, D, H, W) in [0, 1]
             x, y = pair["image_norm"][None].float(), pair["label_norm"][None].float()
             in_psnr, in_ssim, in_fit_psnr, in_fit_ssim = _scores(x, y)
             out_psnr, out_ssim, out_fit_psnr, out_fit_ssim = _scores(pred.float(), y)
@@ -257,11 +262,11 @@ class DeconvolutionReport:
             "checkpoint": None if self.ckpt_path is None else str(self.ckpt_path),
             "normalisation": NORMALISATION.format(blurred=list(self.blurred_percentiles), sharp=list(self.sharp_percentiles)),
             "settings": {
-                "roi_size": self.deconvolver.roi_size if self.deconvolver.auto else list(self.deconvolver.roi_size),
-                "last_roi_size": None if self.deconvolver.last_roi_size is None else list(self.deconvolver.last_roi_size),
-                "precision": getattr(self.deconvolver.predictor, "precision", "float32"),
-                "overlap": self.deconvolver.inferer.overlap,
-                "sw_batch_size": self.deconvolver.inferer.sw_batch_size,
+                "roi_size": deconvolver.roi_size if deconvolver.auto else list(deconvolver.roi_size),
+                "last_roi_size": None if deconvolver.last_roi_size is None else list(deconvolver.last_roi_size),
+                "precision": getattr(deconvolver.predictor, "precision", "float32"),
+                "overlap": deconvolver.inferer.overlap,
+                "sw_batch_size": deconvolver.inferer.sw_batch_size,
                 "blurred_percentiles": list(self.blurred_percentiles),
                 "sharp_percentiles": list(self.sharp_percentiles),
             },

@@ -371,7 +371,8 @@ class Runner:
         return out
 
     def deconvolver(self, method: str):
-        """The inference pipeline's ``deconvolver`` of a method (``configs/inference.json`` [+ ``inference_rl.json``])."""
+        """The inference pipeline of a method (``configs/inference.json`` [+ ``inference_rl.json``]): its
+        ``inferer``'s deconvolver for its ``network``."""
         from monai.bundle import ConfigParser
 
         from bundle.inference import load_checkpoint
@@ -388,10 +389,10 @@ class Runner:
             parser["rl_num_iter"] = self.choose_rl_iterations()  # psf_file: the training data's PSF
             # one window holding the whole test volume: RL sees the volume as best_iteration did
             parser["rl_roi_size"] = [-(-int(s) // 16) * 16 for s in self.scale.eval_shape]
-            return parser.get_parsed_content("deconvolver")
-        deconvolver = parser.get_parsed_content("deconvolver")
-        load_checkpoint(deconvolver.network, self.run_dir(method) / "models" / "model.pt")
-        return deconvolver
+            return parser.get_parsed_content("inferer").deconvolver_for(parser.get_parsed_content("network"))
+        network = parser.get_parsed_content("network")
+        load_checkpoint(network, self.run_dir(method) / "models" / "model.pt")  # before the optimised copy is made
+        return parser.get_parsed_content("inferer").deconvolver_for(network)
 
     def predict(self, method: str, test_set: str, deconvolver) -> list[np.ndarray]:
         """Predictions of one method on one test set, cached as ``.npy`` under the method's run folder."""

@@ -164,7 +164,7 @@ def test_setup_runs_once_per_command(files, run_id):
 # keys of common.json that a blind training does not read: inference's (sliding window), the optics keys
 # of other configurations (na: own data / simulation; n_sample: the vectorial kernel; psf_file: non-blind),
 # and bundle_root (read by the default paths, which this test overrides)
-NOT_READ_BY_BLIND_TRAINING = {"inferer", "sliding_window_batch_size", "na", "n_sample", "psf_file", "bundle_root"}
+NOT_READ_BY_BLIND_TRAINING = {"window_inferer", "sliding_window_batch_size", "na", "n_sample", "psf_file", "bundle_root"}
 
 
 @pytest.mark.slow

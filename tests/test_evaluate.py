@@ -11,7 +11,7 @@ import torch
 from matplotlib.image import imread
 
 from bundle.evaluate import DeconvolutionReport, psf_report
-from bundle.inference import Deconvolver, deconvolve
+from bundle.inference import TiledInferer, deconvolve
 from bundle.io import load_volume, save_volume
 from bundle.metrics import affine_fit, psnr, ssim
 from bundle.networks import DeblurUNet
@@ -79,7 +79,7 @@ def test_missing_ground_truth_writes_nothing(tmp_path):
     save_volume(tmp_path / "blurred" / "a.tif", np.random.default_rng(0).random((8, 24, 24)).astype(np.float32))
     (tmp_path / "gt").mkdir()
     report = DeconvolutionReport(
-        Deconvolver(DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval(), roi_size=(32, 32, 32)),
+        DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval(), TiledInferer(roi_size=(32, 32, 32)),
         str(tmp_path / "blurred"), str(tmp_path / "gt"), str(tmp_path / "out"),
     )
     with pytest.raises(FileNotFoundError, match="a.tif"):
@@ -98,7 +98,7 @@ def test_a_fixed_psf_is_not_reported_as_learned(tmp_path, parameterization):
     save_volume(tmp_path / "psf.tif", psf, voxel_size=(0.1, 0.1, 0.1))
     net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", align_corners=False).eval()
     DeconvolutionReport(
-        Deconvolver(net), str(tmp_path / "blurred"), str(tmp_path / "truth"), str(tmp_path / "report"),
+        net, None, str(tmp_path / "blurred"), str(tmp_path / "truth"), str(tmp_path / "report"),
         learned_psf=str(tmp_path / "blur.tif"), true_psf=str(tmp_path / "psf.tif"), figures=False,
     ).run()  # fmt: skip
     report = (tmp_path / "report" / "report.md").read_text()

@@ -370,7 +370,10 @@ def test_workflow_properties_and_checkpoint_mismatch(tmp_path, monkeypatch):
     assert not wf.check_properties()
     for key in ("network_def", "network", "inferer", "preprocessing", "postprocessing", "dataset", "evaluator"):
         assert wf.parser.get(key) is not None, key
-    assert wf.parser.get_parsed_content("deconvolver").allocator == "reuse"
+    # the model zoo's wiring: the evaluator runs the network itself through a MONAI Inferer
+    inferer, evaluator = wf.parser.get_parsed_content("inferer"), wf.parser.get_parsed_content("evaluator")
+    assert type(inferer).__name__ == "TiledInferer" and inferer.optimize and inferer.allocator == "reuse"
+    assert evaluator.network is wf.parser.get_parsed_content("network") and evaluator.inferer is inferer
     with pytest.raises(RuntimeError) as err:
         wf.run()
     chain, e = [], err.value

@@ -6,8 +6,8 @@ Pipeline (identical from the command line and from Python)::
     volume (Z, Y, X), any intensity
       -> NormalizePercentilesd   the training normalisation of the blurred domain: percentiles
                                  (p_lo, p_hi) of the volume -> [0, 1], clipped (values recorded)
-      -> Deconvolver             pad every axis to at least the window, MONAI SlidingWindowInferer
-                                 (windows of roi_size, overlap 0.25, Gaussian blending, windows on
+      -> TiledInferer            a Deconvolver for the network: pad every axis to at least the
+                                 window, MONAI SlidingWindowInferer (windows of roi_size, overlap 0.25, Gaussian blending, windows on
                                  ``sw_device``, stitched on the CPU), crop back; output in [0, 1]
       -> RestoreIntensityd       "undo" the normalisation: out * (v_hi - v_lo) + v_lo, where v_lo, v_hi
                                  are the input's values at the percentiles p_lo, p_hi; so the output
@@ -22,8 +22,9 @@ Modules, one job each (everything public is importable from ``bundle.inference``
   (:class:`InferenceNetwork`);
 - :mod:`~bundle.inference.windows`: window planning (:func:`plan_roi_size`) and padding helpers;
 - :mod:`~bundle.inference.deconvolver`: :class:`Deconvolver` (one in-memory ``(B, 1, D, H, W)``
-  block in [0, 1] -> sharp block in [0, 1], any size) and :class:`TiledInferer` (the same as a MONAI
-  ``Inferer``, for validation and evaluation);
+  block in [0, 1] -> sharp block in [0, 1], any size);
+- :mod:`~bundle.inference.tiled`: :class:`TiledInferer`, the same as a MONAI ``Inferer`` —
+  ``inferer(inputs, network)``, the ``inferer`` of ``configs/inference.json`` and of validation;
 - :mod:`~bundle.inference.checkpoints`: :func:`load_network` (checkpoint / bundle folder /
   TorchScript -> module) and MONAI's ``CheckpointLoader`` with the same checks;
 - :mod:`~bundle.inference.transforms`: normalisation and its inverse, output paths, the writer, the
@@ -39,8 +40,9 @@ from bundle.inference.checkpoints import (
     network_for_checkpoint,
     network_from_state_dict,
 )
-from bundle.inference.deconvolver import DeconvolutionCancelled, Deconvolver, TiledInferer, window_count
+from bundle.inference.deconvolver import DeconvolutionCancelled, Deconvolver, window_count
 from bundle.inference.precision import PRECISIONS, InferenceNetwork, cpu_has_native_bf16, resolve_precision
+from bundle.inference.tiled import TiledInferer
 from bundle.inference.transforms import (
     OUTPUT_RANGES,
     NormalizePercentilesd,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data.utils import dense_patch_slices
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from bundle.allocator import check_malloc_policy, malloc_policy
@@ -293,46 +293,3 @@ class _Reporting:
         self.done = min(self.total, self.done + int(windows.shape[0]))
         self.callback(self.done, self.total)
         return out
-
-
-class TiledInferer(Inferer):
-    """MONAI ``Inferer`` running a network over a whole volume the way :class:`Deconvolver` does.
-
-    For evaluators (``SupervisedEvaluator(inferer=...)``): validation then sees the same windows,
-    halo and padding as inference, so a window-free generator is scored on exactly what users get. The
-    network runs as given (no inference rewrite), in the evaluator's precision, so it always reflects
-    the current weights.
-
-    Args:
-        roi_size: window ``(D, H, W)`` or ``"auto"``.
-        halo: as :class:`Deconvolver` (``"auto"``: the network's ``tiling_halo``).
-        sw_batch_size: windows per forward pass.
-        max_pass_voxels: as :class:`Deconvolver`.
-    """
-
-    def __init__(
-        self,
-        roi_size: Sequence[int] | str = "auto",
-        halo: int | str = "auto",
-        sw_batch_size: int = 2,
-        max_pass_voxels: int = 1 << 22,
-    ) -> None:
-        super().__init__()
-        self.roi_size, self.halo = roi_size, halo
-        self.sw_batch_size, self.max_pass_voxels = int(sw_batch_size), int(max_pass_voxels)
-        self._deconvolvers: dict[int, Deconvolver] = {}
-
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        key = id(network)
-        if key not in self._deconvolvers:
-            self._deconvolvers[key] = Deconvolver(
-                network,
-                roi_size=self.roi_size,
-                halo=self.halo,
-                sw_batch_size=self.sw_batch_size,
-                max_pass_voxels=self.max_pass_voxels,
-                optimize=False,
-                device=None,
-                allocator="system",
-            )
-        return self._deconvolvers[key](inputs)
