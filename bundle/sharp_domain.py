@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from bundle.flags import as_flag
 
 __all__ = ["ClassicalSharpDomain", "SimulatedSharpDomain"]

@@ -4,6 +4,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from bundle.flags import as_flag
+
 from conftest import ROOT
 
 

@@ -10,6 +10,7 @@ import torch
 from monai.networks.layers import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
+
 from bundle.flags import as_flag
 
 __all__ = ["DeblurUNet", "MirrorPaddedDeblurUNet", "UNetLevels"]

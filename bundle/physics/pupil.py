@@ -28,20 +28,22 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from bundle.physics.psf import (
-    Scalar,
+from bundle.physics.born_wolf import (
     _as_tensor,
     _auto_n_rho,
     _BesselJ0,
     _BesselJ1,
+    _gauss_legendre_01,
+    _quadrant,
+    _unfold_quadrant,
+)
+from bundle.physics.optics import (
+    Scalar,
     _check_optics,
     _check_shape,
     _check_voxel_size,
     _device_of,
-    _gauss_legendre_01,
     _normalise,
-    _quadrant,
-    _unfold_quadrant,
     _value,
 )
 

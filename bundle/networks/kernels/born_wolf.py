@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bundle.networks.kernels._scalar import register_scalar
-from bundle.physics.psf import _check_shape, _check_voxel_size, born_wolf_psf_torch
+from bundle.physics.born_wolf import born_wolf_psf_torch
+from bundle.physics.optics import _check_shape, _check_voxel_size
 
 __all__ = ["BornWolfKernel", "BORN_WOLF_LEARNABLE"]
 

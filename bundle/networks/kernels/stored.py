@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bundle.physics.psf import _check_shape, _check_voxel_size
+from bundle.physics.optics import _check_shape, _check_voxel_size
 
 __all__ = ["FixedKernel", "FreeKernel", "ConstrainedKernel", "initial_psf", "center_crop_or_pad"]
 

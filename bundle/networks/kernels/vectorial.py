@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.networks.kernels._scalar import register_scalar
-from bundle.physics.psf import _check_optics, _check_shape, _check_voxel_size
+from bundle.physics.optics import _check_optics, _check_shape, _check_voxel_size
 from bundle.physics.pupil import vectorial_psf_torch
 
 __all__ = ["VectorialPSFKernel", "VECTORIAL_LEARNABLE"]
