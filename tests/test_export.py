@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import zipfile
@@ -23,8 +24,8 @@ from bundle.io import load_volume  # noqa: E402
 QUICK_COMMON = "['configs/common.json','configs/quick.json']"
 
 
-def _monai_bundle(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
+def _monai_bundle(*args: str, cwd: Path = ROOT, env: dict | None = None, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, *flags, "-m", "monai.bundle", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, f"{args}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
@@ -59,7 +60,7 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     _monai_bundle("run", "inference", "--bundle_root", str(root), "--config_file",
                   "['configs/common.json','configs/inference.json']", "--input", str(stack),
-                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env, flags=("-S",))
     unpacked, _ = load_volume(tmp_path / "out" / f"{stack.stem}_deconv.tif")
     original = deconvolve(load_volume(stack)[0], model=Path(quick_model["ckpt_dir"]) / "model.pt",
                           device="cpu", progress=False)
@@ -165,14 +166,22 @@ def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
         text = (root / "configs" / config).read_text()
         assert text.startswith("{\n    ") and "network_def" in json.loads(text)
 
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    res = subprocess.run([sys.executable, "-s", "-c", "import bundle; print(bundle.__file__)"], cwd=root, env=env,
+    # an environment without the editable install: -S skips site (so the editable install's .pth finder),
+    # the installed libraries come back through PYTHONPATH, the bundle's code only from the export
+    libraries = os.pathsep.join(p for p in site.getsitepackages() if Path(p).is_dir())
+    bare = {**os.environ, "PYTHONPATH": libraries}
+    res = subprocess.run([sys.executable, "-S", "-c", "import bundle"], cwd=tmp_path, env=bare,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "No module named 'bundle'" in res.stderr, res.stderr  # no editable install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), libraries])}
+    res = subprocess.run([sys.executable, "-S", "-c", "import bundle; print(bundle.__file__)"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert Path(res.stdout.strip()).resolve().is_relative_to(root.resolve()), res.stdout  # the export's own code
     _monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                  "--config_file", "configs/inference.json", cwd=root, env=env)
+                  "--config_file", "configs/inference.json", cwd=root, env=env, flags=("-S",))
     _monai_bundle("ckpt_export", "network_def", "--filepath", "models/model_zoo.ts", "--ckpt_file", "models/model.pt",
-                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=root, env=env)
+                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=root, env=env,
+                  flags=("-S",))
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(torch.jit.load(str(root / "models" / "model_zoo.ts"))(x).numpy(),
@@ -180,5 +189,5 @@ def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
     # and the self-contained inference.json runs alone (as MONAI Label and monai.bundle.load read it)
     stack = next((Path(quick_model["dataset_dir"]) / "test" / "blurred").iterdir())
     _monai_bundle("run", "inference", "--config_file", "configs/inference.json", "--input", str(stack),
-                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env, flags=("-S",))
     assert (tmp_path / "out" / f"{stack.stem}_deconv.tif").is_file()

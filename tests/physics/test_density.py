@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bundle.physics.density import match_density, occupancy
+from bundle.physics.density import brightness_spread, match_brightness, match_density, occupancy
 from bundle.physics.forward import add_noise, blur
 from bundle.physics.phantom import make_phantom
 from bundle.physics.psf import born_wolf_psf
@@ -66,6 +66,8 @@ def test_simulated_sharp_domain_matches_the_users_stacks(tmp_path):
     record = json.loads((tmp_path / "cache" / "sharp_sim.json").read_text())
     assert 2.5 < record["density_match"]["multiplier"] < 6.4, record["density_match"]
     assert record["arguments"]["n_filaments"] > 2 * default_n
+    low = record["density_match"]["brightness"]["low"]  # brightness matched too, and used
+    assert 0 < low <= 1 and record["arguments"]["intensity_range"] == [low, 1.0]
     volume, _ = load_volume(paths[0])
     assert occupancy(blur(volume, psf)) > 2 * occupancy(blur(make_phantom("microtubules", shape=SHAPE, seed=5,
                                                                           n_filaments=default_n), psf))
@@ -73,5 +75,44 @@ def test_simulated_sharp_domain_matches_the_users_stacks(tmp_path):
                                  match_blurred=str(tmp_path / "stacks"), psf_shape=(9, 15, 15), **optics)
     mtime = (tmp_path / "cache" / "sharp_sim_000.tif").stat().st_mtime_ns
     assert again.files() == paths and (tmp_path / "cache" / "sharp_sim_000.tif").stat().st_mtime_ns == mtime  # cached
+    plain = SimulatedSharpDomain(str(tmp_path / "cache2"), "microtubules", n_volumes=1, shape=SHAPE, seed=5,
+                                 match_blurred=str(tmp_path / "stacks"), match_brightness="false", psf_shape=(9, 15, 15),
+                                 **optics)
+    plain.files()
+    assert "brightness" not in plain.density_match and "intensity_range" not in plain.phantom_arguments()
     with pytest.raises(ValueError, match="density"):
         SimulatedSharpDomain(str(tmp_path), density=0.0)
+
+
+def _vesicles(low: float, seed: int, psf: np.ndarray) -> np.ndarray:
+    sharp = make_phantom("vesicles", shape=SHAPE, seed=seed, intensity_range=(low, 1.0))
+    noisy, _ = add_noise(blur(sharp, psf), 20.0, seed=seed)
+    return 300.0 * noisy + 40.0
+
+
+def test_brightness_spread_is_scale_free_and_falls_with_dim_structures():
+    psf = born_wolf_psf((9, 15, 15), na=1.2)
+    even = np.mean([brightness_spread(_vesicles(1.0, s, psf)) for s in (0, 1, 2)])
+    dim = np.mean([brightness_spread(_vesicles(0.03, s, psf)) for s in (0, 1, 2)])
+    assert dim < even - 0.08, (dim, even)
+    stack = _vesicles(0.5, 0, psf)
+    assert brightness_spread(stack) == pytest.approx(brightness_spread((stack - 40.0) / 300.0), abs=1e-9)
+    assert brightness_spread(np.ones(SHAPE)) == 0.0
+    with pytest.raises(ValueError, match="thresholds"):
+        brightness_spread(stack, thresholds=(0.3, 0.1))
+
+
+def test_match_brightness_tells_dim_rich_stacks_from_even_ones():
+    psf = born_wolf_psf((9, 15, 15), na=1.2)
+
+    def render(low: float, i: int) -> np.ndarray:
+        return make_phantom("vesicles", shape=SHAPE, seed=11 + i, intensity_range=(low, 1.0))
+
+    dim = match_brightness([_vesicles(0.03, s, psf) for s in (1, 2, 3)], psf, render)
+    even = match_brightness([_vesicles(0.7, s, psf) for s in (1, 2, 3)], psf, render)
+    # measured: 0.17 for stacks drawn with 0.03 (the dimmest structures hardly show once blurred and
+    # noisy: a coarse match), 1.0 for 0.7 (the top of the range); the two are told apart clearly
+    assert dim["low"] < 0.25 < 0.5 < even["low"], (dim, even)
+    assert len(dim["table"]) == 6
+    with pytest.raises(ValueError, match="at least one"):
+        match_brightness([], psf, render)
