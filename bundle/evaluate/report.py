@@ -1,20 +1,4 @@
-"""Evaluate a trained generator on volumes with ground truth: PSNR/SSIM report, figures, learned PSF.
-
-``configs/evaluate.json`` builds a :class:`DeconvolutionReport` from the inference config's
-``network`` and ``inferer`` (so evaluation deconvolves exactly like ``inference`` and
-:func:`bundle.inference.deconvolve`) and runs it::
-
-    python -m monai.bundle run evaluate \\
-        --config_file "['configs/common.json','configs/inference.json','configs/evaluate.json']"
-
-Normalisation of the scores (stated in the report): the blurred input is percentile-normalised like
-the training data (``blurred_percentiles`` -> [0, 1], clipped); the ground truth like the sharp
-domain (``sharp_percentiles`` -> [0, 1], clipped); the output is the network's [0, 1] output. PSNR
-and SSIM are computed in 3D with MAX (and the SSIM data range) = the dynamic range of the normalised
-ground truth (:func:`bundle.metrics.psnr` / :func:`bundle.metrics.ssim`). The input is scored twice:
-raw (normalised as above) and at its most favourable intensity scaling (least-squares affine fit to
-the ground truth, :func:`bundle.metrics.affine_fit`); the output's affine-fit score is reported too.
-"""
+"""The test-set report: deconvolve volumes with ground truth, score, write report.md/json and figures."""
 
 from __future__ import annotations
 
@@ -28,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import PathLike
 
 from bundle.data import paired_datalist
+from bundle.evaluate.psf import _psf_was_fixed, psf_report
 from bundle.flags import as_flag
 from bundle.handlers import save_orthoslices
 from bundle.inference import (
@@ -40,11 +24,10 @@ from bundle.inference import (
     load_checkpoint,
     output_path,
 )
-from bundle.io import atomic_write_text, load_volume, save_volume, validate_psf
+from bundle.io import atomic_write_text, load_volume, save_volume
 from bundle.metrics import affine_fit, dim_structure, psnr, ssim
-from bundle.physics.psf import fwhm, psf_correlation
 
-__all__ = ["DeconvolutionReport", "psf_report", "NORMALISATION"]
+__all__ = ["DeconvolutionReport", "NORMALISATION"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,62 +53,6 @@ def _scores(volume: torch.Tensor, target: torch.Tensor) -> tuple[float, float, f
     """``(psnr, ssim, psnr after affine fit, ssim after affine fit)`` of ``(1, 1, D, H, W)`` tensors."""
     fitted = affine_fit(volume, target).float()
     return psnr(volume, target), ssim(volume, target), psnr(fitted, target), ssim(fitted, target)
-
-
-def psf_report(
-    learned: PathLike | np.ndarray | torch.nn.Module,
-    true: PathLike | np.ndarray,
-    voxel_size: Sequence[float] | None = None,
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Compare a learned PSF with the true one: correlation and FWHM along z, y, x (µm).
-
-    Args:
-        learned: ``blur.tif`` exported by training, a ``(Z, Y, X)`` array, or a PSF layer (``kernel()``).
-        true: the true PSF file (``dataset_dir/psf.tif``) or array.
-        voxel_size: ``(z, y, x)`` µm; default from the files (the true PSF's first).
-
-    Returns:
-        ``(numbers, learned array, true array, voxel size)``; numbers has ``correlation`` (normalised
-        cross-correlation, :func:`bundle.physics.psf.psf_correlation`) and ``fwhm_um`` of both PSFs.
-    """
-
-    def read(src: Any) -> tuple[np.ndarray, tuple[float, ...] | None]:
-        if isinstance(src, torch.nn.Module):
-            with torch.no_grad():
-                return src.kernel().detach().float().cpu().numpy(), tuple(getattr(src, "voxel_size", ())) or None
-        if isinstance(src, (str, os.PathLike)):
-            arr, meta = load_volume(src, dtype=np.float32)
-            validate_psf(arr, src)
-            return arr, meta["voxel_size"]
-        return np.asarray(src, np.float32), None
-
-    h_learned, v_learned = read(learned)
-    h_true, v_true = read(true)
-    voxel = tuple(voxel_size or v_true or v_learned or (1.0, 1.0, 1.0))
-
-    def widths(h: np.ndarray) -> dict[str, float]:
-        return {name: fwhm(h, axis=i, voxel_size=voxel) for i, name in enumerate("zyx")}
-
-    numbers = {
-        "correlation": psf_correlation(h_learned, h_true),
-        "fwhm_um": {"learned": widths(h_learned), "true": widths(h_true)},
-        "voxel_size_um": list(voxel),
-    }
-    return numbers, h_learned, h_true, voxel  # type: ignore[return-value]
-
-
-def _psf_was_fixed(learned: Any) -> bool:
-    """True when the PSF layer was fixed in training (non-blind): its ``parameterization``, or the
-    ``blur.json`` that training exports beside ``blur.tif``."""
-    if isinstance(learned, torch.nn.Module):
-        return getattr(learned, "parameterization", None) == "fixed"
-    if isinstance(learned, (str, os.PathLike)):
-        record = Path(learned).with_suffix(".json")
-        try:
-            return json.loads(record.read_text()).get("parameterization") == "fixed"
-        except (OSError, ValueError, AttributeError):
-            return False
-    return False
 
 
 class DeconvolutionReport:
