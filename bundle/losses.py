@@ -14,7 +14,7 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
-__all__ = ["LSGANLoss", "WGANGPLoss", "CycleLoss", "adversarial_loss"]
+__all__ = ["LSGANLoss", "WGANGPLoss", "CycleLoss", "DiscrepancyCycleLoss", "adversarial_loss"]
 
 Preds = Sequence[torch.Tensor] | torch.Tensor
 
@@ -161,3 +161,53 @@ class CycleLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, power={self.power}"
+
+
+class DiscrepancyCycleLoss(nn.Module):
+    """Blurred-cycle loss that acts only where ``h * G(y)`` misses ``y`` by more than the noise.
+
+    The paper's blurred cycle ``‖y − h*G(y)‖₁`` is smallest when ``h*G(y)`` reproduces the *noise* of
+    ``y`` too, so it pushes G to put noise into its output (``docs/results.md`` measured it costing
+    0.5 dB and dim-structure recall on domain B). Morozov's discrepancy principle asks less: the
+    residual should be as large as the noise, no smaller. Here the squared residual is weighed by the
+    noise variance of the blur path's calibrated noise model, averaged over windows of ``window³``
+    voxels, and only the part above ``margin`` is penalised::
+
+        weight · mean_windows relu(mean_window((y − h*G(y))² / σ²(h*G(y))) − margin)
+
+    A window where G dropped structure (a dim punctum, a faint filament) has a residual above the
+    noise and is pushed back; a window already explained to the noise level gives no gradient, so G is
+    never asked to fit noise. Written here: no library has a noise-weighted, thresholded data term.
+
+    Args:
+        noise: the blur path's noise module (``PoissonGaussianNoise``), whose ``variance(v)`` gives σ²
+            at intensity ``v`` (calibrated from the blurred domain before the first iteration).
+        weight: multiplier of the loss.
+        window: side of the averaging windows in voxels (1: per voxel); crops smaller than a window use
+            one window along that axis.
+        margin: residual-to-noise ratio below which a window is left alone (1: the noise level).
+
+    Example::
+
+        >>> loss = DiscrepancyCycleLoss(noise=blur_noise, weight=1.0)(blur(g_deblur(y)), y)  # (B, 1, D, H, W)
+    """
+
+    def __init__(self, noise: nn.Module, weight: float = 1.0, window: int = 8, margin: float = 1.0) -> None:
+        super().__init__()
+        if not callable(getattr(noise, "variance", None)):
+            raise TypeError(f"noise must have a variance(v) method (PoissonGaussianNoise), got {type(noise).__name__}")
+        if int(window) < 1 or not float(margin) > 0:
+            raise ValueError(f"window must be >= 1 and margin > 0, got window={window}, margin={margin}")
+        self.noise = noise
+        self.weight, self.window, self.margin = float(weight), int(window), float(margin)
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Args: reconstruction ``h*G(y)``, target ``y``: ``(B, C, D, H, W)``. Returns: scalar."""
+        variance = self.noise.variance(reconstruction.detach()).clamp(min=1e-8)
+        ratio = (reconstruction - target).square() / variance
+        size = [min(self.window, int(s)) for s in ratio.shape[2:]]
+        local = torch.nn.functional.avg_pool3d(ratio, kernel_size=size, stride=size)
+        return self.weight * torch.relu(local - self.margin).mean()
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, window={self.window}, margin={self.margin}"

@@ -20,6 +20,7 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/paper_recipe.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/sharp_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/discrepancy_cycle.json"],
 ]
 
 
@@ -44,6 +45,9 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
     if "sharp_cycle.json" in " ".join(files):  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
+    if "discrepancy_cycle.json" in " ".join(files):  # the noise-aware blurred cycle reads the calibrated noise
+        assert type(trainer.blurred_cycle_loss).__name__ == "DiscrepancyCycleLoss"
+        assert trainer.blurred_cycle_loss.noise is trainer.blur_noise
     if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
         blur = wf.parser.get_parsed_content("blur")
         assert blur.parameterization == "vectorial" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"

@@ -85,13 +85,17 @@ class PoissonGaussianNoise(nn.Module):
             "black_level": self.black_level,
         }
 
+    def variance(self, y: torch.Tensor) -> torch.Tensor:
+        """The noise variance at noise-free intensities ``y`` (any shape): ``clamp(y − black, 0) /
+        photons_per_unit + gaussian_sigma²`` (in any mode)."""
+        return (y - self.black).clamp(min=0.0) * self.inv_photons + self.sigma**2
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """Args: y: ``(B, C, D, H, W)`` noise-free blurred intensities. Returns: same shape."""
         if not self.training or (float(self.inv_photons) == 0.0 and float(self.sigma) == 0.0):
             return y
         # clamp away from 0: d sqrt / dy is infinite at 0 (and the clamp's zero gradient times inf is NaN)
-        var = (y - self.black).clamp(min=0.0) * self.inv_photons + self.sigma**2
-        return y + torch.sqrt(var.clamp(min=1e-12)) * torch.randn_like(y)
+        return y + torch.sqrt(self.variance(y).clamp(min=1e-12)) * torch.randn_like(y)
 
     def extra_repr(self) -> str:
         return (
