@@ -66,8 +66,8 @@ class Deconvolver(nn.Module):
         optimize: False runs ``network`` exactly as given (no rewrite, no layout or precision change).
         max_pass_voxels: voxels per forward pass at most (windows × window volume) with
             ``roi_size="auto"``; bounds the memory (about 1 kB per voxel in float32 for the full-size
-            generator, half in bfloat16). Mid-sized windows are also the fastest: 4 Mi voxels ran
-            0.89 Mvoxel/s, one 8 Mi-voxel window 0.79 (bfloat16, 128×256×256, cache effects).
+            generator, half in bfloat16). Mid-sized windows are also the fastest (cache effects;
+            ``docs/benchmark.md`` has the measured rates).
         auto_overlap: overlap of planned windows in voxels (``overlap`` applies to fixed windows).
         auto_min_size: smallest side of a planned window (axes shorter than that are spanned whole).
         allocator: CPU ``malloc`` policy during a call (:mod:`bundle.allocator`). ``"system"`` (the

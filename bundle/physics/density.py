@@ -55,9 +55,9 @@ def brightness_spread(
     """Share of the structure's voxels that are bright: ``occupancy(high) / occupancy(low)`` for
     ``thresholds = (low, high)`` (scale-free; lower when many structures are dim).
 
-    Measured on blurred phantoms (16×64×64, NA 1.2, 20 dB): vesicles 0.46 → 0.58 and microtubules
-    0.39 → 0.48 as the low end of their intensity range goes from 0.03 to 1; the median of the structure
-    (tried first) was not monotone for filaments.
+    It grows with the low end of the phantoms' intensity range for both phantom families (the median
+    of the structure, tried first, did not for filaments); ``docs/user_guide.md`` gives the accuracy
+    of the match.
 
     Args:
         volume: ``(Z, Y, X)`` stack in any units.
