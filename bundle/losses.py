@@ -177,7 +177,11 @@ class DiscrepancyCycleLoss(nn.Module):
 
     A window where G dropped structure (a dim punctum, a faint filament) has a residual above the
     noise and is pushed back; a window already explained to the noise level gives no gradient, so G is
-    never asked to fit noise. Written here: no library has a noise-weighted, thresholded data term.
+    never asked to fit noise. When the blur path cannot explain the stacks to their noise level at all
+    (a PSF model error larger than the noise), ``reference="median"`` measures each window against the
+    crop batch's median window instead (detached): only windows that misfit ``margin`` times more
+    than the typical one — a structure G dropped — are pushed. Written here: no library has a
+    noise-weighted, thresholded data term.
 
     Args:
         noise: the blur path's noise module (``PoissonGaussianNoise``), whose ``variance(v)`` gives σ²
@@ -185,20 +189,27 @@ class DiscrepancyCycleLoss(nn.Module):
         weight: multiplier of the loss.
         window: side of the averaging windows in voxels (1: per voxel); crops smaller than a window use
             one window along that axis.
-        margin: residual-to-noise ratio below which a window is left alone (1: the noise level).
+        margin: residual-to-noise ratio below which a window is left alone (1: the noise level); with
+            ``reference="median"``, the ratio to the median window's.
+        reference: ``"noise"`` (windows against the noise level) or ``"median"`` (against the median
+            window of the batch).
 
     Example::
 
         >>> loss = DiscrepancyCycleLoss(noise=blur_noise, weight=1.0)(blur(g_deblur(y)), y)  # (B, 1, D, H, W)
     """
 
-    def __init__(self, noise: nn.Module, weight: float = 1.0, window: int = 8, margin: float = 1.0) -> None:
+    def __init__(
+        self, noise: nn.Module, weight: float = 1.0, window: int = 8, margin: float = 1.0, reference: str = "noise"
+    ) -> None:
         super().__init__()
         if not callable(getattr(noise, "variance", None)):
             raise TypeError(f"noise must have a variance(v) method (PoissonGaussianNoise), got {type(noise).__name__}")
         if int(window) < 1 or not float(margin) > 0:
             raise ValueError(f"window must be >= 1 and margin > 0, got window={window}, margin={margin}")
-        self.noise = noise
+        if reference not in ("noise", "median"):
+            raise ValueError(f"reference must be 'noise' or 'median', got {reference!r}")
+        self.noise, self.reference = noise, reference
         self.weight, self.window, self.margin = float(weight), int(window), float(margin)
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -207,7 +218,9 @@ class DiscrepancyCycleLoss(nn.Module):
         ratio = (reconstruction - target).square() / variance
         size = [min(self.window, int(s)) for s in ratio.shape[2:]]
         local = torch.nn.functional.avg_pool3d(ratio, kernel_size=size, stride=size)
+        if self.reference == "median":
+            local = local / local.detach().median().clamp(min=1e-8)
         return self.weight * torch.relu(local - self.margin).mean()
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, window={self.window}, margin={self.margin}"
+        return f"weight={self.weight}, window={self.window}, margin={self.margin}, reference={self.reference}"

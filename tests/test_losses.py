@@ -145,3 +145,25 @@ def test_discrepancy_cycle_checks_its_arguments():
         DiscrepancyCycleLoss(noise=torch.nn.Identity())
     with pytest.raises(ValueError, match="window"):
         DiscrepancyCycleLoss(noise=PoissonGaussianNoise(100.0), window=0)
+
+
+def test_discrepancy_cycle_against_the_median_window_finds_a_dropped_structure_under_model_error():
+    """With a model error far above the noise everywhere (a 20 % gain error), the noise reference
+    penalises every window; the median reference only the window that lost the punctum."""
+    torch.manual_seed(0)
+    noise = PoissonGaussianNoise(photons_per_unit=500.0, gaussian_sigma=0.01)
+    clean = torch.full((1, 1, 32, 32, 32), 0.3)
+    clean[..., 8:12, 8:12, 8:12] = 0.9
+    y = noise.train()(clean)
+    wrong_gain = 1.2 * torch.full_like(clean, 0.3)  # model error everywhere, punctum dropped
+    by_noise = DiscrepancyCycleLoss(noise=noise, window=8, reference="noise")
+    by_median = DiscrepancyCycleLoss(noise=noise, window=8, margin=1.5, reference="median")
+    v = wrong_gain.clone().requires_grad_(True)
+    by_noise(v, y).backward()
+    assert (v.grad.abs() > 0).float().mean() > 0.9  # every window pushed
+    v.grad = None
+    by_median(v, y).backward()
+    pushed = v.grad.abs() > 0
+    assert pushed[..., 8:12, 8:12, 8:12].all() and pushed.float().mean() < 1 / 64 + 1e-6  # the punctum's window only
+    with pytest.raises(ValueError, match="reference"):
+        DiscrepancyCycleLoss(noise=noise, reference="mean")
