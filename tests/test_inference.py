@@ -498,3 +498,25 @@ def test_a_missing_checkpoint_under_a_relative_bundle_root_names_the_folder_and_
     with pytest.raises(FileNotFoundError, match="--bundle_root") as err:
         load_checkpoint(DeblurUNet(features=SMALL), "models/model.pt")
     assert str(tmp_path / "models" / "model.pt") in str(err.value)
+
+
+def test_from_bundle_loads_once_and_predicts_like_deconvolve(tmp_path, monkeypatch):
+    """CARE-style: ``Deconvolver.from_bundle(path).predict(stack, axes=...)`` loads the model once
+    for any number of stacks and gives what ``deconvolve`` gives."""
+    import bundle.inference.api as api
+
+    torch.manual_seed(0)
+    net = DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval()
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    loads = []
+    real = api.load_network
+    monkeypatch.setattr(api, "load_network", lambda *a, **k: loads.append(a) or real(*a, **k))
+    stacks = [_volume((20, 40, 36), seed=s).transpose(1, 2, 0) for s in (1, 2)]  # Y, X, Z
+    deconv = Deconvolver.from_bundle(tmp_path / "model.pt", device="cpu", progress=False, precision="float32")
+    outs = [deconv.predict(v, axes="YXZ") for v in stacks]
+    assert len(loads) == 1 and all(o.shape == v.shape for o, v in zip(outs, stacks))
+    for v, o in zip(stacks, outs):
+        np.testing.assert_allclose(o, deconvolve(v, tmp_path / "model.pt", axes="YXZ", device="cpu", progress=False,
+                                                 precision="float32"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="axes"):
+        deconv.predict(stacks[0], axes="ZYX ")

@@ -135,28 +135,54 @@ def deconvolve(
         >>> from bundle.inference import deconvolve
         >>> sharp = deconvolve(stack, model="path/to/bundle", axes="ZYX")
     """
-    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    zyx, spatial_axes = _to_zyx(arr, axes, channel)
-    validate_volume(zyx, None)
+    _to_zyx(_as_array(volume), axes, channel)  # a bad volume or axes fail before the model is loaded
+    deconvolver = load_deconvolver(
+        model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
+        precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback,
+    )  # fmt: skip
+    return predict(deconvolver, volume, axes, normalize, output_range, channel)
+
+
+def _as_array(volume: np.ndarray | torch.Tensor) -> np.ndarray:
+    return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+
+
+def load_deconvolver(
+    model: nn.Module | PathLike,
+    device: torch.device | str | None = None,
+    roi_size: Sequence[int] | str | None = "auto",
+    **settings: Any,
+) -> Deconvolver:
+    """A :class:`Deconvolver` with ``model`` loaded once (:meth:`Deconvolver.from_bundle`).
+
+    Args:
+        model: as :func:`deconvolve`.
+        device: as :func:`deconvolve` (default CUDA if available).
+        roi_size: as :func:`deconvolve` (None: the bundle's ``patch_size``).
+        settings: :class:`Deconvolver` arguments (``overlap``, ``sw_batch_size``, ``progress``,
+            ``precision`` — default ``"auto"`` here —, ``max_pass_voxels``, ``allocator``, ``callback``).
+    """
     if device is None:
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     network = load_network(model, device)
     if roi_size is None:
         roi_size = _bundle_setting(model, "patch_size", (64, 64, 64))
-    deconvolver = Deconvolver(
-        network,
-        roi_size=roi_size,
-        sw_batch_size=sw_batch_size,
-        overlap=overlap,
-        mode="gaussian",
-        sw_device=device,
-        device="cpu",
-        progress=progress,
-        precision=precision,
-        max_pass_voxels=max_pass_voxels,
-        allocator=allocator,
-        callback=callback,
-    )
+    settings = {"sw_batch_size": 4, "progress": True, "precision": "auto", **settings}
+    return Deconvolver(network, roi_size=roi_size, mode="gaussian", sw_device=device, device="cpu", **settings)
+
+
+def predict(
+    deconvolver: Deconvolver,
+    volume: np.ndarray | torch.Tensor,
+    axes: str = "ZYX",
+    normalize: Sequence[float] | None = (0.1, 99.9),
+    output_range: str = "input",
+    channel: int | None = None,
+) -> np.ndarray:
+    """One stack through a ready :class:`Deconvolver` (:meth:`Deconvolver.predict`); arguments and
+    result as :func:`deconvolve`."""
+    zyx, spatial_axes = _to_zyx(_as_array(volume), axes, channel)
+    validate_volume(zyx, None)
     out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
     if "C" in axes.upper():

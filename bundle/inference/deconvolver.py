@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,6 +195,33 @@ class Deconvolver(nn.Module):
                     f"{tuple(r - 2 * self.halo for r in roi)} cores: {work:.0f}x the work of one pass; "
                     "roi_size='auto' plans larger windows"
                 )
+
+    @classmethod
+    def from_bundle(
+        cls, model: nn.Module | str, device: torch.device | str | None = None, roi_size: Sequence[int] | str | None = "auto",
+        **settings: Any,
+    ) -> Deconvolver:
+        """Load a trained model once (bundle folder, checkpoint folder, ``model.pt``/``model.ts`` or a
+        module) for many :meth:`predict` calls; ``settings`` as :func:`bundle.inference.api.load_deconvolver`.
+
+        Example::
+
+            >>> deconv = Deconvolver.from_bundle("path/to/bundle")
+            >>> sharp = [deconv.predict(stack, axes="ZYX") for stack in stacks]
+        """
+        from bundle.inference.api import load_deconvolver  # api builds on this module
+
+        return load_deconvolver(model, device, roi_size, **settings)
+
+    def predict(
+        self, volume: np.ndarray | torch.Tensor, axes: str = "ZYX", normalize: Sequence[float] | None = (0.1, 99.9),
+        output_range: str = "input", channel: int | None = None,
+    ) -> np.ndarray:
+        """A stack of any size and axis order, normalised, deconvolved and restored like
+        :func:`bundle.inference.deconvolve` (same arguments), without reloading the model."""
+        from bundle.inference.api import predict
+
+        return predict(self, volume, axes, normalize, output_range, channel)
 
     def inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
         """The window and the ``SlidingWindowInferer`` used for a volume of spatial ``shape``."""
