@@ -1,0 +1,33 @@
+"""Data for training and validation: file lists, transform chains, unpaired and paired datasets.
+
+The sharp domain X and the blurred domain Y are two unrelated file lists; every unpaired training
+item pairs a random crop of a random X volume with a random crop of a random Y volume, drawn
+independently. Modules: :mod:`~bundle.data.lists` (volume lists, image/label pairs),
+:mod:`~bundle.data.transforms` (normalisation, augmentation, training crops),
+:mod:`~bundle.data.datasets` (unpaired and paired datasets); everything public is importable from
+``bundle.data``.
+"""
+
+from bundle.data.datasets import UnpairedDataset, paired_dataset, paired_train_transforms, unpaired_dataset
+from bundle.data.lists import VOLUME_EXTENSIONS, list_volumes, paired_datalist, validation_datalist
+from bundle.data.transforms import (
+    augment_transforms,
+    normalize_transforms,
+    paired_transforms,
+    train_transforms,
+)
+
+__all__ = [
+    "VOLUME_EXTENSIONS",
+    "list_volumes",
+    "paired_datalist",
+    "normalize_transforms",
+    "paired_transforms",
+    "augment_transforms",
+    "train_transforms",
+    "UnpairedDataset",
+    "unpaired_dataset",
+    "paired_train_transforms",
+    "paired_dataset",
+    "validation_datalist",
+]

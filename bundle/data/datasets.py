@@ -1,0 +1,165 @@
+"""Datasets: unpaired (two independent domains) for the cycleGAN, paired for the supervised baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose
+
+from bundle.data.lists import list_volumes, paired_datalist
+from bundle.data.transforms import augment_transforms, normalize_transforms, train_transforms
+
+
+def _first(item: dict | list) -> dict:
+    """The item of a pipeline that returns one dict, or a list of one (weighted crops)."""
+    return item[0] if isinstance(item, list) else item
+
+
+class UnpairedDataset(torch.utils.data.Dataset):
+    """Items ``{"sharp": x, "blurred": y}`` drawn independently from two domains.
+
+    Written here because MONAI's ``ZipDataset`` pairs items index by index, which would make the two
+    domains co-occur in a fixed pattern; the paper's training is unpaired. Each item draws a random
+    volume from each domain with the global torch RNG (seeded by ``monai.utils.set_determinism``
+    and re-seeded per DataLoader worker), and the domain datasets apply their own random crops.
+
+    Args:
+        sharp: dataset of the sharp domain X, items ``{"image": (1, D, H, W)}``.
+        blurred: dataset of the blurred domain Y, items ``{"image": (1, D, H, W)}``.
+        length: items per epoch (iterations per epoch × batch size).
+    """
+
+    def __init__(self, sharp: torch.utils.data.Dataset, blurred: torch.utils.data.Dataset, length: int = 100) -> None:
+        if len(sharp) == 0 or len(blurred) == 0:  # type: ignore[arg-type]
+            raise ValueError("both the sharp and the blurred domain need at least one volume")
+        self.sharp, self.blurred, self.length = sharp, blurred, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = int(torch.randint(len(self.sharp), ()))  # type: ignore[arg-type]
+        j = int(torch.randint(len(self.blurred), ()))  # type: ignore[arg-type]
+        return {"sharp": _first(self.sharp[i])["image"], "blurred": _first(self.blurred[j])["image"]}
+
+
+def unpaired_dataset(
+    sharp_dir: str | Sequence[str],
+    blurred_dir: str | Sequence[str],
+    length: int = 100,
+    patch_size: Sequence[int] = (64, 64, 64),
+    sharp_percentiles: Sequence[float] = (0.0, 99.99),
+    blurred_percentiles: Sequence[float] = (0.1, 99.9),
+    rotate_axes: Sequence[int] = (1, 2),
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    background_share: float | None = None,
+    voxel_size: Sequence[float] | None = None,
+) -> UnpairedDataset:
+    """Build the unpaired training dataset from two folders (or globs, or file lists).
+
+    Loading and normalisation are cached (``CacheDataset``); crops, rotations and flips are redrawn
+    for every item.
+
+    Args:
+        sharp_dir: the sharp domain X (e.g. deconvolved or simulated ground-truth stacks).
+        blurred_dir: the blurred domain Y (raw widefield stacks), unrelated to X.
+        length: items per epoch.
+        patch_size: random crop size ``(D, H, W)``.
+        sharp_percentiles: normalisation of X, percentiles mapped to [0, 1].
+        blurred_percentiles: normalisation of Y, percentiles mapped to [0, 1].
+        rotate_axes: spatial axes of the random 90° rotations.
+        cache_rate: fraction of volumes cached in memory after normalisation.
+        num_workers: threads used to fill the cache.
+        background_share: crops of both domains are centred in proportion to their (smoothed)
+            intensity except this share, drawn uniformly; ``None``: uniform crops (the paper).
+        voxel_size: the configured ``(z, y, x)`` µm; files whose metadata differ are logged (both values).
+    """
+
+    def domain(files: list[str], percentiles: Sequence[float]) -> Dataset:
+        transform = train_transforms(
+            patch_size, percentiles, True, rotate_axes, background_share=background_share, voxel_size=voxel_size
+        )
+        return CacheDataset(
+            [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+        )
+
+    return UnpairedDataset(
+        domain(list_volumes(sharp_dir), sharp_percentiles),
+        domain(list_volumes(blurred_dir), blurred_percentiles),
+        length=length,
+    )
+
+
+def paired_train_transforms(
+    patch_size: Sequence[int] = (64, 64, 64),
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    clip: bool = True,
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+) -> Compose:
+    """Training pipeline of the supervised baselines: the same random crop, rotation and flips for
+    the blurred ``"image"`` and its ground truth ``"label"``.
+
+    Each key is normalised like its domain (``image`` like the blurred domain, ``label`` like the
+    sharp domain, as in :func:`paired_transforms`); MONAI's dictionary transforms draw one set of
+    random parameters per call and apply it to every key, so the pair stays aligned.
+
+    Args:
+        patch_size: crop size ``(D, H, W)``; smaller volumes are zero-padded first.
+        image_percentiles: normalisation of the blurred image, percentiles mapped to [0, 1].
+        label_percentiles: normalisation of the ground truth, percentiles mapped to [0, 1].
+        clip: clip intensities to [0, 1].
+        rotate_axes: spatial axes of the random 90° rotations (in-plane ``(1, 2)`` by default).
+        flip_prob: probability of a flip along each axis.
+        rotate_prob: probability of a random 90° rotation.
+
+    Example::
+
+        >>> t = paired_train_transforms((32, 32, 32))
+        >>> item = t({"image": "train/blurred/blurred_000.tif", "label": "train/blurred_ground_truth/blurred_000.tif"})
+        >>> item["image"].shape, item["label"].shape  # (1, 32, 32, 32) each
+    """
+    keys = ("image", "label")
+    return Compose(
+        normalize_transforms(("image",), image_percentiles, clip)
+        + normalize_transforms(("label",), label_percentiles, clip)
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
+    )
+
+
+def paired_dataset(
+    image_dir: str,
+    label_dir: str,
+    patch_size: Sequence[int] = (64, 64, 64),
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    rotate_axes: Sequence[int] = (1, 2),
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> CacheDataset:
+    """Paired training dataset ``{"image": blurred crop, "label": ground-truth crop}`` for the
+    supervised baselines (files matched by name, see :func:`paired_datalist`).
+
+    Loading and normalisation are cached; crops, rotations and flips are redrawn for every item.
+    The dataset has one item per volume: draw ``epoch_length * batch_size`` items per epoch with a
+    ``RandomSampler(replacement=True, num_samples=...)`` in the DataLoader.
+
+    Args:
+        image_dir: blurred volumes (e.g. ``train/blurred``).
+        label_dir: their ground truth, same file names (e.g. ``train/blurred_ground_truth``).
+        patch_size: random crop size ``(D, H, W)``.
+        image_percentiles: normalisation of the blurred volumes.
+        label_percentiles: normalisation of the ground truth.
+        rotate_axes: spatial axes of the random 90° rotations.
+        cache_rate: fraction of volumes cached after normalisation.
+        num_workers: threads used to fill the cache.
+    """
+    transform = paired_train_transforms(patch_size, image_percentiles, label_percentiles, True, rotate_axes)
+    return CacheDataset(
+        paired_datalist(image_dir, label_dir), transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+    )

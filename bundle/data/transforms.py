@@ -1,0 +1,123 @@
+"""Transform chains: load + percentile normalisation, augmentation, training crops (foreground-weighted)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandFlipd,
+    RandRotate90d,
+    RandSpatialCropd,
+    RandWeightedCropd,
+    ScaleIntensityRangePercentilesd,
+    SpatialPadd,
+)
+
+from bundle.io import CheckVoxelSized, LoadVolumed
+from bundle.sampling import ForegroundWeightd
+
+
+def normalize_transforms(
+    keys: Sequence[str] = ("image",),
+    percentiles: Sequence[float] = (0.0, 99.9),
+    clip: bool = True,
+    voxel_size: Sequence[float] | None = None,
+) -> list:
+    """Load, add a channel, and map the given percentiles to [0, 1]: ``(1, Z, Y, X)`` float32.
+
+    Args:
+        keys: dictionary keys holding file paths.
+        percentiles: ``(lower, upper)`` percentiles mapped to 0 and 1.
+        clip: clip to [0, 1] after scaling.
+        voxel_size: the ``(z, y, x)`` µm the training is configured for (``--voxel_size``): a file whose
+            metadata says otherwise is logged with both values (:class:`bundle.io.CheckVoxelSized`).
+    """
+    lower, upper = percentiles
+    return [
+        LoadVolumed(keys=keys),  # the loader of inference: (Z, Y, X) for every format, errors name the file
+        CheckVoxelSized(keys=keys, reference=voxel_size, what="the configured voxel_size"),
+        ScaleIntensityRangePercentilesd(
+            keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
+        ),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def paired_transforms(
+    image_percentiles: Sequence[float] = (0.1, 99.9),
+    label_percentiles: Sequence[float] = (0.0, 99.99),
+    clip: bool = True,
+    with_label: bool = True,
+) -> Compose:
+    """Validation/test pipeline: blurred ``"image"`` normalised like the blurred domain, ``"label"``
+    (ground truth) like the sharp domain; both ``(1, Z, Y, X)`` float32 in [0, 1].
+    ``with_label=False``: items have no ground truth (no-reference validation on held-out stacks).
+    """
+    label = normalize_transforms(("label",), label_percentiles, clip) if with_label else []
+    return Compose(normalize_transforms(("image",), image_percentiles, clip) + label)
+
+
+def augment_transforms(
+    keys: Sequence[str],
+    patch_size: Sequence[int],
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+    background_share: float | None = None,
+) -> list:
+    """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
+    random crop, random 90° rotations in ``rotate_axes``, random flips along each axis.
+
+    ``background_share`` None: uniform crops (the paper). A number in [0, 1]: crop centres drawn in
+    proportion to the first key's smoothed intensity, that share of them uniformly
+    (:class:`~bundle.sampling.ForegroundWeightd` + MONAI's ``RandWeightedCropd``; the pipeline then
+    returns a list of one item)."""
+    if background_share is None:
+        crop = [RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)]
+    else:
+        crop = [
+            ForegroundWeightd(keys=keys[0], weight_key="crop_weight", background_share=background_share),
+            RandWeightedCropd(keys=keys, w_key="crop_weight", spatial_size=patch_size, num_samples=1),
+        ]
+    return [
+        SpatialPadd(keys=keys, spatial_size=patch_size),
+        *crop,
+        RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+    ]
+
+
+def train_transforms(
+    patch_size: Sequence[int] = (64, 64, 64),
+    percentiles: Sequence[float] = (0.0, 99.9),
+    clip: bool = True,
+    rotate_axes: Sequence[int] = (1, 2),
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.5,
+    background_share: float | None = None,
+    voxel_size: Sequence[float] | None = None,
+) -> Compose:
+    """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
+
+    Args:
+        patch_size: crop size ``(D, H, W)``; volumes smaller than it are zero-padded first.
+        percentiles: intensity normalisation, see :func:`normalize_transforms`.
+        clip: clip intensities to [0, 1].
+        rotate_axes: spatial axes of the 90° rotations; in-plane ``(1, 2)`` (Y, X) by default
+            because microscope voxels are anisotropic. Rotations need a square crop in that plane.
+        flip_prob: probability of a flip along each axis.
+        rotate_prob: probability of a random 90° rotation.
+        background_share: None for uniform crops, else foreground-weighted crops with this share of
+            uniform ones (see :func:`augment_transforms`).
+        voxel_size: configured voxel size, checked against each file's (:func:`normalize_transforms`).
+    """
+    keys = ("image",)
+    return Compose(
+        normalize_transforms(keys, percentiles, clip, voxel_size)
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share)
+    )
