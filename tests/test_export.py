@@ -60,7 +60,7 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     _monai_bundle("run", "inference", "--bundle_root", str(root), "--config_file",
                   "['configs/common.json','configs/inference.json']", "--input", str(stack),
-                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env, flags=("-S",))
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
     unpacked, _ = load_volume(tmp_path / "out" / f"{stack.stem}_deconv.tif")
     original = deconvolve(load_volume(stack)[0], model=Path(quick_model["ckpt_dir"]) / "model.pt",
                           device="cpu", progress=False)
