@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
@@ -22,6 +21,7 @@ from bundle.inference.windows import (
     _pad_for_tiles,
     _pad_to,
     plan_roi_size,
+    window_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ class Deconvolver(nn.Module):
         callback: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__()
+        if inferer is not None:  # every window's inferer derives from this one; '--progress false' is a string
+            inferer.progress = as_flag(inferer.progress, "progress")
         self.callback = callback
         self.allocator = check_malloc_policy(allocator, "allocator")
         divisor = int(getattr(network, "divisor", 16)) if divisor is None else int(divisor)
@@ -158,9 +160,8 @@ class Deconvolver(nn.Module):
                 padding_mode="reflect",
                 sw_device=sw_device,
                 device=device,
-                progress=progress,
+                progress=as_flag(progress, "progress"),
             )
-        inferer.progress = as_flag(inferer.progress, "progress")  # '--progress false' arrives as a string
         self.inferer = inferer
         if self.auto:
             self.roi_size: tuple[int, ...] | str = "auto"
@@ -296,17 +297,6 @@ class Deconvolver(nn.Module):
 
 class DeconvolutionCancelled(RuntimeError):
     """Raised by a :class:`Deconvolver` ``callback`` to stop a run (e.g. a Cancel button)."""
-
-
-def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float]) -> int:
-    """Number of sliding windows MONAI's ``sliding_window_inference`` runs over a ``shape`` volume
-    (the same scan intervals and ``dense_patch_slices``)."""
-    overlaps = [float(o) for o in np.broadcast_to(np.asarray(overlap, dtype=float), (len(shape),))]
-    interval = [
-        int(r) if int(r) == int(s) else max(int(int(r) * (1 - o)), 1)
-        for s, r, o in zip(shape, roi, overlaps, strict=True)
-    ]
-    return len(dense_patch_slices([int(s) for s in shape], [int(r) for r in roi], interval))
 
 
 class _Reporting:

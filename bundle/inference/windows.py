@@ -8,11 +8,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
-
-from bundle.flags import as_flag
 
 logger = logging.getLogger(__name__)
 
@@ -161,5 +161,15 @@ def _inferer_like(base: SlidingWindowInferer, roi: Sequence[int], **changes: Any
             "progress",
         )
     }
-    settings["progress"] = as_flag(settings["progress"], "progress")  # '--progress false' arrives as a string
     return SlidingWindowInferer(roi_size=tuple(roi), **{**settings, **changes})
+
+
+def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float]) -> int:
+    """Number of sliding windows MONAI's ``sliding_window_inference`` runs over a ``shape`` volume
+    (the same scan intervals and ``dense_patch_slices``)."""
+    overlaps = [float(o) for o in np.broadcast_to(np.asarray(overlap, dtype=float), (len(shape),))]
+    interval = [
+        int(r) if int(r) == int(s) else max(int(int(r) * (1 - o)), 1)
+        for s, r, o in zip(shape, roi, overlaps, strict=True)
+    ]
+    return len(dense_patch_slices([int(s) for s in shape], [int(r) for r in roi], interval))
