@@ -55,3 +55,41 @@ def test_paired_transforms_keep_zyx_and_normalise(tiny_dataset):
     assert float(out["label"].max()) == pytest.approx(1.0, abs=1e-6)
     assert float(out["image"].min()) == pytest.approx(0.0, abs=1e-6)
     assert np.isfinite(out["image"].numpy()).all()
+
+
+def test_domain_intensity_range_pools_volumes_and_keeps_their_ratio(tmp_path):
+    from bundle.data import domain_intensity_range, normalize_transforms
+    from bundle.io import VolumeError, save_volume
+    from monai.transforms import Compose
+
+    rng = np.random.default_rng(0)
+    base = rng.random((8, 16, 16)).astype(np.float32)
+    a = save_volume(tmp_path / "d" / "a.tif", base)
+    b = save_volume(tmp_path / "d" / "b.tif", 2 * base)  # the same sample, twice as bright
+    v_lo, v_hi = domain_intensity_range(str(tmp_path / "d"), (0.0, 100.0))
+    assert v_lo == pytest.approx(float(base.min())) and v_hi == pytest.approx(float(2 * base.max()))
+    fixed = Compose(normalize_transforms(("image",), intensity_range=(v_lo, v_hi)))
+    per_volume = Compose(normalize_transforms(("image",), (0.0, 100.0)))
+    ratio_fixed = float(fixed({"image": str(b)})["image"].mean() / fixed({"image": str(a)})["image"].mean())
+    ratio_volume = float(per_volume({"image": str(b)})["image"].mean() / per_volume({"image": str(a)})["image"].mean())
+    assert ratio_fixed == pytest.approx(2.0, rel=0.02) and ratio_volume == pytest.approx(1.0, rel=0.02)
+    sparse = np.zeros((8, 16, 16), np.float32)
+    sparse[0, 0, 0] = 1.0  # one bright voxel: the 0.1 and 99.9 percentiles are both 0
+    save_volume(tmp_path / "e" / "sparse.tif", sparse)
+    with pytest.raises(VolumeError, match="pooled"):
+        domain_intensity_range(str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="v_lo < v_hi"):
+        normalize_transforms(("image",), intensity_range=(1.0, 1.0))
+
+
+def test_unpaired_dataset_and_validation_take_one_range_per_domain(tiny_dataset):
+    set_determinism(seed=0)
+    ds = unpaired_dataset(
+        str(tiny_dataset / "train/sharp"), str(tiny_dataset / "train/blurred"), length=2, patch_size=(16, 16, 16),
+        sharp_range=(0.0, 1e6), blurred_range=(0.0, 1e6),
+    )  # fmt: skip
+    item = ds[0]
+    assert float(item["sharp"].max()) < 1e-3 and float(item["blurred"].max()) < 1e-3  # the raw values are ≪ 1e6
+    pair = paired_datalist(str(tiny_dataset / "val/blurred"), str(tiny_dataset / "val/ground_truth"))[0]
+    out = paired_transforms(image_range=(0.0, 1e6), label_range=None)(pair)
+    assert float(out["image"].max()) < 1e-3 and float(out["label"].max()) == pytest.approx(1.0)

@@ -520,3 +520,24 @@ def test_from_bundle_loads_once_and_predicts_like_deconvolve(tmp_path, monkeypat
                                                  precision="float32"), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="axes"):
         deconv.predict(stacks[0], axes="ZYX ")
+
+
+def test_the_generator_carries_its_input_range_to_inference(tmp_path):
+    from bundle.inference import NormalizePercentilesd, network_from_state_dict
+
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", input_range=(10.0, 110.0))
+    assert net.trained_input_range == (10.0, 110.0)
+    rebuilt = network_from_state_dict(net.state_dict())
+    assert rebuilt.trained_input_range == (10.0, 110.0)
+    image = torch.full((1, 4, 8, 8), 60.0)
+    image[0, 0, 0, 0] = 1000.0  # a per-volume percentile normalisation would move with this voxel
+    d = NormalizePercentilesd("image", intensity_range=rebuilt)({"image": image})
+    assert float(d["image"][0, 1, 1, 1]) == pytest.approx(0.5) and d["image_range"].tolist() == [10.0, 110.0]
+    old = {k: v for k, v in net.state_dict().items() if k != "input_range"}  # written before the buffer existed
+    fresh = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch")
+    fresh.load_state_dict(old)
+    assert fresh.trained_input_range is None and network_from_state_dict(old).trained_input_range is None
+    per_volume = NormalizePercentilesd("image", (0.0, 100.0), intensity_range=fresh)({"image": image})
+    assert per_volume["image_range"].tolist() == [60.0, 1000.0]
+    with pytest.raises(ValueError, match="input_range"):
+        DeblurUNet(features=(4, 8, 16, 4), depth=2, input_range=(1.0, 0.0))

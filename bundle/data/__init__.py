@@ -4,14 +4,17 @@ The sharp domain X and the blurred domain Y are two unrelated file lists; every 
 item pairs a random crop of a random X volume with a random crop of a random Y volume, drawn
 independently. Modules: :mod:`~bundle.data.lists` (volume lists, image/label pairs),
 :mod:`~bundle.data.transforms` (normalisation, augmentation, training crops),
-:mod:`~bundle.data.datasets` (unpaired and paired datasets); everything public is importable from
+:mod:`~bundle.data.datasets` (unpaired and paired datasets), :mod:`~bundle.data.intensity` (one
+intensity scale per domain); everything public is importable from
 ``bundle.data``.
 """
 
 from bundle.data.datasets import UnpairedDataset, paired_dataset, paired_train_transforms, unpaired_dataset
+from bundle.data.intensity import domain_intensity_range
 from bundle.data.lists import VOLUME_EXTENSIONS, list_volumes, paired_datalist, validation_datalist
 from bundle.data.transforms import (
     augment_transforms,
+    check_intensity_range,
     normalize_transforms,
     paired_transforms,
     train_transforms,
@@ -30,4 +33,6 @@ __all__ = [
     "paired_train_transforms",
     "paired_dataset",
     "validation_datalist",
+    "domain_intensity_range",
+    "check_intensity_range",
 ]

@@ -57,6 +57,8 @@ def unpaired_dataset(
     num_workers: int = 0,
     background_share: float | None = None,
     voxel_size: Sequence[float] | None = None,
+    sharp_range: Sequence[float] | None = None,
+    blurred_range: Sequence[float] | None = None,
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -76,19 +78,28 @@ def unpaired_dataset(
         background_share: crops of both domains are centred in proportion to their (smoothed)
             intensity except this share, drawn uniformly; ``None``: uniform crops (the paper).
         voxel_size: the configured ``(z, y, x)`` µm; files whose metadata differ are logged (both values).
+        sharp_range: one intensity range ``(v_lo, v_hi)`` mapped to [0, 1] in every X volume instead of
+            each volume's ``sharp_percentiles`` (:func:`~bundle.data.domain_intensity_range`).
+        blurred_range: the same for Y.
     """
 
-    def domain(files: list[str], percentiles: Sequence[float]) -> Dataset:
+    def domain(files: list[str], percentiles: Sequence[float], intensity_range: Sequence[float] | None) -> Dataset:
         transform = train_transforms(
-            patch_size, percentiles, True, rotate_axes, background_share=background_share, voxel_size=voxel_size
+            patch_size,
+            percentiles,
+            True,
+            rotate_axes,
+            background_share=background_share,
+            voxel_size=voxel_size,
+            intensity_range=intensity_range,
         )
         return CacheDataset(
             [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
         )
 
     return UnpairedDataset(
-        domain(list_volumes(sharp_dir), sharp_percentiles),
-        domain(list_volumes(blurred_dir), blurred_percentiles),
+        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range),
+        domain(list_volumes(blurred_dir), blurred_percentiles, blurred_range),
         length=length,
     )
 

@@ -12,6 +12,7 @@ from monai.transforms import (
     RandRotate90d,
     RandSpatialCropd,
     RandWeightedCropd,
+    ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
 )
@@ -25,25 +26,42 @@ def normalize_transforms(
     percentiles: Sequence[float] = (0.0, 99.9),
     clip: bool = True,
     voxel_size: Sequence[float] | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> list:
     """Load, add a channel, and map the given percentiles to [0, 1]: ``(1, Z, Y, X)`` float32.
 
     Args:
         keys: dictionary keys holding file paths.
-        percentiles: ``(lower, upper)`` percentiles mapped to 0 and 1.
+        percentiles: ``(lower, upper)`` percentiles of each volume mapped to 0 and 1.
         clip: clip to [0, 1] after scaling.
         voxel_size: the ``(z, y, x)`` µm the training is configured for (``--voxel_size``): a file whose
             metadata says otherwise is logged with both values (:class:`bundle.io.CheckVoxelSized`).
+        intensity_range: ``(v_lo, v_hi)`` intensities mapped to 0 and 1 in *every* volume (one scale for
+            the whole domain, e.g. from :func:`bundle.data.domain_intensity_range`); replaces the
+            per-volume ``percentiles`` when given.
     """
-    lower, upper = percentiles
+    if intensity_range is None:
+        lower, upper = percentiles
+        scale = ScaleIntensityRangePercentilesd(
+            keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
+        )
+    else:
+        v_lo, v_hi = check_intensity_range(intensity_range)
+        scale = ScaleIntensityRanged(keys=keys, a_min=v_lo, a_max=v_hi, b_min=0.0, b_max=1.0, clip=clip)
     return [
         LoadVolumed(keys=keys),  # the loader of inference: (Z, Y, X) for every format, errors name the file
         CheckVoxelSized(keys=keys, reference=voxel_size, what="the configured voxel_size"),
-        ScaleIntensityRangePercentilesd(
-            keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=clip, relative=False
-        ),
+        scale,
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
     ]
+
+
+def check_intensity_range(intensity_range: Sequence[float]) -> tuple[float, float]:
+    """``(v_lo, v_hi)`` as floats; a clear error unless ``v_lo < v_hi``."""
+    values = tuple(float(v) for v in intensity_range)
+    if len(values) != 2 or not values[0] < values[1]:
+        raise ValueError(f"an intensity range must be (v_lo, v_hi) with v_lo < v_hi, got {list(intensity_range)}")
+    return values  # type: ignore[return-value]
 
 
 def paired_transforms(
@@ -51,13 +69,17 @@ def paired_transforms(
     label_percentiles: Sequence[float] = (0.0, 99.99),
     clip: bool = True,
     with_label: bool = True,
+    image_range: Sequence[float] | None = None,
+    label_range: Sequence[float] | None = None,
 ) -> Compose:
     """Validation/test pipeline: blurred ``"image"`` normalised like the blurred domain, ``"label"``
     (ground truth) like the sharp domain; both ``(1, Z, Y, X)`` float32 in [0, 1].
     ``with_label=False``: items have no ground truth (no-reference validation on held-out stacks).
+    ``image_range``/``label_range``: one intensity range per domain instead of per-volume percentiles
+    (see :func:`normalize_transforms`).
     """
-    label = normalize_transforms(("label",), label_percentiles, clip) if with_label else []
-    return Compose(normalize_transforms(("image",), image_percentiles, clip) + label)
+    label = normalize_transforms(("label",), label_percentiles, clip, intensity_range=label_range) if with_label else []
+    return Compose(normalize_transforms(("image",), image_percentiles, clip, intensity_range=image_range) + label)
 
 
 def augment_transforms(
@@ -101,6 +123,7 @@ def train_transforms(
     rotate_prob: float = 0.5,
     background_share: float | None = None,
     voxel_size: Sequence[float] | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> Compose:
     """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
 
@@ -115,9 +138,10 @@ def train_transforms(
         background_share: None for uniform crops, else foreground-weighted crops with this share of
             uniform ones (see :func:`augment_transforms`).
         voxel_size: configured voxel size, checked against each file's (:func:`normalize_transforms`).
+        intensity_range: one ``(v_lo, v_hi)`` for every volume instead of per-volume ``percentiles``.
     """
     keys = ("image",)
     return Compose(
-        normalize_transforms(keys, percentiles, clip, voxel_size)
+        normalize_transforms(keys, percentiles, clip, voxel_size, intensity_range)
         + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share)
     )

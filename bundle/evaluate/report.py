@@ -41,6 +41,7 @@ NORMALISATION = (
     "input_raw: the normalised input as is; input_fit / output_fit: after the least-squares affine fit "
     "a*v + b to the ground truth (the most favourable intensity scaling)."
 )
+FIXED_RANGE = " With one scale per domain, the fixed ranges below replace the percentiles: input {blurred}, ground truth {sharp}."
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -76,6 +77,10 @@ class DeconvolutionReport:
         ckpt_path: generator weights; None if the network is already loaded.
         blurred_percentiles: normalisation of the input (training's ``blurred_percentiles``).
         sharp_percentiles: normalisation of the ground truth (training's ``sharp_percentiles``).
+        blurred_range: one intensity range for every input instead of its percentiles (training's
+            ``blurred_intensity_range``); None: the network's ``trained_input_range`` (stored in its
+            checkpoint), else each input's percentiles.
+        sharp_range: the same for the ground truth (``sharp_intensity_range``).
         learned_psf: ``blur.tif`` (or a PSF layer); skipped if None or a missing file.
         true_psf: the true PSF file; skipped if None or missing.
         save_predictions: write the deconvolved volumes.
@@ -98,6 +103,8 @@ class DeconvolutionReport:
         save_predictions: bool = True,
         figures: bool = True,
         model_name: str = "cycleGAN with a blur kernel",
+        blurred_range: Sequence[float] | None = None,
+        sharp_range: Sequence[float] | None = None,
     ) -> None:
         self.network, self.inferer = network, TiledInferer() if inferer is None else inferer
         self.image_dir, self.label_dir = image_dir, label_dir
@@ -109,6 +116,7 @@ class DeconvolutionReport:
         self.save_predictions = as_flag(save_predictions, "save_predictions")
         self.figures = as_flag(figures, "figures")
         self.model_name = model_name
+        self.blurred_range, self.sharp_range = blurred_range, sharp_range
 
     def _load_pairs(self) -> list[dict[str, Any]]:
         """Read and normalise every pair (errors name the file) before anything is written."""
@@ -118,8 +126,13 @@ class DeconvolutionReport:
             label, _ = load_volume(item["label"], dtype=np.float32)
             if image.shape != label.shape:
                 raise ValueError(f"{item['label']}: shape {label.shape} differs from {item['image']} {image.shape}")
-            d = NormalizePercentilesd("image", self.blurred_percentiles)({"image": torch.from_numpy(image)[None]})
-            gt = NormalizePercentilesd("label", self.sharp_percentiles)({"label": torch.from_numpy(label)[None]})["label"]
+            input_range = self.network if self.blurred_range is None else self.blurred_range
+            d = NormalizePercentilesd("image", self.blurred_percentiles, intensity_range=input_range)(
+                {"image": torch.from_numpy(image)[None]}
+            )
+            gt = NormalizePercentilesd("label", self.sharp_percentiles, intensity_range=self.sharp_range)(
+                {"label": torch.from_numpy(label)[None]}
+            )["label"]
             pairs.append({
                 **item,
                 "image_norm": torch.as_tensor(d["image"]),
@@ -138,6 +151,8 @@ class DeconvolutionReport:
         self.network.eval()
         deconvolver = self.inferer.deconvolver_for(self.network)
         pairs = self._load_pairs()
+        input_range = self.blurred_range if self.blurred_range is not None else getattr(self.network, "trained_input_range", None)
+        input_range = None if input_range is None else [float(v) for v in input_range]
         psf = None
         learned = self.learned_psf
         if isinstance(learned, (str, os.PathLike)) and not Path(learned).is_file():
@@ -187,7 +202,8 @@ class DeconvolutionReport:
         report: dict[str, Any] = {
             "model": self.model_name,
             "checkpoint": None if self.ckpt_path is None else str(self.ckpt_path),
-            "normalisation": NORMALISATION.format(blurred=list(self.blurred_percentiles), sharp=list(self.sharp_percentiles)),
+            "normalisation": NORMALISATION.format(blurred=list(self.blurred_percentiles), sharp=list(self.sharp_percentiles))
+            + ("" if input_range is None and self.sharp_range is None else FIXED_RANGE.format(blurred=input_range, sharp=self.sharp_range)),
             "settings": {
                 "roi_size": deconvolver.roi_size if deconvolver.auto else list(deconvolver.roi_size),
                 "last_roi_size": None if deconvolver.last_roi_size is None else list(deconvolver.last_roi_size),
@@ -196,6 +212,8 @@ class DeconvolutionReport:
                 "sw_batch_size": deconvolver.inferer.sw_batch_size,
                 "blurred_percentiles": list(self.blurred_percentiles),
                 "sharp_percentiles": list(self.sharp_percentiles),
+                "blurred_intensity_range": input_range,
+                "sharp_intensity_range": None if self.sharp_range is None else list(self.sharp_range),
             },
             "volumes": rows,
             "mean": {

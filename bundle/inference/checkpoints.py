@@ -34,7 +34,7 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
 
 def generator_arguments(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``DeblurUNet`` keyword arguments that a state dict reveals: channels, ``features``,
-    ``depth``, ``align_corners``, ``norm`` and ``voxel_size`` (plain Python values).
+    ``depth``, ``align_corners``, ``norm``, ``voxel_size`` and ``input_range`` (plain Python values).
 
     Raises:
         KeyError: the state dict is not a ``DeblurUNet``'s.
@@ -58,11 +58,15 @@ def generator_arguments(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any
             norm = "none"
         settings = {"depth": depth, "align_corners": True, "norm": norm}
     voxel = state_dict.get("voxel_size")
+    input_range = state_dict.get("input_range")
     return {
         "in_channels": int(first.shape[1]),
         "out_channels": int(state_dict["unet.final_conv.weight"].shape[0]),
         "features": features,
         "voxel_size": None if voxel is None or not torch.isfinite(voxel).all() else [float(v) for v in voxel],
+        "input_range": None
+        if input_range is None or not torch.isfinite(input_range).all()
+        else [float(v) for v in input_range],
         **settings,
     }
 

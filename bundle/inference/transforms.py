@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, ScaleIntensityRange
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
-from bundle.data import list_volumes
+from bundle.data import check_intensity_range, list_volumes
 from bundle.io import (
     VolumeError,
     load_volume,
@@ -52,6 +52,9 @@ class NormalizePercentilesd(MapTransform):
         keys: keys of ``(1, Z, Y, X)`` tensors.
         percentiles: ``(lower, upper)`` in [0, 100] (the blurred domain's, ``blurred_percentiles``).
         clip: clip to [0, 1].
+        intensity_range: ``(v_lo, v_hi)`` used for every volume instead of its percentiles (a model
+            trained with one intensity scale per domain, ``blurred_intensity_range``), or the generator,
+            whose ``trained_input_range`` is used (None there: each volume's percentiles).
 
     Raises:
         VolumeError: naming the file when both percentiles have the same value (a nearly empty
@@ -63,9 +66,13 @@ class NormalizePercentilesd(MapTransform):
         keys: KeysCollection = "image",
         percentiles: Sequence[float] = (0.1, 99.9),
         clip: bool = True,
+        intensity_range: Sequence[float] | torch.nn.Module | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if isinstance(intensity_range, torch.nn.Module):
+            intensity_range = getattr(intensity_range, "trained_input_range", None)
+        self.intensity_range = None if intensity_range is None else check_intensity_range(intensity_range)
         self.percentiles = tuple(float(p) for p in percentiles)
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(
@@ -77,7 +84,7 @@ class NormalizePercentilesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key])
-            lo, hi = _percentile_range(img, self.percentiles)
+            lo, hi = self.intensity_range or _percentile_range(img, self.percentiles)
             if not hi > lo:
                 name = getattr(d[key], "meta", {}).get("filename_or_obj", "<array>")
                 raise VolumeError(

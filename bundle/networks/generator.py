@@ -130,6 +130,10 @@ class DeblurUNet(nn.Module):
         align_corners: of the trilinear upsampling (see :class:`UNetLevels`).
         voxel_size: ``(z, y, x)`` µm of the data it is trained on; kept in the state dict (buffer
             ``voxel_size``, NaN if unknown) so inference can warn about stacks of another voxel size.
+        input_range: ``(v_lo, v_hi)`` raw intensities of the blurred domain mapped to [0, 1] in
+            training when it used one scale for the whole domain (``blurred_intensity_range``); kept
+            in the state dict (buffer ``input_range``, NaN: each volume's own percentiles) so inference
+            normalises new stacks the same way.
 
     Example::
 
@@ -137,7 +141,7 @@ class DeblurUNet(nn.Module):
         >>> x_hat = g_deblur(torch.rand(2, 1, 32, 32, 32))  # (B, 1, D, H, W) in (0, 1)
     """
 
-    __jit_unused_properties__ = ["receptive_radius", "tiling_halo", "trained_voxel_size"]  # TorchScript export: not compiled
+    __jit_unused_properties__ = ["receptive_radius", "tiling_halo", "trained_voxel_size", "trained_input_range"]  # TorchScript export: not compiled
 
     def __init__(
         self,
@@ -151,6 +155,7 @@ class DeblurUNet(nn.Module):
         depth: int = 4,
         align_corners: bool = True,
         voxel_size: Sequence[float] | None = None,
+        input_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if out_activation not in _OUT_ACTIVATIONS:
@@ -176,12 +181,18 @@ class DeblurUNet(nn.Module):
         if len(vs) != 3:
             raise ValueError(f"voxel_size must be (z, y, x) in µm, got {voxel_size}")
         self.register_buffer("voxel_size", torch.tensor(vs, dtype=torch.float64))
+        ir = [float("nan")] * 2 if input_range is None else [float(v) for v in input_range]
+        if len(ir) != 2 or (input_range is not None and not ir[0] < ir[1]):
+            raise ValueError(f"input_range must be (v_lo, v_hi) with v_lo < v_hi, got {input_range}")
+        self.register_buffer("input_range", torch.tensor(ir, dtype=torch.float64))
         self._register_load_state_dict_pre_hook(self._fill_settings)
 
     def _fill_settings(self, state_dict, prefix, *args) -> None:
         key = prefix + "settings"
         if prefix + "voxel_size" not in state_dict:  # written before the voxel size was stored: unknown
             state_dict[prefix + "voxel_size"] = torch.full_like(self.voxel_size, float("nan"))
+        if prefix + "input_range" not in state_dict:  # written before the input range was stored: per volume
+            state_dict[prefix + "input_range"] = torch.full_like(self.input_range, float("nan"))
         if key not in state_dict:  # a checkpoint written before the settings were stored
             state_dict[key] = self.settings.clone()
         elif not torch.equal(state_dict[key].to(self.settings), self.settings):
@@ -195,6 +206,13 @@ class DeblurUNet(nn.Module):
         """``(z, y, x)`` µm the weights were trained at (the ``voxel_size`` buffer), None if unknown."""
         vs = tuple(float(v) for v in self.voxel_size)
         return None if any(math.isnan(v) for v in vs) else vs  # type: ignore[return-value]
+
+    @property
+    def trained_input_range(self) -> tuple[float, float] | None:
+        """``(v_lo, v_hi)`` mapped to [0, 1] for every training stack (the ``input_range`` buffer), None
+        if training normalised each stack by its own percentiles."""
+        ir = tuple(float(v) for v in self.input_range)
+        return None if any(math.isnan(v) for v in ir) else ir  # type: ignore[return-value]
 
     @staticmethod
     def describe(settings: torch.Tensor) -> dict[str, object]:
