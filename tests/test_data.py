@@ -58,9 +58,10 @@ def test_paired_transforms_keep_zyx_and_normalise(tiny_dataset):
 
 
 def test_domain_intensity_range_pools_volumes_and_keeps_their_ratio(tmp_path):
+    from monai.transforms import Compose
+
     from bundle.data import domain_intensity_range, normalize_transforms
     from bundle.io import VolumeError, save_volume
-    from monai.transforms import Compose
 
     rng = np.random.default_rng(0)
     base = rng.random((8, 16, 16)).astype(np.float32)

@@ -198,3 +198,26 @@ def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MPLBACKEND": "svg"}, capture_output=True, text=True, check=True)
     assert out.stdout.strip().lower() == "svg"
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_the_learned_psf_goes_where_the_config_key_says_and_evaluate_reads_it(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from bundle.networks import PSFLayer
+    from bundle.networks.kernels import FixedKernel
+
+    blur = PSFLayer(FixedKernel(shape=(5, 5, 5)))
+    saver = BestModelSaver(
+        str(tmp_path / "models"), torch.nn.Linear(2, 1), companions={"blur": blur}, exports={"blur": str(tmp_path / "psf" / "h.tif")}
+    )
+    saver.attach(Engine(lambda e, b: None))
+    _validate(saver, 1, 25.0)
+    assert (tmp_path / "psf" / "h.tif").is_file() and (tmp_path / "psf" / "h.json").is_file()
+    assert (tmp_path / "models" / "blur.pt").is_file() and not (tmp_path / "models" / "blur.tif").exists()
+    # one key: training's saver and evaluation's report both take `learned_psf`
+    parser = ConfigParser()
+    parser.read_config(["configs/common.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json"])
+    parser["learned_psf"] = str(tmp_path / "elsewhere.tif")
+    saver_config = next(h for h in parser["validate"]["handlers"] if h.get("_target_", "").endswith("BestModelSaver"))
+    assert saver_config["exports"] == {"blur": "@learned_psf"} and parser["report"]["learned_psf"] == "@learned_psf"
+    assert parser.get_parsed_content("learned_psf") == str(tmp_path / "elsewhere.tif")

@@ -20,8 +20,8 @@ class BestModelSaver:
     """After each validation, save the generator (and companions) when the key metric improves.
 
     Writes ``save_dir/model.pt`` (the ``network``'s state dict: the model-zoo convention), the
-    companions' state dicts as ``<name>.pt``, calls ``export(save_dir/<name>.tif)`` on companions that
-    have it (the PSF layer), and records the score in ``save_dir/model.json``; all writes atomic.
+    companions' state dicts as ``<name>.pt``, calls ``export(<tif>, <json>)`` on companions that
+    have it (the PSF layer; ``exports[name]`` or ``save_dir/<name>.tif``, the JSON beside it), and records the score in ``save_dir/model.json``; all writes atomic.
 
     A resumed run (``resume=True``) reads the best score back from ``model.json``, so it keeps its best
     model. A fresh run starts a fresh record: it never compares itself with an earlier run's score
@@ -35,6 +35,8 @@ class BestModelSaver:
         metric_name: metric in ``engine.state.metrics`` to maximise (default: the key metric).
         companions: other modules to save with it, e.g. ``{"blur": blur}``.
         filename: name of the network's file.
+        exports: TIFF path per exporting companion, e.g. ``{"blur": "models/blur.tif"}`` (the config's
+            ``learned_psf``, which evaluation reads); others go to ``save_dir/<name>.tif``.
         resume: this run continues an earlier one (keep its record).
         overwrite: a fresh run may replace an earlier model found in ``save_dir``.
     """
@@ -48,6 +50,7 @@ class BestModelSaver:
         filename: str = "model.pt",
         resume: bool = False,
         overwrite: bool = False,
+        exports: dict[str, str] | None = None,
     ) -> None:
         self.resume = as_flag(resume, "resume")
         self.overwrite = as_flag(overwrite, "overwrite")
@@ -56,6 +59,7 @@ class BestModelSaver:
         self.metric_name = metric_name
         self.companions = {k: v for k, v in (companions or {}).items() if v is not None}
         self.filename = filename
+        self.exports = {k: Path(v) for k, v in (exports or {}).items()}
         self.best: float | None = None
         self.written = False
 
@@ -97,7 +101,8 @@ class BestModelSaver:
         for key, module in self.companions.items():
             atomic_torch_save(module.state_dict(), self.save_dir / f"{key}.pt")
             if hasattr(module, "export"):
-                module.export(str(self.save_dir / f"{key}.tif"), str(self.save_dir / f"{key}.json"))
+                tif = self.exports.get(key, self.save_dir / f"{key}.tif")
+                module.export(str(tif), str(tif.with_suffix(".json")))
         _atomic_json(record, self.record_path)
         self.written = True
 

@@ -38,7 +38,8 @@ def deconvolve_normalized(
     """Normalise, deconvolve and restore one ``(Z, Y, X)`` volume with a ready :class:`Deconvolver`.
 
     The same transforms as ``configs/inference.json``: :class:`NormalizePercentilesd` (skipped if
-    ``percentiles`` is None: the volume must already be in [0, 1]), ``deconvolver`` under
+    ``percentiles`` is None: the volume must already be in [0, 1]; a generator trained with one
+    intensity range for its domain uses that range instead of the percentiles), ``deconvolver`` under
     ``torch.no_grad``, :class:`RestoreIntensityd`.
 
     Returns:
@@ -47,7 +48,7 @@ def deconvolve_normalized(
     x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
     d: dict[str, Any] = {"image": x.float()[None]}
     if percentiles is not None:
-        d = NormalizePercentilesd("image", percentiles)(d)
+        d = NormalizePercentilesd("image", percentiles, intensity_range=deconvolver.network)(d)
     elif output_range == "input":
         output_range = "normalized"  # nothing to undo
     with torch.no_grad():

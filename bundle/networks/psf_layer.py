@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -236,7 +235,6 @@ class PSFLayer(nn.Module):
         out["offset"] = float(self.offset.detach().cpu())
         return out
 
-    @torch.no_grad()
     def calibrate(
         self,
         sharp: torch.Tensor,
@@ -244,53 +242,15 @@ class PSFLayer(nn.Module):
         low_percentile: float = 1.0,
         high_percentile: float = 99.9,
     ) -> dict[str, float]:
-        """Initialise ``offset`` and ``gain`` so that ``gain · (h * x) + offset`` matches the blurred domain.
-
-        ``offset`` = the low percentile of the blurred samples (the background), and ``gain`` =
-        (high percentile of the blurred samples − offset) / (high percentile of ``h * sharp``).
-
-        Why: both domains are normalised by their own percentiles, but blurring a thin filament
-        spreads its intensity over the PSF and lowers its peak ~20×. A unit-sum kernel maps a
-        sharp volume in [0, 1] to a blurred one peaking near 0.05, while the blurred training data
-        peak near 1 over a background offset: ``y = h * x`` cannot hold, the y-cycle loss
-        ``‖y − h * G(y)‖`` can only shrink by brightening G(y) everywhere, and the cycleGAN
-        collapses (observed: a near-zero output, PSNR below the input's). Matching the intensity
-        statistics of the two domains once, then learning gain and offset, removes this.
-
-        Args:
-            sharp: ``(B, 1, D, H, W)`` sharp-domain samples x (unpaired with ``blurred``).
-            blurred: ``(B, 1, D, H, W)`` blurred-domain samples y (any spatial size).
-            low_percentile: percentile of ``blurred`` taken as the background offset.
-            high_percentile: percentile used as the bright level of both domains.
+        """Initialise ``offset`` and ``gain`` from unpaired samples of both domains
+        (:func:`bundle.networks.scale_calibration.calibrate_gain_offset`, which says how and why).
 
         Returns:
             ``{"gain": float, "offset": float}`` (the new values, also written into the layer).
         """
-        if not 0.0 <= low_percentile < high_percentile <= 100.0:
-            raise ValueError(
-                f"need 0 <= low_percentile < high_percentile <= 100, got {low_percentile}, {high_percentile}"
-            )
-        device = self.gain.device
-        h = self.kernel().detach()
-        blurred_sharp = fft_convolve(sharp.to(device=device, dtype=torch.float32), h, pad_mode=self.pad_mode)
-        b = blurred.detach().float().cpu().numpy().ravel()
-        hx = blurred_sharp.cpu().numpy().ravel()
-        offset = float(np.percentile(b, low_percentile))
-        top_b = float(np.percentile(b, high_percentile))
-        top_hx = float(np.percentile(hx, high_percentile))
-        if not top_hx > 0:
-            raise ValueError(
-                f"the {high_percentile}th percentile of h * sharp is {top_hx:.3g}: the sharp samples are empty"
-            )
-        gain = (top_b - offset) / top_hx
-        if not (math.isfinite(gain) and gain > 0):
-            raise ValueError(
-                f"calibration gave gain {gain:.3g} (blurred {high_percentile}th pct {top_b:.3g} <= "
-                f"offset {offset:.3g}): the blurred samples look constant"
-            )
-        self.gain.fill_(gain)
-        self.offset.fill_(offset)
-        return {"gain": gain, "offset": offset}
+        from bundle.networks.scale_calibration import calibrate_gain_offset
+
+        return calibrate_gain_offset(self, sharp, blurred, low_percentile, high_percentile)
 
     def export(
         self, tif_path: str | os.PathLike, json_path: str | os.PathLike | None = None

@@ -36,16 +36,24 @@ class HeldOutReport:
         stacks: the run's :class:`OwnStacks`.
         ckpt_dir: folder holding the model of record (``model.pt``; ``blur.tif`` when blind).
         output_dir: the run's output folder (``report.md``, ``held_out/``).
-        percentiles: input normalisation, as in validation and inference.
+        percentiles: input normalisation, as in validation and inference (a model trained with one
+            intensity range for its domain uses that range instead).
+        learned_psf: the PSF training wrote (the config's ``learned_psf``; default ``ckpt_dir/blur.tif``).
     """
 
     def __init__(
-        self, stacks: OwnStacks, ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, percentiles: Sequence[float] = (0.1, 99.9)
+        self,
+        stacks: OwnStacks,
+        ckpt_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        percentiles: Sequence[float] = (0.1, 99.9),
+        learned_psf: str | os.PathLike | None = None,
     ) -> None:
         self.stacks = stacks
         self.ckpt_dir = Path(ckpt_dir)
         self.output_dir = Path(output_dir)
         self.percentiles = tuple(float(p) for p in percentiles)
+        self.learned_psf = self.ckpt_dir / "blur.tif" if learned_psf is None else Path(learned_psf)
 
     def run(self) -> Path:
         """Write the outputs, figures and ``report.md``; return the report's path."""
@@ -83,7 +91,7 @@ class HeldOutReport:
         lines += ["", "## Model of record", "", f"`{model_path}`"]
         if model_json.is_file():
             lines += ["", "```json", model_json.read_text().strip(), "```"]
-        for name, path in (("Learned PSF", self.ckpt_dir / "blur.tif"), ("Noise calibration", self.output_dir / "calibration.json")):
+        for name, path in (("Learned PSF", self.learned_psf), ("Noise calibration", self.output_dir / "calibration.json")):
             if path.is_file():
                 lines += ["", f"{name}: `{path}`"]
         lines += ["", "## Checks", ""] + ([f"- {w}" for w in record["warnings"]] or ["- nothing found"])
