@@ -541,3 +541,20 @@ def test_the_generator_carries_its_input_range_to_inference(tmp_path):
     assert per_volume["image_range"].tolist() == [60.0, 1000.0]
     with pytest.raises(ValueError, match="input_range"):
         DeblurUNet(features=(4, 8, 16, 4), depth=2, input_range=(1.0, 0.0))
+
+
+def test_a_stack_outside_the_models_fixed_range_is_named_in_a_warning(caplog):
+    from bundle.inference import NormalizePercentilesd
+
+    normalize = NormalizePercentilesd("image", intensity_range=(0.0, 100.0))
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        normalize({"image": torch.as_tensor(rng.random((1, 8, 16, 16)) * 90.0)})
+    assert not caplog.records
+    from monai.data import MetaTensor
+
+    bright = MetaTensor(torch.as_tensor(rng.random((1, 8, 16, 16)) * 4000.0), meta={"filename_or_obj": "bright.tif"})
+    with caplog.at_level("WARNING"):
+        out = normalize({"image": bright})
+    assert "bright.tif" in caplog.records[0].getMessage() and "0..100" in caplog.records[0].getMessage()
+    assert float(out["image"].max()) == 1.0  # still normalised (clipped), the warning says why it may look saturated

@@ -40,6 +40,18 @@ def _percentile_range(img: torch.Tensor, percentiles: Sequence[float]) -> tuple[
     return float(percentile(img, lower)), float(percentile(img, upper))  # type: ignore[arg-type]
 
 
+def _check_fixed_range(img: torch.Tensor, lo: float, hi: float, percentiles: Sequence[float], name: str) -> None:
+    """Warn when a stack's intensities do not fit the model's fixed range (another exposure, gain or bit
+    depth than the training stacks): its upper percentile beyond twice the range, or below a fifth."""
+    top = float(percentile(img, percentiles[1]))  # type: ignore[arg-type]
+    if not 0.2 * (hi - lo) <= top - lo <= 2.0 * (hi - lo):
+        logger.warning(
+            f"{name}: its {percentiles[1]} percentile is {top:g}, the model was trained with intensities "
+            f"{lo:g}..{hi:g} mapped to [0, 1] (one scale for all its training stacks): this stack was "
+            "acquired differently (exposure, gain, bit depth?); the output may be saturated or too dim"
+        )
+
+
 class NormalizePercentilesd(MapTransform):
     """Map the ``(lower, upper)`` percentiles of each volume to [0, 1] (clipped), recording the values.
 
@@ -84,9 +96,11 @@ class NormalizePercentilesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key])
+            name = getattr(d[key], "meta", {}).get("filename_or_obj", "<array>")
             lo, hi = self.intensity_range or _percentile_range(img, self.percentiles)
+            if self.intensity_range is not None:
+                _check_fixed_range(img, lo, hi, self.percentiles, name)
             if not hi > lo:
-                name = getattr(d[key], "meta", {}).get("filename_or_obj", "<array>")
                 raise VolumeError(
                     f"{name}: the {self.percentiles[0]} and {self.percentiles[1]} percentiles are both {lo:g} "
                     "(almost every voxel has the same value); nothing to deconvolve, or choose other percentiles"
