@@ -39,6 +39,8 @@ class BlurCalibration:
         n_samples: number of items drawn.
         low_percentile: percentile of the blurred domain taken as background offset.
         high_percentile: percentile matched between the blurred domain and ``h * x``.
+        statistic: ``"percentile"`` (the high percentiles matched) or ``"mean"`` (the mean intensities);
+            see :func:`bundle.networks.scale_calibration.calibrate_gain_offset`.
         noise: the blur path's noise module (or ``None``).
         estimate_noise: set ``noise`` from the data (False keeps the level it was built with, e.g.
             from a camera's known gain and read noise).
@@ -66,6 +68,7 @@ class BlurCalibration:
         record_path: str | None = None,
         psf_fit: Any | None = None,
         fit_dataset: Any | None = None,
+        statistic: str = "percentile",
     ) -> None:
         self.blur = blur
         self.psf_fit = psf_fit
@@ -74,6 +77,7 @@ class BlurCalibration:
         self.n_samples = int(n_samples)
         self.low_percentile = low_percentile
         self.high_percentile = high_percentile
+        self.statistic = statistic
         self.noise = noise
         self.estimate_noise = as_flag(estimate_noise, "estimate_noise")
         self.record_path = None if record_path is None else Path(record_path)
@@ -108,7 +112,7 @@ class BlurCalibration:
             logger.info("PSF fit skipped: the blur path's PSF is fixed (non-blind) or has no fitted parameters")
         with torch.no_grad():
             result = self.blur.calibrate(
-                sharp, blurred, low_percentile=self.low_percentile, high_percentile=self.high_percentile
+                sharp, blurred, self.low_percentile, self.high_percentile, self.statistic
             )
         logger.info(f"blur path calibrated from {self.n_samples} samples: {result}")
         record["calibration"] = result

@@ -241,6 +241,7 @@ class PSFLayer(nn.Module):
         blurred: torch.Tensor,
         low_percentile: float = 1.0,
         high_percentile: float = 99.9,
+        statistic: str = "percentile",
     ) -> dict[str, float]:
         """Initialise ``offset`` and ``gain`` from unpaired samples of both domains
         (:func:`bundle.networks.scale_calibration.calibrate_gain_offset`, which says how and why).
@@ -250,7 +251,7 @@ class PSFLayer(nn.Module):
         """
         from bundle.networks.scale_calibration import calibrate_gain_offset
 
-        return calibrate_gain_offset(self, sharp, blurred, low_percentile, high_percentile)
+        return calibrate_gain_offset(self, sharp, blurred, low_percentile, high_percentile, statistic)
 
     def export(
         self, tif_path: str | os.PathLike, json_path: str | os.PathLike | None = None

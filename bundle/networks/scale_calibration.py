@@ -19,11 +19,15 @@ def calibrate_gain_offset(
     blurred: torch.Tensor,
     low_percentile: float = 1.0,
     high_percentile: float = 99.9,
+    statistic: str = "percentile",
 ) -> dict[str, float]:
     """Initialise ``offset`` and ``gain`` so that ``gain · (h * x) + offset`` matches the blurred domain.
 
     ``offset`` = the low percentile of the blurred samples (the background), and ``gain`` =
-    (high percentile of the blurred samples − offset) / (high percentile of ``h * sharp``).
+    (high percentile of the blurred samples − offset) / (high percentile of ``h * sharp``), or with
+    ``statistic="mean"``: (mean of the blurred samples − offset) / mean of ``h * sharp`` (the total
+    light: unbiased by noise, which raises the blurred domain's top percentiles, when both domains
+    hold the same density of structure; use it with one intensity scale per domain).
 
     Why: both domains are normalised by their own percentiles, but blurring a thin filament
     spreads its intensity over the PSF and lowers its peak ~20×. A unit-sum kernel maps a
@@ -38,6 +42,7 @@ def calibrate_gain_offset(
         blurred: ``(B, 1, D, H, W)`` blurred-domain samples y (any spatial size).
         low_percentile: percentile of ``blurred`` taken as the background offset.
         high_percentile: percentile used as the bright level of both domains.
+        statistic: ``"percentile"`` or ``"mean"`` (see above).
 
     Returns:
         ``{"gain": float, "offset": float}`` (the new values, also written into ``layer``).
@@ -52,8 +57,13 @@ def calibrate_gain_offset(
     b = blurred.detach().float().cpu().numpy().ravel()
     hx = blurred_sharp.cpu().numpy().ravel()
     offset = float(np.percentile(b, low_percentile))
-    top_b = float(np.percentile(b, high_percentile))
-    top_hx = float(np.percentile(hx, high_percentile))
+    if statistic not in ("percentile", "mean"):
+        raise ValueError(f"statistic must be 'percentile' or 'mean', got {statistic!r}")
+    if statistic == "mean":
+        top_b, top_hx = float(b.mean()), float(hx.mean())
+    else:
+        top_b = float(np.percentile(b, high_percentile))
+        top_hx = float(np.percentile(hx, high_percentile))
     if not top_hx > 0:
         raise ValueError(
             f"the {high_percentile}th percentile of h * sharp is {top_hx:.3g}: the sharp samples are empty"

@@ -138,6 +138,22 @@ def test_calibrate_sets_gain_and_offset():
         layer.calibrate(torch.zeros(1, 1, 8, 8, 8), blurred)
 
 
+def test_calibrate_by_mean_is_not_biased_by_noise_where_the_top_percentile_is():
+    torch.manual_seed(0)
+    layer = PSFLayer.build(kernel_size=(5, 5, 5), parameterization="fixed", init_fwhm=(0.3, 0.2, 0.2))
+    sharp = (torch.rand(4, 1, 16, 16, 16) > 0.97).float()
+    clean = 20.0 * _conv3d_reference(sharp, layer.kernel())
+    noisy = torch.poisson(clean * 2.0) / 2.0 + 0.1  # the same light with shot noise, over a background of 0.1
+    by_mean = layer.calibrate(sharp, noisy, low_percentile=0.0, statistic="mean")
+    expected = (noisy.mean().item() - noisy.min().item()) / clean.div(20.0).mean().item()
+    assert by_mean["gain"] == pytest.approx(expected, rel=1e-4) and by_mean["offset"] == pytest.approx(0.1)
+    by_top = layer.calibrate(sharp, noisy, low_percentile=0.0, high_percentile=99.9)
+    # noise raises the top percentile, not the mean
+    assert abs(by_mean["gain"] - 20.0) < 0.05 * 20.0 < abs(by_top["gain"] - 20.0)
+    with pytest.raises(ValueError, match="statistic"):
+        layer.calibrate(sharp, noisy, statistic="median")
+
+
 def test_export_round_trip(tmp_path):
     layer = PSFLayer.build(kernel_size=(9, 8, 7), parameterization="parametric", na=1.1, voxel_size=(0.2, 0.1, 0.1))
     tif, js = layer.export(tmp_path / "psf.tif")
