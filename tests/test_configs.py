@@ -223,3 +223,34 @@ def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path
     artifacts = {p.name for p in Path(location.replace("file://", "")).rglob("*") if p.is_file()}
     assert {"psf.png", "psf.pt", "model.pt", "blur.tif"} <= artifacts, artifacts
     assert str(tmp_path) in location  # artifacts under the run's output folder, not the working directory
+
+
+@pytest.mark.parametrize(
+    "extra,blurred,sharp",
+    [
+        ([], "train/blurred", "train/sharp"),
+        (["configs/train_supervised.json"], "train/blurred", "train/blurred_ground_truth"),
+    ],
+    ids=["cyclegan", "supervised"],
+)
+def test_domain_scale_reads_the_training_folders_and_reaches_data_and_network(extra, blurred, sharp, tiny_dataset):
+    """configs/domain_scale.json: one range per domain, pooled over the training folders of the config
+    it is layered on; the datasets, the validation pipeline and the generator's buffer all get it."""
+    import torch
+
+    from bundle.data import domain_intensity_range
+
+    parser = ConfigParser()
+    parser.read_config(["configs/common.json", "configs/train.json", *extra, "configs/domain_scale.json"])
+    parser["dataset_dir"] = str(tiny_dataset)
+    expected_blurred = domain_intensity_range(str(tiny_dataset / blurred), parser["blurred_percentiles"])
+    expected_sharp = domain_intensity_range(str(tiny_dataset / sharp), parser["sharp_percentiles"])
+    assert parser.get_parsed_content("blurred_intensity_range") == pytest.approx(expected_blurred)
+    assert parser.get_parsed_content("sharp_intensity_range") == pytest.approx(expected_sharp)
+    net = parser.get_parsed_content("network_def")
+    assert net.trained_input_range == pytest.approx(tuple(expected_blurred))
+    dataset = parser.get_parsed_content("validate#dataset")
+    item = dataset[0]
+    raw = torch.as_tensor(__import__("tifffile").imread(dataset.data[0]["image"]))
+    lo, hi = expected_blurred
+    torch.testing.assert_close(item["image"][0].float(), ((raw.float() - lo) / (hi - lo)).clamp(0, 1), rtol=1e-5, atol=1e-5)

@@ -112,6 +112,8 @@ def paired_train_transforms(
     rotate_axes: Sequence[int] = (1, 2),
     flip_prob: float = 0.5,
     rotate_prob: float = 0.5,
+    image_range: Sequence[float] | None = None,
+    label_range: Sequence[float] | None = None,
 ) -> Compose:
     """Training pipeline of the supervised baselines: the same random crop, rotation and flips for
     the blurred ``"image"`` and its ground truth ``"label"``.
@@ -128,6 +130,8 @@ def paired_train_transforms(
         rotate_axes: spatial axes of the random 90° rotations (in-plane ``(1, 2)`` by default).
         flip_prob: probability of a flip along each axis.
         rotate_prob: probability of a random 90° rotation.
+        image_range: one intensity range for every blurred image instead of its percentiles.
+        label_range: the same for the ground truth.
 
     Example::
 
@@ -137,8 +141,8 @@ def paired_train_transforms(
     """
     keys = ("image", "label")
     return Compose(
-        normalize_transforms(("image",), image_percentiles, clip)
-        + normalize_transforms(("label",), label_percentiles, clip)
+        normalize_transforms(("image",), image_percentiles, clip, intensity_range=image_range)
+        + normalize_transforms(("label",), label_percentiles, clip, intensity_range=label_range)
         + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
     )
 
@@ -152,6 +156,8 @@ def paired_dataset(
     rotate_axes: Sequence[int] = (1, 2),
     cache_rate: float = 1.0,
     num_workers: int = 0,
+    image_range: Sequence[float] | None = None,
+    label_range: Sequence[float] | None = None,
 ) -> CacheDataset:
     """Paired training dataset ``{"image": blurred crop, "label": ground-truth crop}`` for the
     supervised baselines (files matched by name, see :func:`paired_datalist`).
@@ -169,8 +175,12 @@ def paired_dataset(
         rotate_axes: spatial axes of the random 90° rotations.
         cache_rate: fraction of volumes cached after normalisation.
         num_workers: threads used to fill the cache.
+        image_range: one intensity range for every blurred volume instead of its percentiles.
+        label_range: the same for the ground truth.
     """
-    transform = paired_train_transforms(patch_size, image_percentiles, label_percentiles, True, rotate_axes)
+    transform = paired_train_transforms(
+        patch_size, image_percentiles, label_percentiles, True, rotate_axes, image_range=image_range, label_range=label_range
+    )
     return CacheDataset(
         paired_datalist(image_dir, label_dir), transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
     )
