@@ -14,6 +14,7 @@ from torch import nn
 
 from bundle.networks.kernels import BORN_WOLF_LEARNABLE, FixedKernel, make_kernel
 from bundle.networks.kernels._scalar import register_scalar
+from bundle.networks.scale_calibration import calibrate_gain_offset
 from bundle.ops import fft_convolve
 
 __all__ = ["PSFLayer"]
@@ -235,23 +236,9 @@ class PSFLayer(nn.Module):
         out["offset"] = float(self.offset.detach().cpu())
         return out
 
-    def calibrate(
-        self,
-        sharp: torch.Tensor,
-        blurred: torch.Tensor,
-        low_percentile: float = 1.0,
-        high_percentile: float = 99.9,
-        statistic: str = "percentile",
-    ) -> dict[str, float]:
-        """Initialise ``offset`` and ``gain`` from unpaired samples of both domains
-        (:func:`bundle.networks.scale_calibration.calibrate_gain_offset`, which says how and why).
-
-        Returns:
-            ``{"gain": float, "offset": float}`` (the new values, also written into the layer).
-        """
-        from bundle.networks.scale_calibration import calibrate_gain_offset
-
-        return calibrate_gain_offset(self, sharp, blurred, low_percentile, high_percentile, statistic)
+    #: ``calibrate(sharp, blurred, low_percentile, high_percentile, statistic)``: set gain and offset
+    #: from unpaired samples of both domains (see :func:`~bundle.networks.scale_calibration.calibrate_gain_offset`)
+    calibrate = calibrate_gain_offset
 
     def export(
         self, tif_path: str | os.PathLike, json_path: str | os.PathLike | None = None
