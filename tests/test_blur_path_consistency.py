@@ -7,6 +7,7 @@ import numpy as np
 from bundle.io import save_volume
 from bundle.physics.forward import blur
 from bundle.physics.psf import gaussian_psf
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -558,3 +558,13 @@ def test_a_stack_outside_the_models_fixed_range_is_named_in_a_warning(caplog):
         out = normalize({"image": bright})
     assert "bright.tif" in caplog.records[0].getMessage() and "0..100" in caplog.records[0].getMessage()
     assert float(out["image"].max()) == 1.0  # still normalised (clipped), the warning says why it may look saturated
+
+
+def test_a_torchscript_export_keeps_the_input_range():
+    from bundle.inference.transforms import trained_input_range
+
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2, norm="batch", input_range=(10.0, 110.0)).eval()
+    scripted = torch.jit.script(net)
+    assert trained_input_range(scripted) == (10.0, 110.0) == trained_input_range(net)
+    assert trained_input_range(DeblurUNet(features=(4, 8, 16, 4), depth=2)) is None
+    assert trained_input_range(torch.nn.Linear(2, 2)) is None

@@ -24,6 +24,7 @@ from bundle.inference import (
     load_checkpoint,
     output_path,
 )
+from bundle.inference.transforms import trained_input_range
 from bundle.io import atomic_write_text, load_volume, save_volume
 from bundle.metrics import affine_fit, dim_structure, psnr, ssim
 
@@ -78,7 +79,7 @@ class DeconvolutionReport:
         blurred_percentiles: normalisation of the input (training's ``blurred_percentiles``).
         sharp_percentiles: normalisation of the ground truth (training's ``sharp_percentiles``).
         blurred_range: one intensity range for every input instead of its percentiles (training's
-            ``blurred_intensity_range``); None: the network's ``trained_input_range`` (stored in its
+            ``blurred_intensity_range``); None: the network's ``input_range`` buffer (stored in its
             checkpoint), else each input's percentiles.
         sharp_range: the same for the ground truth (``sharp_intensity_range``).
         learned_psf: ``blur.tif`` (or a PSF layer); skipped if None or a missing file.
@@ -151,7 +152,7 @@ class DeconvolutionReport:
         self.network.eval()
         deconvolver = self.inferer.deconvolver_for(self.network)
         pairs = self._load_pairs()
-        input_range = self.blurred_range if self.blurred_range is not None else getattr(self.network, "trained_input_range", None)
+        input_range = self.blurred_range if self.blurred_range is not None else trained_input_range(self.network)
         input_range = None if input_range is None else [float(v) for v in input_range]
         psf = None
         learned = self.learned_psf

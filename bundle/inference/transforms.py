@@ -40,6 +40,15 @@ def _percentile_range(img: torch.Tensor, percentiles: Sequence[float]) -> tuple[
     return float(percentile(img, lower)), float(percentile(img, upper))  # type: ignore[arg-type]
 
 
+def trained_input_range(network: torch.nn.Module) -> tuple[float, float] | None:
+    """The generator's ``input_range`` buffer (also in a TorchScript export), None when absent or NaN
+    (a model trained on per-volume percentiles)."""
+    buffer = getattr(network, "input_range", None)
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != 2 or not bool(torch.isfinite(buffer).all()):
+        return None
+    return float(buffer[0]), float(buffer[1])
+
+
 def _check_fixed_range(img: torch.Tensor, lo: float, hi: float, percentiles: Sequence[float], name: str) -> None:
     """Warn when a stack's intensities do not fit the model's fixed range (another exposure, gain or bit
     depth than the training stacks): its upper percentile beyond twice the range, or below a fifth."""
@@ -83,7 +92,7 @@ class NormalizePercentilesd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if isinstance(intensity_range, torch.nn.Module):
-            intensity_range = getattr(intensity_range, "trained_input_range", None)
+            intensity_range = trained_input_range(intensity_range)
         self.intensity_range = None if intensity_range is None else check_intensity_range(intensity_range)
         self.percentiles = tuple(float(p) for p in percentiles)
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
