@@ -228,20 +228,21 @@ def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path
 @pytest.mark.parametrize(
     "extra,blurred,sharp",
     [
-        ([], "train/blurred", "train/sharp"),
-        (["configs/train_supervised.json"], "train/blurred", "train/blurred_ground_truth"),
+        (["configs/domain_scale.json"], "train/blurred", "train/sharp"),
+        (["configs/train_supervised.json", "configs/domain_scale_supervised.json"], "train/blurred", "train/blurred_ground_truth"),
     ],
     ids=["cyclegan", "supervised"],
 )
 def test_domain_scale_reads_the_training_folders_and_reaches_data_and_network(extra, blurred, sharp, tiny_dataset):
-    """configs/domain_scale.json: one range per domain, pooled over the training folders of the config
-    it is layered on; the datasets, the validation pipeline and the generator's buffer all get it."""
+    """configs/domain_scale.json (domain_scale_supervised.json for the paired baselines): one range per
+    domain, pooled over the training folders; the datasets, the validation pipeline and the generator's
+    buffer all get it."""
     import torch
 
     from bundle.data import domain_intensity_range
 
     parser = ConfigParser()
-    parser.read_config(["configs/common.json", "configs/train.json", *extra, "configs/domain_scale.json"])
+    parser.read_config(["configs/common.json", "configs/train.json", *extra])
     parser["dataset_dir"] = str(tiny_dataset)
     expected_blurred = domain_intensity_range(str(tiny_dataset / blurred), parser["blurred_percentiles"])
     expected_sharp = domain_intensity_range(str(tiny_dataset / sharp), parser["sharp_percentiles"])
