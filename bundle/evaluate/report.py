@@ -24,9 +24,9 @@ from bundle.inference import (
     load_checkpoint,
     output_path,
 )
-from bundle.inference.transforms import trained_input_range
 from bundle.io import atomic_write_text, load_volume, save_volume
 from bundle.metrics import affine_fit, dim_structure, psnr, ssim
+from bundle.networks.generator import trained_input_range
 
 __all__ = ["DeconvolutionReport", "NORMALISATION"]
 
@@ -119,7 +119,7 @@ class DeconvolutionReport:
         self.model_name = model_name
         self.blurred_range, self.sharp_range = blurred_range, sharp_range
 
-    def _load_pairs(self) -> list[dict[str, Any]]:
+    def _load_pairs(self, input_range: Sequence[float] | None) -> list[dict[str, Any]]:
         """Read and normalise every pair (errors name the file) before anything is written."""
         pairs = []
         for item in paired_datalist(self.image_dir, self.label_dir):
@@ -127,7 +127,6 @@ class DeconvolutionReport:
             label, _ = load_volume(item["label"], dtype=np.float32)
             if image.shape != label.shape:
                 raise ValueError(f"{item['label']}: shape {label.shape} differs from {item['image']} {image.shape}")
-            input_range = self.network if self.blurred_range is None else self.blurred_range
             d = NormalizePercentilesd("image", self.blurred_percentiles, intensity_range=input_range)(
                 {"image": torch.from_numpy(image)[None]}
             )
@@ -151,9 +150,9 @@ class DeconvolutionReport:
             self.inferer.reset()  # an optimised deconvolver is built from the weights it sees first
         self.network.eval()
         deconvolver = self.inferer.deconvolver_for(self.network)
-        pairs = self._load_pairs()
         input_range = self.blurred_range if self.blurred_range is not None else trained_input_range(self.network)
         input_range = None if input_range is None else [float(v) for v in input_range]
+        pairs = self._load_pairs(input_range)
         psf = None
         learned = self.learned_psf
         if isinstance(learned, (str, os.PathLike)) and not Path(learned).is_file():

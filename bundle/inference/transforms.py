@@ -23,6 +23,7 @@ from bundle.io import (
     save_volume,
 )
 from bundle.io.formats import WRITABLE_EXTENSIONS, file_extension
+from bundle.networks.generator import trained_input_range
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,6 @@ OUTPUT_RANGES = ("input", "normalized")
 def _percentile_range(img: torch.Tensor, percentiles: Sequence[float]) -> tuple[float, float]:
     lower, upper = percentiles
     return float(percentile(img, lower)), float(percentile(img, upper))  # type: ignore[arg-type]
-
-
-def trained_input_range(network: torch.nn.Module) -> tuple[float, float] | None:
-    """The generator's ``input_range`` buffer (also in a TorchScript export), None when absent or NaN
-    (a model trained on per-volume percentiles)."""
-    buffer = getattr(network, "input_range", None)
-    if not isinstance(buffer, torch.Tensor) or buffer.numel() != 2 or not bool(torch.isfinite(buffer).all()):
-        return None
-    return float(buffer[0]), float(buffer[1])
 
 
 def _check_fixed_range(img: torch.Tensor, lo: float, hi: float, percentiles: Sequence[float], name: str) -> None:

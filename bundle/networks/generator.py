@@ -93,6 +93,15 @@ class UNetLevels(nn.Module):
         return self.final_conv(self.upcat_1(u, x0))
 
 
+
+def trained_input_range(network: torch.nn.Module) -> tuple[float, float] | None:
+    """A generator's ``input_range`` buffer as ``(v_lo, v_hi)`` (also read from a TorchScript export);
+    None when it has none or it is NaN (a model trained on per-volume percentiles)."""
+    buffer = getattr(network, "input_range", None)
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != 2 or not bool(torch.isfinite(buffer).all()):
+        return None
+    return float(buffer[0]), float(buffer[1])
+
 class DeblurUNet(nn.Module):
     """3D U-Net generator G of Lim et al. 2020 ("CycleGAN with a Blur Kernel for Deconvolution Microscopy").
 
@@ -209,10 +218,9 @@ class DeblurUNet(nn.Module):
 
     @property
     def trained_input_range(self) -> tuple[float, float] | None:
-        """``(v_lo, v_hi)`` mapped to [0, 1] for every training stack (the ``input_range`` buffer), None
-        if training normalised each stack by its own percentiles."""
-        ir = tuple(float(v) for v in self.input_range)
-        return None if any(math.isnan(v) for v in ir) else ir  # type: ignore[return-value]
+        """``(v_lo, v_hi)`` mapped to [0, 1] for every training stack, None if training normalised each
+        stack by its own percentiles (:func:`trained_input_range`)."""
+        return trained_input_range(self)
 
     @staticmethod
     def describe(settings: torch.Tensor) -> dict[str, object]:

@@ -51,14 +51,15 @@ def calibrate_gain_offset(
         raise ValueError(
             f"need 0 <= low_percentile < high_percentile <= 100, got {low_percentile}, {high_percentile}"
         )
+    if statistic not in ("percentile", "mean"):
+        raise ValueError(f"statistic must be 'percentile' or 'mean', got {statistic!r}")
     device = layer.gain.device
     h = layer.kernel().detach()
     blurred_sharp = fft_convolve(sharp.to(device=device, dtype=torch.float32), h, pad_mode=layer.pad_mode)
     b = blurred.detach().float().cpu().numpy().ravel()
     hx = blurred_sharp.cpu().numpy().ravel()
     offset = float(np.percentile(b, low_percentile))
-    if statistic not in ("percentile", "mean"):
-        raise ValueError(f"statistic must be 'percentile' or 'mean', got {statistic!r}")
+    level = "mean" if statistic == "mean" else f"{high_percentile}th percentile"
     if statistic == "mean":
         top_b, top_hx = float(b.mean()), float(hx.mean())
     else:
@@ -66,12 +67,12 @@ def calibrate_gain_offset(
         top_hx = float(np.percentile(hx, high_percentile))
     if not top_hx > 0:
         raise ValueError(
-            f"the {high_percentile}th percentile of h * sharp is {top_hx:.3g}: the sharp samples are empty"
+            f"the {level} of h * sharp is {top_hx:.3g}: the sharp samples are empty"
         )
     gain = (top_b - offset) / top_hx
     if not (math.isfinite(gain) and gain > 0):
         raise ValueError(
-            f"calibration gave gain {gain:.3g} (blurred {high_percentile}th pct {top_b:.3g} <= "
+            f"calibration gave gain {gain:.3g} (blurred {level} {top_b:.3g} <= "
             f"offset {offset:.3g}): the blurred samples look constant"
         )
     layer.gain.fill_(gain)
