@@ -82,3 +82,11 @@ def test_no_import_cycles_between_units():
 
     cycles = sorted(u for u in edges if u in reach(u))
     assert not cycles, f"units on an import cycle: {cycles}"
+
+
+def test_no_module_is_over_300_lines():
+    """A module that outgrows one job is split by job (docs/architecture.md, "Conventions")."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "bundle").rglob("*.py")}
+    assert sizes, "no modules found"
+    too_long = {name: n for name, n in sizes.items() if n > 300}
+    assert not too_long, f"modules over 300 lines: {too_long}"

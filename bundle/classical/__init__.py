@@ -18,7 +18,8 @@ spectrum computed once, pruned FFTs), :mod:`~bundle.classical.richardson_lucy` (
 chosen on data with ground truth). Everything public is importable from ``bundle.classical``.
 """
 
-from bundle.classical.richardson_lucy import RichardsonLucy, richardson_lucy
+from bundle.classical.network import RichardsonLucy
+from bundle.classical.richardson_lucy import richardson_lucy
 from bundle.classical.spectral import _SpectralBlur  # noqa: F401  (used by the classical sharp domain)
 from bundle.classical.tuning import best_iteration, psnr
 

@@ -60,8 +60,6 @@ def _atomic_json(obj: Any, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
-
-
 def _numpy_state(rng: np.random.RandomState | None = None) -> dict[str, Any]:
     """A RandomState's state as plain data and a tensor (``torch.load(weights_only=True)`` reads it)."""
     name, keys, pos, has_gauss, gauss = (rng.get_state() if rng is not None else np.random.get_state())  # type: ignore[misc]

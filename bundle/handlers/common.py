@@ -53,8 +53,6 @@ class ProgressBar:
         _IgniteProgressBar(persist=self.persist).attach(engine, output_transform=transform)
 
 
-
-
 class AttachHandler:
     """List a handler that is defined elsewhere in the config (e.g. ``g_deblur_ema``, whose EMA model the
     validator uses) in ``train#handlers``: MONAI's property checks expect dicts there, not ``@`` refs.

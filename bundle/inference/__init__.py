@@ -40,7 +40,7 @@ from bundle.inference.checkpoints import (
     network_for_checkpoint,
     network_from_state_dict,
 )
-from bundle.inference.deconvolver import DeconvolutionCancelled, Deconvolver
+from bundle.inference.deconvolver import Deconvolver
 from bundle.inference.precision import PRECISIONS, InferenceNetwork, cpu_has_native_bf16, resolve_precision
 from bundle.inference.tiled import TiledInferer
 from bundle.inference.transforms import (
@@ -52,7 +52,7 @@ from bundle.inference.transforms import (
     inference_datalist,
     output_path,
 )
-from bundle.inference.windows import plan_roi_size, window_count
+from bundle.inference.windows import DeconvolutionCancelled, plan_roi_size, window_count
 from bundle.io import LoadVolumed  # the one loader transform, re-exported for inference configs
 
 __all__ = [

@@ -20,6 +20,7 @@ from bundle.inference.windows import (
     _overlap_fraction,
     _pad_for_tiles,
     _pad_to,
+    _Reporting,
     plan_roi_size,
     window_count,
 )
@@ -293,20 +294,3 @@ class Deconvolver(nn.Module):
         with malloc_policy(self.allocator), torch.inference_mode(not torch.is_grad_enabled()):
             out = inferer(padded, predictor)
         return out[(slice(None), slice(None), *crop)]
-
-
-class DeconvolutionCancelled(RuntimeError):
-    """Raised by a :class:`Deconvolver` ``callback`` to stop a run (e.g. a Cancel button)."""
-
-
-class _Reporting:
-    """The predictor, calling ``callback(done, total)`` after each forward pass (one batch of windows)."""
-
-    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], callback: Callable[[int, int], None], total: int):
-        self.predictor, self.callback, self.total, self.done = predictor, callback, int(total), 0
-
-    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        out = self.predictor(windows)
-        self.done = min(self.total, self.done + int(windows.shape[0]))
-        self.callback(self.done, self.total)
-        return out

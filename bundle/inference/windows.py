@@ -1,11 +1,12 @@
 """Window planning and tiling: padding helpers, :func:`plan_roi_size` and :class:`TiledInferer`
-(a MONAI ``Inferer`` whose stitching does not depend on the window plan)."""
+(a MONAI ``Inferer`` whose stitching does not depend on the window plan); progress over windows
+and its cancellation (:class:`DeconvolutionCancelled`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,3 +174,20 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float | Sequ
         for s, r, o in zip(shape, roi, overlaps, strict=True)
     ]
     return len(dense_patch_slices([int(s) for s in shape], [int(r) for r in roi], interval))
+
+
+class DeconvolutionCancelled(RuntimeError):
+    """Raised by a :class:`Deconvolver` ``callback`` to stop a run (e.g. a Cancel button)."""
+
+
+class _Reporting:
+    """The predictor, calling ``callback(done, total)`` after each forward pass (one batch of windows)."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], callback: Callable[[int, int], None], total: int):
+        self.predictor, self.callback, self.total, self.done = predictor, callback, int(total), 0
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        out = self.predictor(windows)
+        self.done = min(self.total, self.done + int(windows.shape[0]))
+        self.callback(self.done, self.total)
+        return out

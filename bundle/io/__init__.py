@@ -35,7 +35,7 @@ from bundle.io.formats import (
     VolumeError,
 )
 from bundle.io.monai_io import TiffStackReader, register
-from bundle.io.tiff import TiffStackWriter
+from bundle.io.tiff_writer import TiffStackWriter
 from bundle.io.transforms import CheckVoxelSized, LoadVolumed
 from bundle.io.validate import validate_psf, validate_volume
 from bundle.io.volumes import load_volume, save_volume

@@ -15,7 +15,7 @@ from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, ensure_tuple
 
 from bundle.io.formats import SUPPORTED_EXTENSIONS, _unsupported_extension, file_extension
-from bundle.io.tiff import TiffStackWriter
+from bundle.io.tiff_writer import TiffStackWriter
 from bundle.io.validate import validate_volume
 from bundle.io.volumes import _read_any
 

@@ -25,7 +25,8 @@ from bundle.io.formats import (
     _unsupported_extension,
     file_extension,
 )
-from bundle.io.tiff import _cast, _output_dtype, _read_tiff, _write_tiff
+from bundle.io.tiff import _read_tiff
+from bundle.io.tiff_writer import _cast, _output_dtype, _write_tiff
 from bundle.io.validate import validate_volume
 
 logger = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ def load_volume(
         "axes": "ZYX",
     }
     return data, meta
-
-
 
 
 def save_volume(

@@ -32,7 +32,6 @@ from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
 logger = logging.getLogger(__name__)
 
 
-
 @torch.no_grad()
 def block_output(
     context: np.ndarray,
@@ -227,9 +226,7 @@ def deconvolve_zarr(
         padded = tuple(s + p for s, p in zip(shape, pads))
         block = tuple(padded[i] if pads[i] else max(int(block_size[i]), 1) for i in range(3))
         windows = window_grid(padded, roi, overlap)
-        weight = compute_importance_map(
-            roi, mode=mode, sigma_scale=sigma_scale, device=net_device, dtype=torch.float32
-        )
+        weight = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device=net_device, dtype=torch.float32)
         weight = weight.reshape(1, 1, *roi)
         weight_cpu = weight.cpu()[0, 0]
         starts = [sorted({w[i].start for w in windows}) for i in range(3)]  # the grid is a product
@@ -244,9 +241,7 @@ def deconvolve_zarr(
             name=Path(destination).stem,
             ome_version=ome_version,
         )
-        out.attrs.update(
-            {"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap}
-        )
+        out.attrs.update({"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap})
 
         groups = list(_groups(windows, block))
         iterator: Any = groups

@@ -10,12 +10,8 @@ estimated without pairs, before any network is trained, by fitting a few physica
 the PSF model (NA, spherical aberration, …) with ``a`` and the noise floor ``s``. This is the
 classical spectral way to identify a blur (cf. Cannon 1976, "Blind deconvolution of spatially
 invariant image blurs with phase"), here with a parametric optical model and Welch averaging over
-training crops, used to start the blind cycleGAN's blur generator near the right PSF: measured on
-data blurred by an aberrated vectorial PSF, the cycleGAN's own adversarial and cycle losses move
-the NA the wrong way (``docs/results.md``: correlation 0.93–0.95 with the true PSF), while this fit
-reaches 0.956–0.967 from 6 + 6 unpaired volumes (64 crops of 32³ per domain; 0.990 on noise-free
-paired data, so the noise, not the model, limits it). Frozen after the fit, with G trained on the
-sharp cycle, it gave the best blind scores measured on that data.
+training crops, used to start the blind cycleGAN's blur generator near the right PSF (how close it gets, and how
+the blind recipe uses it: ``docs/results.md``).
 
 ``|H|`` does not change when the PSF is mirrored along z (a PSF with spherical aberration ``+s``
 and one with ``-s`` have the same spectrum, and at ``s = 0`` the fit's gradient in ``s`` vanishes),
@@ -23,9 +19,8 @@ so the sign of the spherical aberration must come from the optics: ``aberration_
 fit on that branch and the result is mirrored onto it if it crossed over. For a sample of lower
 refractive index than the immersion medium (water under oil) imaged below the coverslip the sign is
 positive in :class:`~bundle.networks.kernels.VectorialPSFKernel`'s convention (measured against
-``psfmodels``' PSF for n 1.33 under oil 1.515 at 2 µm: correlation 0.970 for ``+``, 0.867 for the
-mirror image). Third-order statistics of the data (skewness of axial differences, peak-to-centroid
-offsets) were tried to pick the sign without that knowledge and varied too much between volumes.
+``psfmodels``' PSF: ``docs/results.md``). Third-order statistics of the data were
+tried to pick the sign without that knowledge and varied too much between volumes.
 
 Written here because no maintained library fits a parametric microscope PSF to unpaired power
 spectra (psfmodels renders PSFs; MONAI and scikit-image deconvolve with a known PSF).
@@ -41,61 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SpectralPSFFit", "welch_power_spectrum"]
+from bundle.physics.spectra import dft_matrix, spatial_volumes, transfer_power, welch_power_spectrum
+
+__all__ = ["SpectralPSFFit", "welch_power_spectrum"]  # the latter from bundle.physics.spectra
 
 logger = logging.getLogger(__name__)
-
-
-def _spatial(volumes: torch.Tensor) -> torch.Tensor:
-    """``(N, D, H, W)`` float64 from ``(N, 1, D, H, W)`` or ``(N, D, H, W)``."""
-    if volumes.ndim == 5:
-        if volumes.shape[1] != 1:
-            raise ValueError(f"expected one channel, got shape {tuple(volumes.shape)}")
-        volumes = volumes[:, 0]
-    if volumes.ndim != 4:
-        raise ValueError(f"expected (N, 1, D, H, W) or (N, D, H, W) volumes, got shape {tuple(volumes.shape)}")
-    return volumes.detach().to(torch.float64)
-
-
-def _hann(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    window = torch.ones((), dtype=torch.float64, device=device)
-    for axis, n in enumerate(shape):
-        w = torch.hann_window(n, periodic=False, dtype=torch.float64, device=device) if n > 2 else torch.ones(n, dtype=torch.float64, device=device)
-        view = [1, 1, 1]
-        view[axis] = n
-        window = window * w.reshape(view)
-    return window
-
-
-def welch_power_spectrum(volumes: torch.Tensor) -> torch.Tensor:
-    """Average periodogram of Hann-windowed, mean-subtracted volumes (Welch's method).
-
-    Args:
-        volumes: ``(N, 1, D, H, W)`` or ``(N, D, H, W)`` crops of one domain.
-
-    Returns:
-        ``(D, H, W)`` float64 power spectrum (FFT order, DC at index 0).
-    """
-    v = _spatial(volumes)
-    window = _hann(v.shape[1:], v.device)
-    v = (v - v.mean(dim=(1, 2, 3), keepdim=True)) * window
-    return (torch.fft.fftn(v, dim=(1, 2, 3)).abs() ** 2).mean(dim=0)
-
-
-def _dft_matrix(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
-    """``(n_out, n_in)`` complex DFT at the ``n_out`` frequencies of a length-``n_out`` grid."""
-    k = torch.arange(n_out, dtype=torch.float64, device=device)[:, None]
-    j = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
-    return torch.exp(-2j * math.pi * k * j / n_out)
-
-
-def _transfer_power(h: torch.Tensor, shape: Sequence[int], mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``|H(k)|²`` of kernel ``h`` ``(kd, kh, kw)`` at the frequencies of a ``shape`` grid (any kernel size)."""
-    hc = h.to(torch.float64).to(torch.complex128)
-    spectrum = torch.einsum("cf,def->dec", mats[2], hc)  # one axis at a time (a joint einsum may
-    spectrum = torch.einsum("be,dec->dbc", mats[1], spectrum)  # materialise a 6-D product)
-    spectrum = torch.einsum("ad,dbc->abc", mats[0], spectrum)
-    return spectrum.abs() ** 2
 
 
 def _fit_scale_noise(
@@ -204,7 +149,7 @@ class SpectralPSFFit:
                 f"{getattr(blur, 'parameterization', None)!r}): needs an optical kernel (Born & Wolf, vectorial) "
                 "with learned parameters"
             )
-        xs, ys = _spatial(sharp), _spatial(blurred)
+        xs, ys = spatial_volumes(sharp), spatial_volumes(blurred)
         if xs.shape[1:] != ys.shape[1:]:
             raise ValueError(f"sharp and blurred crops differ in size: {tuple(xs.shape[1:])} vs {tuple(ys.shape[1:])}")
         shape = tuple(ys.shape[1:])
@@ -233,12 +178,12 @@ class SpectralPSFFit:
         if int(valid.sum()) < 4:
             raise ValueError("the crops carry too little structure to estimate a PSF spectrum (fewer than 4 usable frequency bins)")
         log_by = torch.log(by[valid])
-        mats = [_dft_matrix(n, k, device) for n, k in zip(shape, blur.kernel_size, strict=True)]
+        mats = [dft_matrix(n, k, device) for n, k in zip(shape, blur.kernel_size, strict=True)]
         log_scale = torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
         log_noise = torch.log(torch.median(by[valid])).detach().clone().requires_grad_(True)
 
         def loss_fn() -> torch.Tensor:
-            bh = binned(_transfer_power(blur.kernel(), shape, mats))
+            bh = binned(transfer_power(blur.kernel(), shape, mats))
             model = torch.log(torch.exp(2 * log_scale) * bh[valid] * bx[valid] + torch.exp(log_noise))
             return ((model - log_by) ** 2).mean()
 
@@ -253,7 +198,7 @@ class SpectralPSFFit:
                 spherical_raw.fill_(math.atanh(self.aberration_sign * self.seed_aberration / kernel_module.aberration_bound))
         def model_power() -> torch.Tensor:  # |H|² P_sharp per bin for the current (held) kernel
             with torch.no_grad():
-                return binned(_transfer_power(blur.kernel(), shape, mats))[valid] * bx[valid]
+                return binned(transfer_power(blur.kernel(), shape, mats))[valid] * bx[valid]
 
         start_loss = _fit_scale_noise(model_power(), log_by, log_scale, log_noise, self.steps // 2)
         record_grid = None

@@ -71,12 +71,8 @@ class VectorialPSFKernel(nn.Module):
         n_sample: refractive index of the sample (mounting medium), when known. Rays beyond the
             sample's critical angle never leave it, so the effective NA of a fluorophore below the
             coverslip is at most ``n_sample`` (the upper NA bound becomes ``0.9999 n_sample``; an initial
-            NA above it starts at ``0.99`` of the bound). Measured on data blurred by ``psfmodels``'
-            vectorial PSF (NA 1.4, oil 1.515, water 1.33, 2 µm deep), the best NA/spherical fit of this
-            model to the true PSF has NA 1.25; without the cap the spectral fit
-            (:class:`~bundle.physics.psf_estimation.SpectralPSFFit`) lands at NA 1.34-1.38
-            (correlation 0.967-0.973 on 32×64×64 crops), with it at 1.33 (0.974-0.977). ``None``:
-            no cap beyond ``n_immersion``.
+            NA above it starts at ``0.99`` of the bound; what the cap changes for the spectral fit:
+            ``docs/results.md``). ``None``: no cap beyond ``n_immersion``.
 
     Example::
 
@@ -291,10 +287,7 @@ class VectorialPSFKernel(nn.Module):
         """Current ``na``, ``wavelength`` (µm), ``spherical``, ``secondary_spherical`` (waves rms),
         ``defocus`` (µm) and, with a residual, ``residual_centre`` (its centre weight; 1 = identity),
         as plain floats."""
-        out = {
-            name: float(getattr(self, name).detach().cpu())
-            for name in ("na", "wavelength", "spherical", "secondary_spherical", "defocus")
-        }
+        out = {name: float(getattr(self, name).detach().cpu()) for name in VECTORIAL_LEARNABLE}
         if self.residual_size is not None:
             centre = tuple(s // 2 for s in self.residual_size)
             out["residual_centre"] = float(self.residual_kernel().detach()[centre].cpu())
