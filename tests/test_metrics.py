@@ -144,3 +144,109 @@ def test_cycle_error_and_psf_stability():
     assert float(stability.aggregate()) < 0.99
     res = DecorrelationResolutionMetric(voxel_size=(0.2, 0.1, 0.1), planes=2)(torch.rand(1, 1, 4, 32, 32))
     assert res.shape == (1, 1)
+
+
+class _Box(torch.nn.Module):
+    """A 3x3x3 box blur (the blur path h of the tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class _Scaled(torch.nn.Module):
+    """G stand-ins: ``factor * x`` (1: identity, 0: a collapsed, constant output)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.tensor(float(factor)))
+
+    def forward(self, x):
+        return self.factor * x
+
+
+def _sharp_volumes(n=2, seed=0):
+    """Blobs a few voxels wide in [0, 1] (wider than the box blur, so the blurred stack still resembles them)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seeds = (torch.rand(1, 1, 8, 16, 16, generator=g) > 0.97).float()
+        blobs = torch.nn.functional.max_pool3d(seeds, 3, stride=1, padding=1)[0]
+        out.append(blobs)
+    return out
+
+
+def test_sharp_cycle_score_ranks_generators_and_its_baseline_is_the_synthetic_stack():
+    from bundle.metrics import SharpCycleScore
+    from bundle.networks import PoissonGaussianNoise
+
+    volumes, blur = _sharp_volumes(), _Box()
+    noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.01).eval()
+
+    def score(network, baseline=False):
+        metric = SharpCycleScore(network=network, blur=blur, noise=noise, volumes=volumes, seed=3, baseline=baseline)
+        metric(torch.zeros(1, 1, 4, 4, 4))
+        return float(metric.aggregate())
+
+    identity, collapsed = score(_Scaled(1.0)), score(_Scaled(0.0))
+    assert identity > collapsed + 3.0  # a constant output is only worth the mean after the fit
+    assert score(_Scaled(1.0), baseline=True) == pytest.approx(identity, abs=1e-6)  # same noise draw
+    assert not noise.training  # the noise model is put back in eval mode
+
+    # hand-made: the identity network's score is the PSNR of the fitted synthetic stack itself
+    torch.manual_seed(3)
+    expected = []
+    noise.train()
+    for x in volumes:
+        y = noise(blur(x[None]))
+        expected.append(psnr(affine_fit(y.double(), x[None].double()).float(), x[None]))
+    noise.eval()
+    assert identity == pytest.approx(float(np.mean(expected)), abs=1e-4)
+
+
+def test_sharp_cycle_score_once_per_validation_leaves_training_rng_alone_and_checks_inputs():
+    from bundle.metrics import SharpCycleScore
+
+    calls = []
+
+    class Counting(_Scaled):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    volumes = [{"image": v} for v in _sharp_volumes(3)]  # a MONAI Dataset's items
+    metric = SharpCycleScore(network=Counting(1.0), blur=_Box(), volumes=volumes, max_volumes=2)
+    state = torch.get_rng_state()
+    for _ in range(3):  # three validation batches
+        metric(torch.zeros(1, 1, 4, 4, 4))
+    first = float(metric.aggregate())
+    assert len(calls) == 2 and math.isfinite(first)  # two volumes, scored once
+    assert torch.equal(torch.get_rng_state(), state)
+    metric.reset()
+    metric(torch.zeros(1, 1, 4, 4, 4))
+    assert len(calls) == 4 and float(metric.aggregate()) == pytest.approx(first)  # same pairs next time
+
+    shapes = []
+
+    class Divisible(_Scaled):
+        divisor = 4
+
+        def forward(self, x):
+            shapes.append(tuple(x.shape[2:]))
+            return super().forward(x)
+
+    cropped = SharpCycleScore(network=Divisible(1.0), blur=_Box(), volumes=[torch.rand(1, 10, 19, 30)], roi_size=(16, 16, 16))
+    cropped(torch.zeros(1, 1, 4, 4, 4))
+    assert shapes == [(8, 16, 16)]  # the centre, at most roi_size, sides multiples of the divisor
+
+    no_blur = SharpCycleScore(network=_Scaled(1.0), blur=None, volumes=[])
+    no_blur(torch.zeros(1, 1, 4, 4, 4))
+    assert math.isnan(float(no_blur.aggregate()))
+    bad = SharpCycleScore(network=_Scaled(1.0), blur=_Box(), volumes=[torch.zeros(8, 16, 16)])
+    with pytest.raises(ValueError, match="sharp volume 0"):
+        bad(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="max_volumes"):
+        SharpCycleScore(network=_Scaled(1.0), blur=_Box(), volumes=volumes, max_volumes=0)

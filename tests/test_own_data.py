@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import numpy as np
@@ -126,10 +127,12 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
     assert len(record["train"]) == 2 and len(record["held_out"]) == 1
     history = json.loads((tmp_path / "eval/validation.json").read_text())
     assert len(history) == 2 and all(
-        {"val_noref", "val_input_noref", "val_consistency", "val_cycle", "val_psf_stability", "val_resolution_um"} <= set(e)
+        {"val_sharp_cycle", "val_noref", "val_input_noref", "val_consistency", "val_cycle", "val_psf_stability", "val_resolution_um"}
+        <= set(e)
         for e in history
     )
-    assert json.loads((tmp_path / "models/model.json").read_text())["metric"] == "val_noref"
+    assert json.loads((tmp_path / "models/model.json").read_text())["metric"] == "val_sharp_cycle"
+    assert all(math.isfinite(e["val_sharp_cycle"]) for e in history)
     held = record["held_out"][0]
     name = held.rsplit("/", 1)[-1].split(".")[0]
     out, meta = load_volume(tmp_path / f"eval/held_out/{name}_deconv.tif")
@@ -137,7 +140,7 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
     assert out.shape == src.shape and meta["voxel_size"] == pytest.approx(src_meta["voxel_size"])
     assert (tmp_path / f"eval/held_out/{name}.png").stat().st_size > 1000
     report = (tmp_path / "eval/report.md").read_text()
-    assert name in report and "val_noref" in report and "Learned PSF" in report
+    assert name in report and "val_sharp_cycle" in report and "Learned PSF" in report
     assert len(list((tmp_path / "eval/sharp_domain").glob("*.tif"))) == 2  # RL of the two training stacks
 
 

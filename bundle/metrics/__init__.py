@@ -7,7 +7,8 @@ intensity scaling, so that a method cannot beat the input by a mere rescaling.
 Modules: :mod:`~bundle.metrics.reference` (scores against a ground truth: affine fit, PSNR, SSIM,
 dim structure, and their MONAI metric classes) and :mod:`~bundle.metrics.no_reference` (scores
 without one, for the user's own stacks: data consistency, cycle error, PSF stability, decorrelation
-resolution). Everything public is importable from ``bundle.metrics``.
+resolution) and :mod:`~bundle.metrics.sharp_cycle` (the sharp-domain score that chooses models
+without a ground truth). Everything public is importable from ``bundle.metrics``.
 """
 
 from bundle.metrics.no_reference import (
@@ -26,6 +27,7 @@ from bundle.metrics.reference import (
     psnr,
     ssim,
 )
+from bundle.metrics.sharp_cycle import SharpCycleScore
 
 __all__ = [
     "affine_fit",
@@ -39,5 +41,6 @@ __all__ = [
     "CycleErrorMetric",
     "PSFStabilityMetric",
     "DecorrelationResolutionMetric",
+    "SharpCycleScore",
     "decorrelation_resolution",
 ]
