@@ -71,6 +71,10 @@ def score_checkpoints(parser: ConfigParser, ckpt_dir: Path, max_volumes: int | N
     limit = max_volumes or parser.get_parsed_content("sharp_cycle_max_volumes")
     inferer = parser.get_parsed_content("validate#inferer")
     pairs = [item for item in parser.get_parsed_content("validate#dataset") if "label" in item]
+    metric = SharpCycleScore(  # one metric: the sharp volumes are read once, each checkpoint's weights go into the same modules
+        network=network, blur=blur, noise=noise, volumes=volumes, max_volumes=limit,
+        roi_size=parser.get_parsed_content("sharp_cycle_roi_size"),
+    )  # fmt: skip
     rows = []
     for iteration, path in kept:
         state = load_training_checkpoint(path)
@@ -78,10 +82,7 @@ def score_checkpoints(parser: ConfigParser, ckpt_dir: Path, max_volumes: int | N
         blur.load_state_dict(state["blur"])
         noise.load_state_dict(state["blur_noise"])
         network.eval()
-        metric = SharpCycleScore(
-            network=network, blur=blur, noise=noise, volumes=volumes, max_volumes=limit,
-            roi_size=parser.get_parsed_content("sharp_cycle_roi_size"),
-        )  # fmt: skip
+        metric.reset()
         metric(torch.zeros(1, 1, 1, 1, 1))
         row: dict[str, Any] = {"iteration": iteration, "sharp_cycle": float(metric.aggregate())}
         if pairs:
