@@ -18,6 +18,15 @@ Steps (each skipped when its result is already on disk, so an interrupted run re
 5. write ``results.json``, ``results.md`` (Table I, Table II, noise sweep, with the paper's numbers
    beside ours), ``noise_sweep.png`` and XY/XZ/YZ figures.
 
+Domains (``--domain``): ``born_wolf`` (default, the paper's study above: microtubules, Born & Wolf
+training data) or ``vesicles``, an independent test domain the networks were not tuned on (shells and
+puncta, psfmodels' vectorial PSF with the spherical aberration of an oil-to-water index mismatch at
+2 µm depth, as ``configs/simulate_vesicles.json``; training and test data of that domain, one
+Table II-style table). Every table scores PSNR, SSIM and the dim-structure recall and precision
+(:func:`bundle.metrics.dim_structure`). ``sharp_cycle`` is the baseline that tells what the unpaired
+terms add: the non-blind model with the blurred cycle and the adversarial losses off, i.e. trained on
+the sharp cycle's synthetic pairs alone (h*x + noise -> x, CARE-style).
+
 Scales: ``tiny`` (a test: a few iterations, minutes), ``small`` (2 CPU cores, about an hour),
 ``paper`` (the paper's sizes: 128×256×512 volumes, 18/1/1, 64³ crops, lr 1e-4, full-size networks;
 for a GPU).
@@ -59,11 +68,13 @@ METHOD_CONFIGS: dict[str, list[str]] = {
     "conventional": ["configs/train.json", "configs/train_conventional.json"],
     "blind": ["configs/train.json"],
     "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
+    "sharp_cycle": ["configs/train.json", "configs/train_nonblind.json", "configs/sharp_cycle.json"],
 }
 CLASSICAL = ("rl",)
 #: relative time per iteration (measured on 2 CPU cores), to start the longest trainings first with --jobs
-RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "supervised_gan": 1.3, "supervised": 1.1}
-ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "rl")
+RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "sharp_cycle": 1.6, "supervised_gan": 1.3,
+                 "supervised": 1.1}  # fmt: skip
+ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "sharp_cycle", "rl")
 LABELS = {
     "input": "input (blurred + noise)",
     "supervised": "supervised U-Net, MSE",
@@ -71,6 +82,7 @@ LABELS = {
     "conventional": "conventional cycleGAN (two U-Nets)",
     "blind": "proposed, blind (learned PSF)",
     "nonblind": "proposed, non-blind (known PSF)",
+    "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
 }
 #: the paper's numbers (PAPER.md; Tables I–III, Born & Wolf / Richards & Wolf test PSF, 20 dB)
@@ -98,6 +110,47 @@ NORMALISATION = (
     "data range 1). The fit removes each method's arbitrary intensity scale (Richardson–Lucy's output is in "
     "photon units; the networks' in [0, 1]) and scores the input at its most favourable scaling."
 )
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The simulated data of one reproduction: phantoms and optics of its training and test sets.
+
+    Args:
+        description: one line for the report.
+        train_folder: folder name of the training data under ``<work>/data``.
+        simulate: keywords of :class:`bundle.simulate.SimulateDataset` shared by the training data and
+            every test set (phantom family, PSF model and optics).
+        test_psfs: PSF models of the 20 dB test sets (the first is the training data's).
+        noise_sweep: also test the training PSF at every noise level of the scale (Fig. 8).
+        runs_folder: folder of the trained models under the work dir.
+    """
+
+    description: str
+    train_folder: str
+    simulate: dict[str, Any]
+    test_psfs: tuple[str, ...]
+    noise_sweep: bool
+    runs_folder: str
+
+
+DOMAINS: dict[str, Domain] = {
+    "born_wolf": Domain(
+        description="microtubules, Born & Wolf PSF (the paper's study); tested on Born & Wolf and vectorial data",
+        train_folder="train_born_wolf_20dB", simulate={"psf_model": "born_wolf"},
+        test_psfs=("born_wolf", "vectorial"), noise_sweep=True, runs_folder="runs",
+    ),
+    # configs/simulate_vesicles.json's optics: NA 1.4 oil (1.515), 520 nm, water sample (1.33) 2 µm deep
+    "vesicles": Domain(
+        description="vesicles (shells and puncta), psfmodels vectorial PSF with the spherical aberration of an "
+        "index mismatch (NA 1.4, n 1.515 -> 1.33, 2 µm deep, 520 nm); trained and tested on this domain",
+        train_folder="train_vesicles_vectorial_20dB",
+        simulate={"psf_model": "vectorial", "phantom_model": "vesicles", "na": 1.4, "n_immersion": 1.515,
+                  "wavelength": 0.52, "n_sample": 1.33, "psf_depth": 2.0},  # fmt: skip
+        test_psfs=("vectorial",), noise_sweep=False, runs_folder="runs_vesicles",
+    ),
+}
+SCORES = ("psnr", "ssim", "dim_recall", "dim_precision")
 
 
 @dataclass
@@ -204,6 +257,7 @@ class Runner:
         seed: seed of the data and of training.
         max_epochs: override the scale's epochs (``epoch_length`` iterations each). A later run with more
             epochs resumes every training from its last checkpoint and extends it.
+        domain: name in :data:`DOMAINS` (default the paper's Born & Wolf study).
     """
 
     def __init__(
@@ -216,13 +270,17 @@ class Runner:
         jobs: int = 1,
         seed: int = 0,
         max_epochs: int | None = None,
+        domain: str = "born_wolf",
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
         unknown = set(methods) - set(ALL_METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}")
         self.scale_name = scale
+        self.domain_name, self.domain = domain, DOMAINS[domain]
         self.scale = SCALES[scale] if max_epochs is None else replace(SCALES[scale], max_epochs=int(max_epochs))
         self.output = Path(output).resolve()
         self.work = Path(work_dir).resolve() if work_dir else ROOT / "outputs" / f"reproduce_{scale}"
@@ -241,19 +299,24 @@ class Runner:
     # paths ---------------------------------------------------------------------------------------------
     @property
     def train_dir(self) -> Path:
-        return self.work / "data" / "train_born_wolf_20dB"
+        return self.work / "data" / self.domain.train_folder
 
     def test_dir(self, name: str) -> Path:
         return self.work / "data" / "test" / name
 
     def run_dir(self, method: str) -> Path:
-        return self.work / "runs" / method
+        return self.work / self.domain.runs_folder / method
 
     def test_sets(self) -> dict[str, tuple[str, float | None]]:
-        """``{name: (psf_model, snr_db)}``: the noise sweep with Born & Wolf and the vectorial PSF at 20 dB."""
-        sets = {test_set_name("born_wolf", s): ("born_wolf", s) for s in self.scale.noise_levels}
-        sets[test_set_name("born_wolf", 20.0)] = ("born_wolf", 20.0)
-        sets[test_set_name("vectorial", 20.0)] = ("vectorial", 20.0)
+        """``{name: (psf_model, snr_db)}``: the domain's 20 dB test sets (the training PSF's first), and for
+        the Born & Wolf domain the noise sweep. Names are prefixed by the phantom family unless microtubules."""
+        family = self.domain.simulate.get("phantom_model", "microtubules")
+        prefix = "" if family == "microtubules" else f"{family}_"
+        train_psf = self.domain.test_psfs[0]
+        sets = {prefix + test_set_name(train_psf, 20.0): (train_psf, 20.0)}
+        if self.domain.noise_sweep:
+            sets.update({prefix + test_set_name(train_psf, s): (train_psf, s) for s in self.scale.noise_levels})
+        sets.update({prefix + test_set_name(psf, 20.0): (psf, 20.0) for psf in self.domain.test_psfs[1:]})
         return sets
 
     def _timed(self, key: str, t0: float) -> None:
@@ -268,17 +331,20 @@ class Runner:
         t0 = time.time()
         SimulateDataset(
             str(self.train_dir), shape=s.shape, eval_shape=s.eval_shape, n_train=s.n_train, n_val=s.n_val,
-            n_test=s.n_test, psf_model="born_wolf", psf_shape=s.psf_shape, snr_db=20.0, seed=self.seed,
-            progress=False,
+            n_test=s.n_test, psf_shape=s.psf_shape, snr_db=20.0, seed=self.seed, progress=False,
+            **self.domain.simulate,
         ).run()
         for name, (psf_model, snr) in self.test_sets().items():
             # one seed for every test set: the same phantoms under each PSF and noise level; another seed
             # than training's, so no test phantom is a training phantom. The simulator needs >= 1 training
             # volume per dataset: a small one is made and never used.
+            optics = {**self.domain.simulate, "psf_model": psf_model}
+            if psf_model not in ("vectorial", "scalar"):  # the index mismatch is a psfmodels PSF's parameter
+                optics = {k: v for k, v in optics.items() if k not in ("n_sample", "psf_depth")}
             SimulateDataset(
                 str(self.test_dir(name)), shape=(16, 32, 32), eval_shape=s.eval_shape, n_train=1, n_val=0,
-                n_test=s.n_test, psf_model=psf_model, psf_shape=s.psf_shape, snr_db=snr,
-                seed=self.seed + 1000, progress=False,
+                n_test=s.n_test, psf_shape=s.psf_shape, snr_db=snr, seed=self.seed + 1000, progress=False,
+                **optics,
             ).run()
         self._timed("simulate", t0)
 
@@ -429,22 +495,27 @@ class Runner:
 
     @staticmethod
     def score(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
-        """PSNR and SSIM after the least-squares affine fit onto the ground truth (:data:`NORMALISATION`)."""
+        """PSNR, SSIM and the dim-structure recall and precision after the least-squares affine fit onto
+        the ground truth (:data:`NORMALISATION`; :func:`bundle.metrics.dim_structure`: dim = 5-30 % of the
+        truth's maximum, recovered = at least half its true value)."""
         import torch
 
-        from bundle.metrics import affine_fit, psnr, ssim
+        from bundle.metrics import affine_fit, dim_structure, psnr, ssim
 
         p = torch.as_tensor(pred, dtype=torch.float32)[None, None]
         t = torch.as_tensor(label, dtype=torch.float32)[None, None]
         fitted = affine_fit(p, t)
-        return {"psnr": psnr(fitted, t, data_range=1.0), "ssim": ssim(fitted, t, data_range=1.0)}
+        dim = dim_structure(fitted, t, fit=False)
+        return {"psnr": psnr(fitted, t, data_range=1.0), "ssim": ssim(fitted, t, data_range=1.0),
+                "dim_recall": dim["dim_recall"], "dim_precision": dim["dim_precision"]}  # fmt: skip
 
     def evaluate(self) -> dict[str, dict[str, dict[str, float]]]:
-        """``{test_set: {method: {"psnr", "ssim"}}}`` averaged over the test volumes; ``"input"`` included."""
+        """``{test_set: {method: {score: value}}}`` (:data:`SCORES`) averaged over the test volumes; ``"input"``
+        included."""
         t0 = time.time()
         sets = self.test_sets()
         pairs = {name: self._pairs(self.test_dir(name) / "test") for name in sets}
-        ref = pairs[test_set_name("born_wolf", 20.0)]
+        ref = pairs[next(iter(sets))]
         for name, p in pairs.items():  # the same objects everywhere
             if any(not np.array_equal(a[1], b[1]) for a, b in zip(p, ref)):
                 raise RuntimeError(f"test set {name} does not hold the same ground truth as the others")
@@ -472,7 +543,7 @@ class Runner:
         from bundle.metrics import affine_fit
 
         written = []
-        for name in (test_set_name("born_wolf", 20.0), test_set_name("vectorial", 20.0)):
+        for name in [n for n, (_, snr) in self.test_sets().items() if snr == 20.0]:
             image, label = self._pairs(self.test_dir(name) / "test")[0]
             rows = [("input", image)] + [(m, self.predict(m, name, None)[0]) for m in self.methods]
             rows.append(("ground truth", label))
@@ -510,7 +581,7 @@ class Runner:
         import matplotlib.pyplot as plt
 
         levels = sorted(self.scale.noise_levels, key=lambda s: -np.inf if s is None else -s)  # none first
-        names = [test_set_name("born_wolf", s) for s in levels]
+        names = [test_set_name(self.domain.test_psfs[0], s) for s in levels]
         ticks = [_noise_name(s) for s in levels]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for method in ["input", *self.methods]:
@@ -544,6 +615,8 @@ class Runner:
         report: dict[str, Any] = {
             "scale": self.scale_name,
             "scale_settings": asdict(self.scale),
+            "domain": self.domain_name,
+            "domain_settings": asdict(self.domain),
             "command": command,
             "machine": machine_description(),
             "threads": self.threads,
@@ -561,7 +634,7 @@ class Runner:
         }
         if "rl" in self.methods:
             report["rl_num_iter"] = self.choose_rl_iterations()
-        report["figures"] = self.figures(metrics) + [self.noise_plot(metrics)]
+        report["figures"] = self.figures(metrics) + ([self.noise_plot(metrics)] if self.domain.noise_sweep else [])
         self.timings["total_this_invocation"] = round(time.time() - started, 1)
         report["timings_s"] = self.timings
         _atomic_json(report, self.output / "results.json")
@@ -584,7 +657,12 @@ class Runner:
 
 
 def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    """Mean of each score over volumes, NaN (a volume without dim voxels) left out; NaN if all are."""
+    out = {}
+    for k in scores[0]:
+        finite = [s[k] for s in scores if np.isfinite(s[k])]
+        out[k] = float(np.mean(finite)) if finite else float("nan")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -602,6 +680,19 @@ def _fmt_ssim(v: float | None) -> str:
 
 def _fmt_gain(v: float | None) -> str:
     return "—" if v is None else f"{v:+.2f}"
+
+
+def _fmt_dim(scores: dict[str, float]) -> str:
+    """``recall | precision`` cells (3 decimals; — where a score is missing or NaN)."""
+    cells = [scores.get(k) for k in ("dim_recall", "dim_precision")]
+    return " | ".join("—" if v is None or not np.isfinite(v) else f"{v:.3f}" for v in cells)
+
+
+DIM_NOTE = (
+    "Dim recall: the share of dim ground-truth voxels (5–30 % of the truth's maximum) that the output, "
+    "affine-fitted, brings back to at least half their value; dim precision: of the output voxels in that "
+    "band, the share where the truth is not background."
+)
 
 
 def _ordering(values: dict[str, float]) -> str:
@@ -627,14 +718,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"**Normalisation (all methods, all tables).** {report['normalisation']}",
         "",
-        "Training data: Born & Wolf PSF, 20 dB average SNR. All test sets hold the same phantoms. "
+        f"Domain `{report.get('domain', 'born_wolf')}`: "
+        f"{report.get('domain_settings', asdict(DOMAINS['born_wolf']))['description']}. Training data at 20 dB "
+        "average SNR; all test sets hold the same phantoms (another seed than training's). " + DIM_NOTE,
+        "",
+    ]
+    if report.get("domain", "born_wolf") != "born_wolf":
+        return "\n".join(lines + _domain_table(report))
+    lines += [
         "Gains are over the input; the paper's absolute numbers depend on its own phantom and normalisation, "
         "so compare gains and the ordering of methods.",
         "",
         "## Table I — test PSF Born & Wolf, 20 dB",
         "",
-        "| method | PSNR (dB) | SSIM | gain (dB) | paper PSNR | paper SSIM | paper gain (dB) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | PSNR (dB) | SSIM | gain (dB) | paper PSNR | paper SSIM | paper gain (dB) | dim recall | dim precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     inp = metrics[bw]["input"]["psnr"]
     p_inp = paper["born_wolf"]["input"][0]
@@ -644,7 +742,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {LABELS[m]} | {_fmt_psnr(ours['psnr'])} | {_fmt_ssim(ours['ssim'])} | "
             f"{_fmt_gain(ours['psnr'] - inp) if m != 'input' else '—'} | {_fmt_psnr(pp and pp[0])} | "
-            f"{_fmt_ssim(pp and pp[1])} | {_fmt_gain(pp[0] - p_inp) if pp and m != 'input' else '—'} |"
+            f"{_fmt_ssim(pp and pp[1])} | {_fmt_gain(pp[0] - p_inp) if pp and m != 'input' else '—'} | "
+            f"{_fmt_dim(ours)} |"
         )
     ours_order = {m: metrics[bw][m]["psnr"] for m in methods if m in paper["born_wolf"]}
     paper_order = {m: v[0] for m, v in paper["born_wolf"].items() if m in ours_order}
@@ -686,8 +785,35 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in methods:
         cells = [f"{_fmt_psnr(metrics[k][m]['psnr'])} / {_fmt_ssim(metrics[k][m]['ssim'])}" for k in levels]
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "Achieved average SNR of the test sets (dB): "
-              + ", ".join(f"{k} {'∞' if v is None else f'{v:.2f}'}" for k, v in report["achieved_snr_db"].items()), ""]
+    return "\n".join(lines + _report_footer(report))
+
+
+def _domain_table(report: dict[str, Any]) -> list[str]:
+    """The Table II-style section of a domain other than the paper's: every 20 dB test set, every method."""
+    metrics, lines = report["metrics"], []
+    for name in [n for n, t in report["test_sets"].items() if t["snr_db"] == 20.0]:
+        inp = metrics[name]["input"]["psnr"]
+        lines += [
+            f"## Independent domain — test set `{name}` (PSF {report['test_sets'][name]['psf_model']}, 20 dB)",
+            "",
+            "Every model is trained on this domain's data; the non-blind model, the sharp cycle only and "
+            "Richardson–Lucy use its true PSF (the training data's `psf.tif`).",
+            "",
+            "| method | PSNR (dB) | SSIM | gain (dB) | dim recall | dim precision |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in ["input", *report["methods"]]:
+            ours = metrics[name][m]
+            gain = _fmt_gain(ours["psnr"] - inp) if m != "input" else "—"
+            lines.append(f"| {LABELS[m]} | {_fmt_psnr(ours['psnr'])} | {_fmt_ssim(ours['ssim'])} | {gain} | {_fmt_dim(ours)} |")
+        lines.append("")
+    return lines + _report_footer(report)
+
+
+def _report_footer(report: dict[str, Any]) -> list[str]:
+    """Achieved SNRs, RL's iteration count, best validation scores and the figures."""
+    lines = ["", "Achieved average SNR of the test sets (dB): "
+             + ", ".join(f"{k} {'∞' if v is None else f'{v:.2f}'}" for k, v in report["achieved_snr_db"].items()), ""]
     if "rl_num_iter" in report:
         cap = report["scale_settings"]["rl_max_iter"]
         note = f" (the cap of the search, {cap}: more may score higher)" if report["rl_num_iter"] >= cap else ""
@@ -701,8 +827,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             + ", ".join(f"{m} {v['val_psnr']:.2f} ({v['epoch']})" for m, v in report["best_validation"].items())
             + "."
         )
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]] + [""]
-    return "\n".join(lines)
+    return lines + ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]] + [""]
 
 
 def aggregate_seeds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -717,9 +842,9 @@ def aggregate_seeds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["metrics"][test_set] = {}
         for method in methods:
             cell: dict[str, Any] = {}
-            for metric in ("psnr", "ssim"):
+            for metric in SCORES:
                 values = [float(r["metrics"][test_set][method][metric]) for r in reports
-                          if metric in r["metrics"].get(test_set, {}).get(method, {})]  # fmt: skip
+                          if np.isfinite(r["metrics"].get(test_set, {}).get(method, {}).get(metric, np.nan))]  # fmt: skip
                 if values:
                     sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                     cell[metric] = {"mean": float(np.mean(values)), "sd": sd, "values": values}
@@ -732,13 +857,16 @@ def render_seeds_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Reproduction over seeds {', '.join(str(s) for s in summary['seeds'])}", "",
              "Mean ± sample standard deviation over the seeds; per-seed reports in `seed_<s>/results.md`.", ""]  # fmt: skip
     for test_set, methods in summary["metrics"].items():
-        lines += [f"## {test_set}", "", "| method | PSNR (dB) | SSIM | PSNR per seed |", "|---|---|---|---|"]
+        lines += [f"## {test_set}", "", "| method | PSNR (dB) | SSIM | dim recall | dim precision | PSNR per seed |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for method, cell in methods.items():
             p, q = cell.get("psnr"), cell.get("ssim")
             psnr = f"{p['mean']:.2f} ± {p['sd']:.2f}" if p else "–"
             ssim = f"{q['mean']:.4f} ± {q['sd']:.4f}" if q else "–"
+            dims = [cell.get(k) for k in ("dim_recall", "dim_precision")]
+            dim = " | ".join(f"{d['mean']:.3f} ± {d['sd']:.3f}" if d else "–" for d in dims)
             per = ", ".join(f"{v:.2f}" for v in p["values"]) if p else ""
-            lines.append(f"| {LABELS.get(method, method)} | {psnr} | {ssim} | {per} |")
+            lines.append(f"| {LABELS.get(method, method)} | {psnr} | {ssim} | {dim} | {per} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -747,7 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="experiment size (default small)")
     parser.add_argument("--output", default="docs/results", help="report folder (default docs/results)")
-    parser.add_argument("--work-dir", default=None, help="data, models and predictions (default outputs/reproduce_<scale>, git-ignored)")
+    parser.add_argument("--work-dir", default=None, help="data, models and predictions (default outputs/reproduce_<scale>, "
+                        "git-ignored; each domain keeps its own data and runs folders there)")  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS, metavar="METHOD",
                         help=f"methods to run, from {', '.join(ALL_METHODS)} (default all)")
     parser.add_argument("--threads", type=int, default=None,
@@ -757,6 +886,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="override the scale's epochs (a later run with more epochs extends the trainings)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="born_wolf",
+                        help="simulated data: born_wolf (the paper's study, default) or vesicles (an independent "
+                             "domain: other structures, a vectorial PSF with spherical aberration)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: one full run each under <output>/seed_<s> (work dir likewise), then "
                              "seeds.md / seeds.json with mean ± sd; an interrupted campaign resumes per seed")  # fmt: skip
@@ -765,7 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     if not args.seeds:
         runner = Runner(
-            args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs
+            args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs,
+            args.domain,
         )
         report = runner.run(command)
         logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")
@@ -776,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         runner = Runner(
             args.scale, str(output / f"seed_{seed}"), str(work / f"seed_{seed}"), args.methods, args.threads,
-            args.jobs, seed, args.max_epochs,
+            args.jobs, seed, args.max_epochs, args.domain,
         )  # fmt: skip
         reports.append(runner.run(command))
     summary = aggregate_seeds(reports)

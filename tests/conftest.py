@@ -10,8 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-# keep the 2-core CI machine responsive and results repeatable
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# keep the 2-core CI machine responsive and results repeatable. Under pytest-xdist (the README runs
+# ``-n 2``) each worker, and every subprocess it starts (bundle commands inherit the environment),
+# computes on one thread, so two workers keep two cores busy without oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Session fixtures that train or simulate through the command line (minutes): every test that asks
+# for one runs on the same xdist worker (``--dist loadgroup``), so each is made once, not once per worker.
+SHARED_SESSION_FIXTURES = {"quick_dataset", "quick_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("quick"))
 
 
 @pytest.fixture(scope="session")

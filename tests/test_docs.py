@@ -94,7 +94,8 @@ GROUPS = [
 def test_every_backticked_override_in_the_guide_is_a_config_id():
     """Overrides shown alone (``--inference_roi_size "[64,64,64]"``) name ids of the configs."""
     parsers = [_ids(group) for group in GROUPS]
-    script_args = {"resume", "overwrite", "scale", "methods", "jobs", "threads", "max-epochs", "seed", "seeds", "quick", "out"}
+    script_args = {"resume", "overwrite", "scale", "methods", "jobs", "threads", "max-epochs", "seed", "seeds", "quick", "out",
+                   "domain"}
     for doc in DOCS:
         for key in re.findall(r"`--([a-z_#0-9]+)[ =`]", (ROOT / doc).read_text()):
             if key in CLI_ARGS or key in script_args:

@@ -70,6 +70,9 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
         assert cells[1] == f"{metrics['born_wolf_20dB'][m]['ssim']:.4f}"
         if m in reproduce.PAPER["born_wolf"]:
             assert cells[3] == f"{reproduce.PAPER['born_wolf'][m][0]:.2f}"
+        assert cells[6:] == reproduce._fmt_dim(metrics["born_wolf_20dB"][m]).split(" | ")  # dim recall, precision
+        recall = metrics["born_wolf_20dB"][m]["dim_recall"]
+        assert 0.0 <= recall <= 1.0, (m, recall)
     # Table II: the vectorial columns
     table2 = _table_rows(md, "## Table II")
     for m in METHODS:
@@ -102,12 +105,47 @@ def test_rerun_skips_finished_steps(tiny_run):
     for m, mtime in models.items():
         assert (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns == mtime
     after = json.loads((out / "results.json").read_text())
-    assert after["metrics"] == before["metrics"]
+    assert json.dumps(after["metrics"]) == json.dumps(before["metrics"])  # NaN-safe comparison
+
+
+@pytest.mark.slow
+def test_vesicles_domain_trains_and_tests_on_its_own_data(tmp_path):
+    """--domain vesicles: training and test data of the independent domain (vectorial PSF with the index
+    mismatch), its own runs folder, one Table II-style table formatted from the JSON, no noise sweep."""
+    out = tmp_path / "results"
+    methods = ["nonblind", "sharp_cycle", "rl"]
+    cmd = [sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--domain", "vesicles", "--output", str(out),
+           "--work-dir", str(tmp_path / "work"), "--threads", "1", "--jobs", "2", "--methods", *methods]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-5000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["domain"] == "vesicles" and list(report["metrics"]) == ["vesicles_vectorial_20dB"]
+    for data in ("data/train_vesicles_vectorial_20dB", "data/test/vesicles_vectorial_20dB"):
+        params = json.loads((tmp_path / "work" / data / "dataset.json").read_text())["parameters"]
+        assert (params["phantom_model"], params["psf_model"], params["n_sample"], params["psf_depth"]) == (
+            "vesicles", "vectorial", 1.33, 2.0)
+    for m in ("nonblind", "sharp_cycle"):
+        assert (tmp_path / "work/runs_vesicles" / m / "models/model.pt").is_file()
+        command = json.loads((tmp_path / "work/runs_vesicles" / m / "train_done.json").read_text())["command"]
+        assert ("configs/sharp_cycle.json" in " ".join(command)) == (m == "sharp_cycle")
+    assert not (tmp_path / "work/runs").exists()
+    md = (out / "results.md").read_text()
+    assert "## Table I" not in md and "## Noise sweep" not in md
+    table = _table_rows(md, "## Independent domain")
+    metrics = report["metrics"]["vesicles_vectorial_20dB"]
+    assert set(table) == {reproduce.LABELS[m] for m in ["input", *methods]}
+    for m in ["input", *methods]:
+        cells = table[reproduce.LABELS[m]]
+        assert cells[0] == f"{metrics[m]['psnr']:.2f}" and cells[1] == f"{metrics[m]['ssim']:.4f}"
+        assert cells[3:] == reproduce._fmt_dim(metrics[m]).split(" | ")
+    assert report["figures"] == ["slices_vesicles_vectorial_20dB.png"]
 
 
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         reproduce.Runner("tiny", tmp_path, methods=["supervised", "magic"])
+    with pytest.raises(ValueError, match="unknown domain 'beads'"):
+        reproduce.Runner("tiny", tmp_path, domain="beads")
     assert not os.listdir(tmp_path)
 
 
@@ -117,13 +155,14 @@ def test_seeds_run_one_campaign_each_and_report_mean_and_sd(tmp_path, monkeypatc
     psnr = {0: 30.0, 1: 31.0, 2: 32.5}
 
     class FakeRunner:
-        def __init__(self, scale, output, work_dir, methods, threads, jobs, seed, max_epochs):
+        def __init__(self, scale, output, work_dir, methods, threads, jobs, seed, max_epochs, domain):
             calls.append((Path(output).name, Path(work_dir).name, seed))
             self.seed = seed
 
         def run(self, command):
             return {"seed": self.seed, "metrics": {"born_wolf_20db": {
-                "input": {"psnr": 22.0, "ssim": 0.7}, "blind": {"psnr": psnr[self.seed], "ssim": 0.9 + 0.01 * self.seed}}}}
+                "input": {"psnr": 22.0, "ssim": 0.7}, "blind": {"psnr": psnr[self.seed], "ssim": 0.9 + 0.01 * self.seed,
+                                                                "dim_recall": 0.7 + 0.1 * self.seed, "dim_precision": float("nan")}}}}
 
     monkeypatch.setattr(reproduce, "Runner", FakeRunner)
     assert reproduce.main(["--scale", "tiny", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"),
@@ -134,4 +173,5 @@ def test_seeds_run_one_campaign_each_and_report_mean_and_sd(tmp_path, monkeypatc
     assert cell["values"] == [30.0, 31.0, 32.5]
     assert cell["mean"] == pytest.approx(31.1666667) and cell["sd"] == pytest.approx(1.2583057, rel=1e-6)  # sample sd
     md = (tmp_path / "out/seeds.md").read_text()
-    assert "| proposed, blind (learned PSF) | 31.17 ± 1.26 | 0.9100 ± 0.0100 | 30.00, 31.00, 32.50 |" in md
+    # dim recall aggregated like PSNR; a NaN precision (no dim voxels) is left out, here of every seed
+    assert "| proposed, blind (learned PSF) | 31.17 ± 1.26 | 0.9100 ± 0.0100 | 0.800 ± 0.100 | – | 30.00, 31.00, 32.50 |" in md
