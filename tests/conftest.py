@@ -19,15 +19,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 else:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# Session fixtures that train or simulate through the command line (minutes): every test that asks
+# Fixtures that train through the command line (minutes), shared by several tests: every test that asks
 # for one runs on the same xdist worker (``--dist loadgroup``), so each is made once, not once per worker.
-SHARED_SESSION_FIXTURES = {"quick_dataset", "quick_model"}
+# (The simulated datasets take seconds: each worker makes its own.)
+SHARED_TRAINED_FIXTURES = ("quick_model", "tiny_run")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SHARED_SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("quick"))
+        used = [f for f in SHARED_TRAINED_FIXTURES if f in getattr(item, "fixturenames", ())]
+        if used:
+            item.add_marker(pytest.mark.xdist_group(used[0]))
 
 
 @pytest.fixture(scope="session")
