@@ -21,6 +21,7 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/sharp_cycle.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/discrepancy_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/background_cycle.json"],
 ]
 
 
@@ -48,6 +49,9 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     if "discrepancy_cycle.json" in " ".join(files):  # the noise-aware blurred cycle reads the calibrated noise
         assert type(trainer.blurred_cycle_loss).__name__ == "DiscrepancyCycleLoss"
         assert trainer.blurred_cycle_loss.noise is trainer.blur_noise
+    if "background_cycle.json" in " ".join(files):  # the blurred cycle blind to a smooth background
+        loss = trainer.blurred_cycle_loss
+        assert type(loss).__name__ == "HighPassCycleLoss" and loss.sigma == (4.0, 4.0, 4.0) and loss.weight == 1.0
     if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
         blur = wf.parser.get_parsed_content("blur")
         assert blur.parameterization == "vectorial" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
