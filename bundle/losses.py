@@ -159,6 +159,10 @@ class CycleLoss(nn.Module):
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args: reconstruction, target: ``(B, C, D, H, W)``. Returns: scalar."""
         diff = reconstruction - target
+        return self.penalty(diff)
+
+    def penalty(self, diff: torch.Tensor) -> torch.Tensor:
+        """``γ · mean |diff|^p`` of a residual ``diff`` (any shape): the reduction subclasses share."""
         return self.weight * (diff.abs().mean() if self.power == 1 else diff.square().mean())
 
     def extra_repr(self) -> str:
@@ -264,7 +268,7 @@ class HighPassCycleLoss(CycleLoss):
         diff = reconstruction - target
         kernels = [getattr(self, f"kernel_{i}").to(diff.dtype) for i in range(3)]
         high = diff - separable_filtering(diff, kernels, mode="replicate")
-        return self.weight * (high.abs().mean() if self.power == 1 else high.square().mean())
+        return self.penalty(high)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, sigma={self.sigma}, power={self.power}"
