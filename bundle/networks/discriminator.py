@@ -10,6 +10,7 @@ from torch import nn
 __all__ = ["MultiScalePatchDiscriminator", "patchgan_output_size"]
 
 _PADDING = 1
+_GAMMA_EPS = 1e-3
 
 
 def _conv_out(n: int, kernel_size: int, stride: int, padding: int = _PADDING) -> int:
@@ -64,6 +65,12 @@ class MultiScalePatchDiscriminator(nn.Module):
         kernel_size: conv kernel size (4 as in pix2pix, or 3).
         dropout: dropout ratio inside the PatchGANs.
         min_input_size: smallest spatial side the discriminator must accept (the training crop).
+        input_gamma: the PatchGANs see ``(max(x, 0) + ε)^γ − ε^γ`` (ε = 1e-3) instead of ``x``; 1
+            (default) is ``x`` itself. γ < 1 (e.g. 0.5) stretches faint intensities, so faint
+            structure is as visible to the discriminator as bright structure (a linear view lets it
+            judge mostly the bright voxels, and a generator may then give faint ones up for a clean
+            background); γ > 1 hides them. Scale-free: with instance norm, ``a·x`` and ``x`` look
+            alike up to ε.
 
     Example::
 
@@ -81,8 +88,12 @@ class MultiScalePatchDiscriminator(nn.Module):
         kernel_size: int = 4,
         dropout: float = 0.0,
         min_input_size: int = 32,
+        input_gamma: float = 1.0,
     ) -> None:
         super().__init__()
+        if not input_gamma > 0:
+            raise ValueError(f"input_gamma must be > 0, got {input_gamma}")
+        self.input_gamma = float(input_gamma)
         if not 1 <= num_scales <= 4:
             raise ValueError(f"num_scales must be between 1 and 4, got {num_scales}")
         if kernel_size not in (3, 4, 5):
@@ -134,6 +145,12 @@ class MultiScalePatchDiscriminator(nn.Module):
         """Halve the resolution: ``(B, C, D, H, W)`` → ``(B, C, ⌈D/2⌉, ⌈H/2⌉, ⌈W/2⌉)``."""
         return F.avg_pool3d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
 
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """The intensities the PatchGANs see: ``x`` for ``input_gamma`` 1, else the power law above (same shape)."""
+        if self.input_gamma == 1.0:
+            return x
+        return (x.clamp(min=0) + _GAMMA_EPS) ** self.input_gamma - _GAMMA_EPS**self.input_gamma
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Args: x: ``(B, in_channels, D, H, W)``, every side ≥ ``min_input_size``.
 
@@ -147,6 +164,7 @@ class MultiScalePatchDiscriminator(nn.Module):
                 f"input {tuple(x.shape[2:])} is smaller than min_input_size={self.min_input_size}; "
                 "build the discriminator with a smaller min_input_size"
             )
+        x = self.view(x)
         outputs: list[torch.Tensor] = []
         for scale, disc in enumerate(self.discriminators):
             if scale > 0:

@@ -50,3 +50,26 @@ def test_bad_arguments():
         MultiScalePatchDiscriminator(num_scales=4, min_input_size=8)
     with pytest.raises(ValueError, match="num_scales"):
         MultiScalePatchDiscriminator(num_scales=0)
+
+
+def test_input_gamma_view():
+    x = torch.rand(1, 1, 32, 32, 32)
+    assert torch.equal(MultiScalePatchDiscriminator(channels=4).view(x), x)  # gamma 1: the input itself
+    d = MultiScalePatchDiscriminator(channels=4, input_gamma=0.5)
+    v = d.view(torch.tensor([-0.5, 0.0, 0.01, 0.25, 1.0]))
+    assert abs(v[0]) < 1e-6 and abs(v[1]) < 1e-6  # negative values clamp to the zero level
+    assert torch.allclose(v[2:], torch.tensor([0.01, 0.25, 1.0]).add(1e-3).sqrt() - 1e-3**0.5)
+    # faint voxels weigh more in the gamma 0.5 view: 1 % of the maximum becomes ~8 % of it
+    assert v[2] / v[4] > 0.07
+    # same weights, different view → different logits; gradients reach the input through the view
+    torch.manual_seed(0)
+    linear = MultiScalePatchDiscriminator(channels=4)
+    gamma = MultiScalePatchDiscriminator(channels=4, input_gamma=0.5)
+    gamma.load_state_dict(linear.state_dict())  # the view holds no parameters
+    xg = x.clone().requires_grad_(True)
+    out = gamma(xg)
+    assert not torch.allclose(out[0], linear(x)[0])
+    sum(o.sum() for o in out).backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="input_gamma"):
+        MultiScalePatchDiscriminator(channels=4, input_gamma=0.0)
