@@ -70,7 +70,8 @@ class MultiScalePatchDiscriminator(nn.Module):
             structure is as visible to the discriminator as bright structure (a linear view lets it
             judge mostly the bright voxels, and a generator may then give faint ones up for a clean
             background); γ > 1 hides them. Scale-free: with instance norm, ``a·x`` and ``x`` look
-            alike up to ε.
+            alike up to ε. Written here rather than MONAI's ``AdjustContrast``, which rescales by each
+            volume's own min and range, so a crop's view would depend on what else it holds.
 
     Example::
 
