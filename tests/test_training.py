@@ -128,12 +128,16 @@ def test_a_killed_run_resumes_exactly(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_blind_parametric_psf_recovers_the_true_na(quick_dataset, tmp_path):
-    """Blind training from a wrong NA (1.0) moves the learned NA to within 0.05 of the truth (1.4)."""
+    """Blind training from a wrong NA (1.0) moves the learned NA to within 0.05 of the truth (1.4).
+
+    Measured trajectory (validation every 25 iterations): 1.17, 1.26, 1.30, 1.34, 1.36, 1.38, 1.39, 1.394
+    at 200 iterations (8 epochs), 1.399 at 250: 8 epochs leave the bar a wide margin.
+    """
     true_na = json.loads((quick_dataset / "dataset.json").read_text())["parameters"]["na"]
     run_bundle(
         "training", QUICK_BLIND,
         "--dataset_dir", str(quick_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
-        "--psf_init_na", "1.0", "--max_epochs", "10", "--val_interval", "10",
+        "--psf_init_na", "1.0", "--max_epochs", "8", "--val_interval", "8",
     )
     history = json.loads((tmp_path / "eval/validation.json").read_text())
     learned = history[-1]["psf"]["na"]
