@@ -94,3 +94,10 @@ def test_unpaired_dataset_and_validation_take_one_range_per_domain(tiny_dataset)
     pair = paired_datalist(str(tiny_dataset / "val/blurred"), str(tiny_dataset / "val/ground_truth"))[0]
     out = paired_transforms(image_range=(0.0, 1e6), label_range=None)(pair)
     assert float(out["image"].max()) < 1e-3 and float(out["label"].max()) == pytest.approx(1.0)
+
+
+def test_unpaired_dataset_sharp_margin_enlarges_only_the_sharp_crops(tiny_dataset):
+    ds = unpaired_dataset(str(tiny_dataset / "train/sharp"), str(tiny_dataset / "train/blurred"), length=2,
+                          patch_size=(16, 16, 16), sharp_margin=(0, 4, 4))
+    item = ds[0]
+    assert tuple(item["sharp"].shape) == (1, 16, 24, 24) and tuple(item["blurred"].shape) == (1, 16, 16, 16)

@@ -230,3 +230,30 @@ def test_blur_adversarial_weight_moves_only_the_psf():
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0]["h"], grads[5.0]["h"], strict=True))
     assert _build("blind").blur_adversarial_weight == 1.0  # default: adversarial_weight
+
+
+def test_a_sharp_margin_blurs_the_larger_crop_and_keeps_its_centre():
+    """x crops of 32 + 2·8 laterally: h*x is computed on the whole crop, then x and h*x are cut to the
+    blurred crop's 32³ centre, where the blur holds the light of structure outside it."""
+    from bundle.engine.steps import centre_crop
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.rand(1, 1, 32, 48, 48, generator=g)
+    loader = [{"sharp": big, "blurred": torch.rand(1, 1, 32, 32, 32, generator=g)}]
+    trainer = _build("nonblind", loader=loader)
+    seen = {}
+    real_blur = trainer.blur.forward
+    trainer.blur.forward = lambda v: seen.setdefault("blur_input", v) is not None and real_blur(v)
+    trainer.run()
+    out = trainer.state.output[0]
+    assert tuple(seen["blur_input"].shape[2:]) == (32, 48, 48)  # the blur saw the whole sharp crop
+    assert tuple(out[CycleGANKeys.SHARP].shape) == (1, 32, 32, 32)  # x was cut to the centre
+    torch.testing.assert_close(out[CycleGANKeys.SHARP], big[0, :, :, 8:40, 8:40])
+    # the centre of the blurred larger crop differs from blurring the centre alone (the border light)
+    with torch.no_grad():
+        inside = centre_crop(trainer.blur(big), (32, 32, 32))
+        alone = trainer.blur(big[:, :, :, 8:40, 8:40])
+    assert float((inside - alone).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="smaller than the blurred crop"):
+        centre_crop(torch.zeros(1, 1, 8, 8, 8), (8, 16, 16))
+

@@ -90,7 +90,9 @@ def test_the_config_trains_against_the_deconvolved_stacks(tiny_dataset, tmp_path
     blurred = sorted((tiny_dataset / "train/blurred").glob("*.tif"))
     assert len(made) == len(blurred) > 0
     item = dataset[0]
-    assert set(item) >= {"sharp", "blurred"} and item["sharp"].shape == item["blurred"].shape
+    margin = wf.parser.get_parsed_content("sharp_margin")  # the sharp crops are that much larger per side
+    assert set(item) >= {"sharp", "blurred"}
+    assert list(item["sharp"].shape[1:]) == [n + 2 * m for n, m in zip(item["blurred"].shape[1:], margin)]
 
 
 @pytest.mark.parametrize("model", ["microtubules", "vesicles"])
@@ -124,7 +126,8 @@ def test_the_simulated_config_builds_the_training_dataset(tiny_dataset, tmp_path
     wf.initialize()
     item = wf.parser.get_parsed_content("train#dataset")[0]
     assert len(list((tmp_path / "eval/sharp_domain").glob("sharp_sim_*.tif"))) == 2
-    assert item["sharp"].shape == item["blurred"].shape
+    margin = wf.parser.get_parsed_content("sharp_margin")
+    assert list(item["sharp"].shape[1:]) == [n + 2 * m for n, m in zip(item["blurred"].shape[1:], margin)]
     record = json.loads((tmp_path / "eval/sharp_domain/sharp_sim.json").read_text())
     assert record["density_match"]["sources"]["match_blurred"] == str(tiny_dataset / "train" / "blurred")
     assert record["density_match"]["multiplier"] > 0  # matched to the training's blurred stacks

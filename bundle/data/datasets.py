@@ -59,6 +59,7 @@ def unpaired_dataset(
     voxel_size: Sequence[float] | None = None,
     sharp_range: Sequence[float] | None = None,
     blurred_range: Sequence[float] | None = None,
+    sharp_margin: Sequence[int] | None = None,
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -81,11 +82,17 @@ def unpaired_dataset(
         sharp_range: one intensity range ``(v_lo, v_hi)`` mapped to [0, 1] in every X volume instead of
             each volume's ``sharp_percentiles`` (:func:`~bundle.data.domain_intensity_range`).
         blurred_range: the same for Y.
+        sharp_margin: voxels added on each side of the X crops, per axis ``(z, y, x)``: the trainer blurs
+            the larger crop and keeps its centre (``patch_size``), so that ``h*x`` there holds the blur
+            of structure outside the patch, as a real stack does. ``None``: X crops of ``patch_size``.
     """
 
-    def domain(files: list[str], percentiles: Sequence[float], intensity_range: Sequence[float] | None) -> Dataset:
+    def domain(
+        files: list[str], percentiles: Sequence[float], intensity_range: Sequence[float] | None, margin=None
+    ) -> Dataset:
+        size = [int(p) + 2 * int(m) for p, m in zip(patch_size, margin or [0] * len(patch_size), strict=True)]
         transform = train_transforms(
-            patch_size,
+            size,
             percentiles,
             True,
             rotate_axes,
@@ -98,7 +105,7 @@ def unpaired_dataset(
         )
 
     return UnpairedDataset(
-        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range),
+        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin),
         domain(list_volumes(blurred_dir), blurred_percentiles, blurred_range),
         length=length,
     )

@@ -17,6 +17,7 @@ from bundle.engine.steps import (
     _release_grads,
     _set_requires_grad,
     _step,
+    centre_crop,
     prepare_unpaired_batch,
 )
 from bundle.flags import as_flag
@@ -170,7 +171,7 @@ class CycleGANTrainer(Trainer):
             raise ValueError("must provide batch data for current iteration.")
         x, y = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # keep MONAI's event order for handlers
-        g_terms, hx, gy = self._generator_step(engine, x, y)  # (1) G and h, discriminators frozen
+        g_terms, x, hx, gy = self._generator_step(engine, x, y)  # (1) G and h, discriminators frozen
         d_terms = self._discriminator_step(x, y, hx, gy)  # (2) φ (and ψ) on history-pooled fakes
         if self.scaler is not None:
             self.scaler.update()
@@ -187,7 +188,7 @@ class CycleGANTrainer(Trainer):
 
     def _generator_step(
         self, engine: Trainer, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step of G and h with the discriminators frozen.
 
         The loss is a sum of a term of the x-cycle and a term of the y-cycle, which share no
@@ -195,13 +196,19 @@ class CycleGANTrainer(Trainer):
         one cycle's graph is alive at a time (the same gradient as one backward of the sum, with about
         half the activation memory).
 
+        A sharp crop larger than the blurred one (the dataset's ``sharp_margin``) is blurred whole, then
+        ``x`` and ``h*x`` are cut to the blurred crop's centre: there ``h*x`` holds the light of structure
+        outside the crop, as a real stack does, not the dark border of a convolution of the crop alone.
+
         Returns:
-            the detached loss terms (``CycleGANKeys``), ``h*x`` (with blur-path noise) and ``G(y)``.
+            the detached loss terms (``CycleGANKeys``), ``x`` (cut to the blurred crop's size), ``h*x``
+            (with blur-path noise) and ``G(y)``.
         """
         _set_requires_grad((self.d_sharp, self.d_blurred), False)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
             hx = self.blur(x)  # h*x: sharp → blurred
+            x, hx = (centre_crop(v, y.shape[2:]) for v in (x, hx))  # no-op unless x has a margin
             if self.blur_noise is not None:
                 hx = self.blur_noise(hx)
             x_cycle = self.g_deblur(hx)  # G(h*x) ≈ x
@@ -231,7 +238,7 @@ class CycleGANTrainer(Trainer):
             k.ADV_SHARP: adv_sharp.detach(),
             k.ADV_BLURRED: adv_blurred.detach(),
         }
-        return terms, hx, gy
+        return terms, x, hx, gy
 
     def _discriminator_step(
         self, x: torch.Tensor, y: torch.Tensor, hx: torch.Tensor, gy: torch.Tensor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -76,3 +76,12 @@ def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> No
         if net is not None:
             for p in net.parameters():
                 p.requires_grad_(flag)
+
+
+def centre_crop(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centre ``size`` of a ``(B, C, *spatial)`` tensor (each spatial side >= ``size``)."""
+    starts = [(n - s) // 2 for n, s in zip(volume.shape[2:], size, strict=True)]
+    if min(starts) < 0:
+        raise ValueError(f"a sharp crop {tuple(volume.shape[2:])} is smaller than the blurred crop {tuple(size)}")
+    return volume[(..., *(slice(a, a + s) for a, s in zip(starts, size, strict=True)))]
+
