@@ -88,7 +88,10 @@ def unpaired_dataset(
     """
 
     def domain(
-        files: list[str], percentiles: Sequence[float], intensity_range: Sequence[float] | None, margin=None
+        files: list[str],
+        percentiles: Sequence[float],
+        intensity_range: Sequence[float] | None,
+        margin: Sequence[int] | None = None,
     ) -> Dataset:
         size = [int(p) + 2 * int(m) for p, m in zip(patch_size, margin or [0] * len(patch_size), strict=True)]
         transform = train_transforms(

@@ -79,7 +79,11 @@ def _set_requires_grad(nets: Iterable[torch.nn.Module | None], flag: bool) -> No
 
 
 def centre_crop(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The centre ``size`` of a ``(B, C, *spatial)`` tensor (each spatial side >= ``size``)."""
+    """The centre ``size`` of a ``(B, C, *spatial)`` tensor (each spatial side >= ``size``).
+
+    Written here because MONAI's ``CenterSpatialCrop`` takes one channel-first item, not a batch, and
+    this runs on the batched tensors inside the iteration (a view, no copy).
+    """
     starts = [(n - s) // 2 for n, s in zip(volume.shape[2:], size, strict=True)]
     if min(starts) < 0:
         raise ValueError(f"a sharp crop {tuple(volume.shape[2:])} is smaller than the blurred crop {tuple(size)}")
