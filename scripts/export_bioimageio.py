@@ -74,6 +74,12 @@ def _generator(model: Any) -> torch.nn.Module:
     net = load_network(model, "cpu")
     if not isinstance(net, DeblurUNet):
         raise ValueError(f"{model}: expected a DeblurUNet generator, got {type(net).__name__}")
+    if hasattr(net, "guide_psf"):
+        raise ValueError(
+            f"{model}: an RL-guided generator (configs/rl_guided.json) runs Richardson–Lucy inside the network, "
+            "which TorchScript and bioimage.io consumers cannot run; train without configs/rl_guided.json to "
+            "export a model"
+        )
     return net.float().eval()
 
 

@@ -441,7 +441,7 @@ class Runner:
         ``inferer``'s deconvolver for its ``network``."""
         from monai.bundle import ConfigParser
 
-        from bundle.inference import load_checkpoint
+        from bundle.inference import load_checkpoint, network_for_checkpoint
 
         files = ["configs/common.json", *self.scale.config_overrides, "configs/inference.json"]
         if method == "rl":
@@ -456,8 +456,10 @@ class Runner:
             # one window holding the whole test volume: RL sees the volume as best_iteration did
             parser["rl_roi_size"] = [-(-int(s) // 16) * 16 for s in self.scale.eval_shape]
             return parser.get_parsed_content("inferer").deconvolver_for(parser.get_parsed_content("network"))
-        network = parser.get_parsed_content("network")
-        load_checkpoint(network, self.run_dir(method) / "models" / "model.pt")  # before the optimised copy is made
+        model_pt = self.run_dir(method) / "models" / "model.pt"
+        # the configs' network, or the one the checkpoint describes (e.g. the non-blind RLGuidedUNet)
+        network = network_for_checkpoint(parser.get_parsed_content("network"), model_pt)
+        load_checkpoint(network, model_pt)  # before the optimised copy is made
         return parser.get_parsed_content("inferer").deconvolver_for(network)
 
     def predict(self, method: str, test_set: str, deconvolver) -> list[np.ndarray]:

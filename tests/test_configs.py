@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import ID_SEP_KEY
 
@@ -271,3 +272,17 @@ def test_domain_scale_reads_the_training_folders_and_reaches_data_and_network(ex
     raw = torch.as_tensor(__import__("tifffile").imread(dataset.data[0]["image"]))
     lo, hi = expected_blurred
     torch.testing.assert_close(item["image"][0].float(), ((raw.float() - lo) / (hi - lo)).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_rl_guided_config_builds_the_guided_generator_with_the_blur_paths_psf(tiny_dataset):
+    """``configs/rl_guided.json`` after ``train_nonblind.json``: G is an ``RLGuidedUNet`` whose guide PSF is
+    the non-blind blur path's kernel (the one the cycle blurs with), with the configured RL iterations."""
+    from bundle.networks import RLGuidedUNet
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json", "train_nonblind.json", "rl_guided.json", "quick.json")])
+    parser.update({"dataset_dir": str(tiny_dataset), "psf_kernel_size": [15, 15, 15], "generator_rl_iterations": 12, "device": "$torch.device('cpu')"})
+    g = parser.get_parsed_content("g_deblur")
+    kernel = parser.get_parsed_content("blur_path").kernel().detach()
+    assert isinstance(g, RLGuidedUNet) and int(g.guide_iterations) == 12
+    torch.testing.assert_close(g.guide_psf, kernel / kernel.sum())

@@ -191,3 +191,16 @@ def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
     _monai_bundle("run", "inference", "--config_file", "configs/inference.json", "--input", str(stack),
                   "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env, flags=("-S",))
     assert (tmp_path / "out" / f"{stack.stem}_deconv.tif").is_file()
+
+
+def test_an_rl_guided_model_is_refused_with_the_reason(tmp_path):
+    from bundle.networks import RLGuidedUNet
+    from bundle.physics.psf import gaussian_psf
+
+    net = RLGuidedUNet(psf=gaussian_psf((9, 9, 9)), rl_iterations=3, features=(16, 32, 64, 16), depth=2, norm="batch",
+                       align_corners=False)  # fmt: skip
+    (tmp_path / "models").mkdir()
+    torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
+    with pytest.raises(ValueError, match="model.pt: an RL-guided generator"):
+        export_bundle(tmp_path / "dist" / "deconv.zip", ROOT, tmp_path / "models", QUICK_COMMON, "deconv")
+    assert not (tmp_path / "dist" / "deconv.zip").exists()

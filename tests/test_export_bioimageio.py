@@ -90,3 +90,15 @@ def test_bad_test_input_writes_nothing(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="smaller than the test size"):
         export_bioimageio(tiny_model, tmp_path / "out" / "pkg.zip", test_input=str(small), check=False)
     assert not (tmp_path / "out" / "pkg.zip").exists()
+
+
+def test_an_rl_guided_model_is_refused_with_the_reason(tmp_path):
+    """The non-blind default runs Richardson–Lucy inside the network, which TorchScript cannot compile."""
+    from bundle.networks import RLGuidedUNet
+    from bundle.physics.psf import born_wolf_psf
+
+    net = RLGuidedUNet(psf=born_wolf_psf((9, 9, 9)), rl_iterations=3, features=(4, 8, 8, 4), depth=2, norm="batch")
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=f"{tmp_path}: an RL-guided generator"):
+        export_bioimageio(tmp_path, tmp_path / "out" / "pkg.zip", check=False)
+    assert not (tmp_path / "out" / "pkg.zip").exists()

@@ -22,14 +22,20 @@ logger = logging.getLogger(__name__)
 
 
 def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A ``DeblurUNet`` whose sizes (channels, the six ``features``) are read from a state dict.
+    """A ``DeblurUNet`` whose sizes (channels, the six ``features``) are read from a state dict; an
+    ``RLGuidedUNet`` (with its PSF and RL iterations) when the state dict holds ``guide_psf``.
 
     Raises:
         KeyError: the state dict is not a ``DeblurUNet``'s.
     """
-    from bundle.networks import DeblurUNet
+    from bundle.networks import DeblurUNet, RLGuidedUNet
 
-    return DeblurUNet(**generator_arguments(state_dict))
+    args = generator_arguments(state_dict)
+    if "guide_psf" in state_dict:
+        args.pop("in_channels")
+        iterations = int(state_dict["guide_iterations"]) if "guide_iterations" in state_dict else 40
+        return RLGuidedUNet(psf=state_dict["guide_psf"], rl_iterations=iterations, **args)
+    return DeblurUNet(**args)
 
 
 def generator_arguments(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

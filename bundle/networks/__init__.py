@@ -1,4 +1,4 @@
-"""Networks of the cycleGAN with a blur kernel: G (``DeblurUNet``), h (``PSFLayer`` with a kernel from
+"""Networks of the cycleGAN with a blur kernel: G (``DeblurUNet``, ``RLGuidedUNet``), h (``PSFLayer`` with a kernel from
 :mod:`bundle.networks.kernels`), φ/ψ (discriminators)."""
 
 from bundle.networks.discriminator import MultiScalePatchDiscriminator
@@ -12,6 +12,7 @@ from bundle.networks.kernels import (
 )
 from bundle.networks.noise import PoissonGaussianNoise
 from bundle.networks.psf_layer import PSFLayer
+from bundle.networks.rl_guided import RLGuidedUNet
 
 __all__ = [
     "BornWolfKernel",
@@ -22,5 +23,6 @@ __all__ = [
     "MultiScalePatchDiscriminator",
     "PoissonGaussianNoise",
     "PSFLayer",
+    "RLGuidedUNet",
     "VectorialPSFKernel",
 ]
