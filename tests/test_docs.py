@@ -80,7 +80,7 @@ def test_every_shown_override_is_a_config_id(doc, run_id, files, overrides):
 
 
 GROUPS = [
-    ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/quick.json"],
+    ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/rl_guided.json", "configs/quick.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/paper_recipe.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
     ["configs/common.json", "configs/train.json", "configs/train_supervised.json", "configs/train_supervised_gan.json"],
