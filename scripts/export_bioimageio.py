@@ -69,17 +69,14 @@ def scale_range_clip(volume: np.ndarray, percentiles: Sequence[float]) -> np.nda
 def _generator(model: Any) -> torch.nn.Module:
     """The plain ``DeblurUNet`` in float32 eval mode (not the inference rewrite)."""
     from bundle.inference import load_network
-    from bundle.networks import DeblurUNet
+    from bundle.networks import DeblurUNet, RLGuidedUNet
+    from bundle.networks.rl_guided import NOT_EXPORTABLE
 
     net = load_network(model, "cpu")
     if not isinstance(net, DeblurUNet):
         raise ValueError(f"{model}: expected a DeblurUNet generator, got {type(net).__name__}")
-    if hasattr(net, "guide_psf"):
-        raise ValueError(
-            f"{model}: an RL-guided generator (configs/rl_guided.json) runs Richardson–Lucy inside the network, "
-            "which TorchScript and bioimage.io consumers cannot run; train without configs/rl_guided.json to "
-            "export a model"
-        )
+    if isinstance(net, RLGuidedUNet):
+        raise ValueError(f"{model}: {NOT_EXPORTABLE}")
     return net.float().eval()
 
 

@@ -179,19 +179,11 @@ If you train it on your own stacks, their license applies to the resulting model
 def _check_weights(common: dict, model_pt: Path, bundle_root: Path) -> None:
     """Raise ValueError naming ``model_pt`` if it does not load into the exported ``network_def``."""
     sys.path.insert(0, str(bundle_root))
-    import torch
     from monai.bundle import ConfigParser
 
     from bundle.inference import load_checkpoint
 
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "guide_psf" in state.get("model", state):
-        raise ValueError(
-            f"{model_pt}: an RL-guided generator (configs/rl_guided.json) runs Richardson–Lucy inside the network, "
-            "which the model zoo's TorchScript export cannot compile; train without configs/rl_guided.json to "
-            "export a model"
-        )
-    parser = ConfigParser(common)
+    parser = ConfigParser(common)  # an RL-guided model.pt is refused here, with the reason (load_checkpoint)
     load_checkpoint(parser.get_parsed_content("network_def"), model_pt)
 
 

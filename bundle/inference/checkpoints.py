@@ -33,8 +33,7 @@ def network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module
     args = generator_arguments(state_dict)
     if "guide_psf" in state_dict:
         args.pop("in_channels")
-        iterations = int(state_dict["guide_iterations"]) if "guide_iterations" in state_dict else 40
-        return RLGuidedUNet(psf=state_dict["guide_psf"], rl_iterations=iterations, **args)
+        return RLGuidedUNet(psf=state_dict["guide_psf"], rl_iterations=int(state_dict["guide_iterations"]), **args)
     return DeblurUNet(**args)
 
 
@@ -109,6 +108,10 @@ def load_checkpoint(network: nn.Module, path: PathLike) -> nn.Module:
     """
     path = Path(path)
     state = _read_state_dict(path)
+    if "guide_psf" in state and "guide_psf" not in network.state_dict():
+        from bundle.networks.rl_guided import NOT_EXPORTABLE
+
+        raise ValueError(f"{path}: {NOT_EXPORTABLE} (or load it with bundle.inference.load_network)")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:

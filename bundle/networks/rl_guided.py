@@ -10,7 +10,13 @@ import torch
 from bundle.classical.richardson_lucy import _as_psf_tensor, richardson_lucy
 from bundle.networks.generator import DeblurUNet
 
-__all__ = ["RLGuidedUNet"]
+__all__ = ["NOT_EXPORTABLE", "RLGuidedUNet"]
+
+# why the exports (TorchScript, model zoo, bioimage.io) refuse a guided model; callers prefix the file
+NOT_EXPORTABLE = (
+    "an RL-guided generator (configs/rl_guided.json) runs Richardson–Lucy inside the network, which TorchScript "
+    "cannot compile and plain-U-Net consumers cannot run; train without configs/rl_guided.json to export a model"
+)
 
 
 class RLGuidedUNet(DeblurUNet):
@@ -68,8 +74,7 @@ class RLGuidedUNet(DeblurUNet):
                 psf = np.squeeze(tifffile.imread(psf_file))
             except (OSError, ValueError) as e:
                 raise ValueError(f"{psf_file}: cannot read the PSF for the RL-guided generator ({e})") from e
-        kernel = _as_psf_tensor(psf.detach().cpu() if isinstance(psf, torch.Tensor) else psf, torch.device("cpu"), torch.float32)
-        self.register_buffer("guide_psf", kernel / kernel.sum())
+        self.register_buffer("guide_psf", _as_psf_tensor(psf, torch.device("cpu"), torch.float32))  # sum 1
         self.register_buffer("guide_iterations", torch.tensor(int(rl_iterations)))
 
     def guide(self, x: torch.Tensor) -> torch.Tensor:
