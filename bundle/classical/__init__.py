@@ -15,12 +15,23 @@ References:
 Modules: :mod:`~bundle.classical.spectral` (the PSF convolution and its adjoint with the kernel's
 spectrum computed once, pruned FFTs), :mod:`~bundle.classical.richardson_lucy` (the iteration, the
 ``RichardsonLucy`` network for inference configs) and :mod:`~bundle.classical.tuning` (iterations
-chosen on data with ground truth). Everything public is importable from ``bundle.classical``.
+chosen on data with ground truth) and :mod:`~bundle.classical.refine` (RL started from a generator's
+output, the inference pipeline's optional refinement step). Everything public is importable from ``bundle.classical``.
 """
 
 from bundle.classical.network import RichardsonLucy
+from bundle.classical.refine import PSFRefinement, best_refinement, refine_estimate, tuned_refinement
 from bundle.classical.richardson_lucy import richardson_lucy
 from bundle.classical.spectral import _SpectralBlur  # noqa: F401  (used by the classical sharp domain)
 from bundle.classical.tuning import best_iteration, psnr
 
-__all__ = ["richardson_lucy", "RichardsonLucy", "best_iteration", "psnr"]
+__all__ = [
+    "richardson_lucy",
+    "RichardsonLucy",
+    "best_iteration",
+    "psnr",
+    "refine_estimate",
+    "PSFRefinement",
+    "best_refinement",
+    "tuned_refinement",
+]

@@ -70,7 +70,7 @@ def richardson_lucy(
     eps: float = 1e-6,
     stop_tol: float | None = None,
     clip_negative: bool = True,
-    init: str | float = "input",
+    init: str | float | Array = "input",
     boundary_correction: bool = True,
     callback: Callback | None = None,
     device: str | torch.device | None = None,
@@ -116,7 +116,8 @@ def richardson_lucy(
         init: the start estimate ``u_0``: ``"input"`` (default: the clipped input, floored at
             ``eps`` so no voxel is stuck at 0 — converges in fewer iterations than a flat start),
             ``"mean"`` (a flat volume at the input's mean, the classical EM start), or a number
-            (a flat volume at that value; scikit-image uses 0.5).
+            (a flat volume at that value; scikit-image uses 0.5), or an array of the volume's shape
+            (e.g. a network's output, :func:`bundle.classical.refine.refine_estimate`), floored at ``eps``.
         boundary_correction: divide the update by ``A^T 1``, the ML-EM update for a finite field
             of view (Bertero & Boccacci 2005; only acts with ``pad_mode="zeros"``). Without it,
             light piles up in edge voxels (measured: -2.6 dB after 30 iterations on a 32x40x40
@@ -151,13 +152,20 @@ def richardson_lucy(
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if isinstance(init, str) and init not in ("input", "mean"):
-        raise ValueError(f"init must be 'input', 'mean' or a number, got {init!r}")
+        raise ValueError(f"init must be 'input', 'mean', a number or an array, got {init!r}")
+    if isinstance(init, (np.ndarray, torch.Tensor)) and tuple(init.shape) != tuple(x.shape):
+        raise ValueError(f"init array must have the volume's shape {tuple(x.shape)}, got {tuple(init.shape)}")
     in_device = x.device
     work_device = torch.device(device) if device is not None else in_device
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(device=work_device, dtype=dtype)
     if not torch.isfinite(y).all():
         raise ValueError("volume contains NaN or infinite values")
+    if isinstance(init, (np.ndarray, torch.Tensor)):
+        init = torch.as_tensor(np.asarray(init) if isinstance(init, np.ndarray) else init.detach())
+        init = init.to(device=work_device, dtype=dtype)
+        if not torch.isfinite(init).all():
+            raise ValueError("init contains NaN or infinite values")
     h = _as_psf_tensor(psf, work_device, dtype)
     blur = _SpectralBlur(h, y.shape[-3:], pad_mode)
     with torch.no_grad():
@@ -187,14 +195,16 @@ def _iterate(
     eps: float,
     stop_tol: float | None,
     clip_negative: bool,
-    init: str | float,
+    init: str | float | torch.Tensor,
     boundary_correction: bool,
     callback: Callback | None,
 ) -> torch.Tensor:
     """The RL loop on a validated tensor ``y`` ``(..., D, H, W)`` with a prepared :class:`_SpectralBlur`."""
     if clip_negative:
         y = y.clamp(min=0)
-    if init == "input":
+    if isinstance(init, torch.Tensor):
+        u = init.clamp(min=eps)
+    elif init == "input":
         u = y.clamp(min=eps)
     elif init == "mean":
         u = torch.ones_like(y) * y.mean(dim=(-3, -2, -1), keepdim=True).clamp(min=eps)

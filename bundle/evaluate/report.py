@@ -163,7 +163,8 @@ class DeconvolutionReport:
         for pair in pairs:
             name = Path(pair["image"]).name
             with torch.no_grad():
-                pred = deconvolver(pair["image_norm"][None])  # (1, 1, D, H, W) in [0, 1]
+                # (1, 1, D, H, W) in [0, 1]: the windows, then the inferer's refinement if it has one
+                pred = self.inferer(pair["image_norm"][None], self.network)
             x, y = pair["image_norm"][None].float(), pair["label_norm"][None].float()
             in_psnr, in_ssim, in_fit_psnr, in_fit_ssim = _scores(x, y)
             out_psnr, out_ssim, out_fit_psnr, out_fit_ssim = _scores(pred.float(), y)
@@ -213,6 +214,7 @@ class DeconvolutionReport:
                 "sharp_percentiles": list(self.sharp_percentiles),
                 "blurred_intensity_range": input_range,
                 "sharp_intensity_range": None if self.sharp_range is None else list(self.sharp_range),
+                "refine_iterations": getattr(getattr(self.inferer, "refinement", None), "num_iter", 0),
             },
             "volumes": rows,
             "mean": {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,9 @@ class TiledInferer(Inferer):
         optimize: rewrite the network for inference (see above).
         allocator: CPU ``malloc`` policy during a call, as :class:`Deconvolver`.
         device: device of the stitched output (None: the input's).
+        refinement: applied to each stitched output with its input, e.g.
+            :class:`~bundle.classical.PSFRefinement` (Richardson–Lucy started from G's output on the
+            whole volume; config keys ``refine_iterations``, ``refine_psf``); None: off.
 
     Example::
 
@@ -58,8 +61,10 @@ class TiledInferer(Inferer):
         optimize: bool = False,
         allocator: str = "system",
         device: torch.device | str | None = None,
+        refinement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.refinement = refinement
         self.window_inferer, self.roi_size, self.halo = window_inferer, roi_size, halo
         self.sw_batch_size, self.max_pass_voxels = int(sw_batch_size), int(max_pass_voxels)
         self.precision, self.optimize = precision, as_flag(optimize, "optimize")
@@ -89,5 +94,6 @@ class TiledInferer(Inferer):
         self._deconvolvers.clear()
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` in [0, 1] -> the network's output of the same shape."""
-        return self.deconvolver_for(network)(inputs)
+        """``(B, 1, D, H, W)`` in [0, 1] -> the network's output of the same shape (then refined)."""
+        outputs = self.deconvolver_for(network)(inputs)
+        return outputs if self.refinement is None else self.refinement(inputs, outputs)

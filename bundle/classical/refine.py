@@ -1,0 +1,203 @@
+"""Data-consistency refinement of a generator's output: Richardson–Lucy started from it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bundle.classical.richardson_lucy import Array, richardson_lucy
+from bundle.metrics.reference import affine_fit, psnr
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REFINEMENT_FILE", "PSFRefinement", "best_refinement", "refine_estimate", "tuned_refinement"]
+
+
+def _blur_fit(blurred: torch.Tensor, estimate: torch.Tensor, psf: torch.Tensor, pad_mode: str) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` with ``blurred ≈ a * (psf * estimate) + b`` over one volume."""
+    from bundle.classical.spectral import _SpectralBlur
+
+    blur = _SpectralBlur(psf / psf.sum(), estimate.shape[-3:], pad_mode)
+    reblurred = blur.forward(estimate).flatten().double()
+    design = torch.stack([reblurred, torch.ones_like(reblurred)], dim=1)
+    solution = torch.linalg.lstsq(design, blurred.flatten().double()[:, None]).solution.flatten()
+    return float(solution[0]), float(solution[1])
+
+
+def refine_estimate(
+    blurred: Array,
+    estimate: Array,
+    psf: Array,
+    *,
+    num_iter: int,
+    pad_mode: str = "reflect",
+    floor: float = 1e-4,
+    callback=None,
+) -> Array:
+    """``num_iter`` Richardson–Lucy iterations on ``blurred`` that start from ``estimate``.
+
+    The generator supplies what it learned about the structures (a start far better than RL's own);
+    RL then pulls the estimate toward consistency with the measured stack through the PSF, which
+    restores faint structure the generator left out. The generator's output lives in the sharp
+    domain's units, so first ``blurred ≈ a · (psf * estimate) + b`` is fitted by least squares and
+    RL starts from ``max(a · estimate + b, floor · max(blurred))`` (RL cannot revive a voxel at 0);
+    the result is mapped back by ``(u - b) / a``, i.e. it comes out in the estimate's units.
+    Written here because no library starts RL from a network's output: scikit-image's and the
+    bundle's :func:`richardson_lucy` take a flat or input start (this passes the start estimate
+    through its ``init``).
+
+    Args:
+        blurred: the network's input, ``(Z, Y, X)`` (numpy or tensor), normalised as it saw it.
+        estimate: the network's output for it, same shape.
+        psf: ``(kd, kh, kw)`` PSF of the stack (the true one, or the learned ``blur.tif``).
+        num_iter: RL iterations (0: the estimate unchanged).
+        pad_mode: boundary model, see :func:`richardson_lucy`.
+        floor: smallest start value, as a fraction of ``max(blurred)``.
+        callback: passed to :func:`richardson_lucy` (``callback(iteration, u)``, ``u`` in RL's units).
+
+    Returns:
+        The refined estimate, same type, shape and device as ``estimate``, float32 (computed on the
+        estimate's device).
+
+    Raises:
+        ValueError: shapes differ, ``num_iter < 0``, or the estimate does not explain the stack (fitted
+            scale ``a <= 0``: the network's output is not a deconvolution of this stack).
+    """
+    if num_iter < 0:
+        raise ValueError(f"num_iter must be >= 0, got {num_iter}")
+    is_numpy = not isinstance(estimate, torch.Tensor)
+    est = torch.as_tensor(np.asarray(estimate) if is_numpy else estimate.detach()).float()
+    y = torch.as_tensor(np.asarray(blurred) if not isinstance(blurred, torch.Tensor) else blurred.detach()).float()
+    y = y.to(est.device)  # RL runs where the estimate is (the GPU for a CUDA tensor)
+    if est.shape != y.shape or est.ndim != 3:
+        raise ValueError(f"blurred and estimate must be 3D arrays of one shape, got {tuple(y.shape)} and {tuple(est.shape)}")
+    if num_iter == 0:
+        out = est
+    else:
+        h = torch.as_tensor(np.asarray(psf) if not isinstance(psf, torch.Tensor) else psf.detach()).float().to(est.device)
+        a, b = _blur_fit(y, est, h, pad_mode)
+        if not a > 0:
+            raise ValueError(f"the estimate does not explain the stack (fitted scale {a:.3g} <= 0); not refining")
+        start = (a * est + b).clamp(min=floor * float(y.max().clamp(min=1e-12)))
+        u = richardson_lucy(y, h, num_iter=num_iter, pad_mode=pad_mode, init=start, callback=callback)
+        out = (u - b) / a
+    return out.cpu().numpy() if is_numpy else out
+
+
+class PSFRefinement:
+    """Refinement step of the inference pipeline (``TiledInferer(refinement=...)``, config keys
+    ``refine_iterations`` and ``refine_psf``): :func:`refine_estimate` on each whole volume after the
+    windows are stitched, so the result does not depend on the window plan.
+
+    Args:
+        psf: PSF array or a file any reader of :func:`bundle.io.load_volume` takes (read on first
+            use, so an unused refinement needs no file).
+        num_iter: RL iterations (0: off, the output passes unchanged).
+        pad_mode: boundary model, see :func:`richardson_lucy`.
+
+    Example::
+
+        >>> refine = PSFRefinement("models/blur.tif", num_iter=40)
+        >>> out = refine(inputs, outputs)  # (B, 1, D, H, W) each
+    """
+
+    def __init__(self, psf: Array | str | Path | None = None, num_iter: int = 0, pad_mode: str = "reflect") -> None:
+        self.num_iter = int(num_iter)
+        if self.num_iter < 0:
+            raise ValueError(f"refine_iterations must be >= 0, got {num_iter}")
+        if self.num_iter > 0 and psf is None:
+            raise ValueError("refine_iterations > 0 needs a PSF (refine_psf)")
+        self.psf_source, self.pad_mode, self._psf = psf, pad_mode, None
+
+    @property
+    def psf(self) -> np.ndarray:
+        """The PSF as a float32 array (read from its file on first use)."""
+        if self._psf is None:
+            source = self.psf_source
+            if isinstance(source, (str, Path)):
+                from bundle.io import load_volume
+
+                path = Path(source)
+                if not path.is_file():
+                    raise FileNotFoundError(f"refine_psf: no PSF file at {path}")
+                source = load_volume(path)[0]
+            self._psf = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, np.float32)
+            if self._psf.ndim != 3:
+                raise ValueError(f"refine_psf must be a 3D PSF, got shape {self._psf.shape} from {self.psf_source}")
+        return self._psf
+
+    def __call__(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` network inputs and outputs -> refined outputs (same shape, device)."""
+        if self.num_iter == 0:
+            return outputs
+        refined = [
+            refine_estimate(x[0], o[0], self.psf, num_iter=self.num_iter, pad_mode=self.pad_mode)
+            for x, o in zip(inputs, outputs, strict=True)
+        ]
+        return torch.stack(refined)[:, None].to(device=outputs.device, dtype=outputs.dtype)
+
+
+def _fit_psnr(u: torch.Tensor, truth: torch.Tensor) -> float:
+    """PSNR of ``u`` ``(D, H, W)`` against ``truth`` ``(1, 1, D, H, W)`` after the least-squares affine fit."""
+    return psnr(affine_fit(u.double()[None, None], truth), truth)
+
+
+def best_refinement(
+    blurred: Sequence[Array],
+    estimates: Sequence[Array],
+    ground_truths: Sequence[Array],
+    psf: Array,
+    *,
+    max_iter: int = 200,
+    pad_mode: str = "reflect",
+) -> tuple[int, list[float]]:
+    """The refinement's best iteration count on volumes with ground truth (validation), and its curve.
+
+    ``curve[k]`` is the mean PSNR over the volumes after ``k`` iterations (``curve[0]``: the estimate
+    alone), each scored after the least-squares affine fit to its truth (``bundle.evaluate``'s score).
+
+    Returns:
+        ``(best, curve)`` with ``best = argmax(curve)`` (0: refinement does not help).
+    """
+    if not len(blurred) == len(estimates) == len(ground_truths) > 0:
+        raise ValueError("best_refinement needs as many blurred volumes, estimates and truths, at least one")
+    curves = []
+    for y, est, gt in zip(blurred, estimates, ground_truths, strict=True):
+        truth = torch.as_tensor(np.asarray(gt), dtype=torch.float64)[None, None]
+        curve = [_fit_psnr(torch.as_tensor(np.asarray(est)), truth)]
+        refine_estimate(
+            y, est, psf, num_iter=max_iter, pad_mode=pad_mode,
+            callback=lambda _it, u, curve=curve, truth=truth: curve.append(_fit_psnr(u, truth)),
+        )  # fmt: skip
+        curves.append(curve)
+    mean = np.mean(np.asarray(curves), axis=0).tolist()
+    return int(np.argmax(mean)), mean
+
+
+#: the file :func:`tuned_refinement` reads, written by ``scripts/tune_refinement.py`` next to ``model.pt``
+REFINEMENT_FILE = "refinement.json"
+
+
+def tuned_refinement(ckpt_dir: str | Path) -> int:
+    """The refinement iterations tuned for the model in ``ckpt_dir`` (``refinement.json``), 0 if none.
+
+    The default of the inference configs' ``refine_iterations``: a model whose refinement was tuned
+    on validation volumes (``scripts/tune_refinement.py``) is refined with that count everywhere
+    (``run inference``, ``run evaluate``); ``--refine_iterations N`` overrides it, 0 switches it off.
+    """
+    path = Path(ckpt_dir) / REFINEMENT_FILE
+    if not path.is_file():
+        return 0
+    import json
+
+    try:
+        iterations = int(json.loads(path.read_text())["iterations"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a refinement file (needs an integer 'iterations'): {err}") from err
+    if iterations < 0:
+        raise ValueError(f"{path}: 'iterations' must be >= 0, got {iterations}")
+    return iterations

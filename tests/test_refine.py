@@ -1,0 +1,180 @@
+"""Refinement of a generator's output by Richardson–Lucy started from it (bundle.classical.refine)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.signal import fftconvolve
+
+from bundle.classical import (
+    PSFRefinement,
+    best_refinement,
+    refine_estimate,
+    richardson_lucy,
+    tuned_refinement,
+)
+from bundle.inference import TiledInferer
+from bundle.metrics import affine_fit, psnr
+from bundle.networks import DeblurUNet
+
+from conftest import run_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATE = "['configs/common.json','configs/quick.json','configs/inference.json','configs/evaluate.json']"
+
+
+def _gaussian_psf(shape=(9, 9, 9), sigma=(2.0, 1.2, 1.2)) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(s) - s // 2 for s in shape], indexing="ij")
+    psf = np.exp(-sum(g**2 / (2 * s**2) for g, s in zip(grids, sigma, strict=True)))
+    return psf / psf.sum()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """(object, psf, noisy blurred in [0, 1] units, an under-resolved 'network' estimate in other units)."""
+    rng = np.random.default_rng(0)
+    obj = np.zeros((24, 32, 32))
+    for _ in range(25):
+        obj[tuple(rng.integers(4, np.array(obj.shape) - 4))] = rng.uniform(0.2, 1.0)
+    obj = gaussian_filter(obj, 0.6)
+    psf = _gaussian_psf()
+    blurred = fftconvolve(obj, psf, mode="same").clip(0)
+    scale = 1.0 / blurred.max()
+    noisy = (rng.poisson(blurred * scale * 50) / 50).astype(np.float32)  # peak 50 photons
+    # what a half-trained G gives: the object, still blurred a little, on its own scale and offset
+    estimate = (0.3 * gaussian_filter(obj, 0.8) / gaussian_filter(obj, 0.8).max() + 0.02).astype(np.float32)
+    return obj, psf, noisy, estimate
+
+
+def _score(u, obj) -> float:
+    t = torch.as_tensor(obj, dtype=torch.float64)[None, None]
+    return psnr(affine_fit(torch.as_tensor(np.asarray(u), dtype=torch.float64)[None, None], t), t)
+
+
+def test_refinement_raises_the_score_of_an_under_resolved_estimate_and_beats_rl_alone(scene):
+    obj, psf, noisy, estimate = scene
+    before = _score(estimate, obj)
+    refined = refine_estimate(noisy, estimate, psf, num_iter=30)
+    assert refined.shape == estimate.shape and refined.dtype == np.float32
+    assert _score(refined, obj) > before + 1.0
+    best_rl = max(_score(richardson_lucy(noisy, psf, num_iter=n), obj) for n in (10, 30, 60, 100))
+    assert _score(refined, obj) > best_rl
+
+
+def test_zero_iterations_return_the_estimate_and_the_result_keeps_the_estimates_units(scene):
+    _, psf, noisy, estimate = scene
+    assert np.array_equal(refine_estimate(noisy, estimate, psf, num_iter=0), estimate)
+    once = refine_estimate(noisy, estimate, psf, num_iter=10)
+    # the fit absorbs the estimate's scale: twice the estimate gives twice the refined result
+    twice = refine_estimate(noisy, 2 * estimate, psf, num_iter=10)
+    np.testing.assert_allclose(twice, 2 * once, rtol=1e-3, atol=1e-4 * float(once.max()))
+    # and it is in the estimate's range, not the stack's
+    assert abs(float(np.median(once)) - float(np.median(estimate))) < 0.05
+
+
+def test_tensor_in_tensor_out_on_the_inputs_device(scene):
+    _, psf, noisy, estimate = scene
+    out = refine_estimate(torch.as_tensor(noisy), torch.as_tensor(estimate), torch.as_tensor(psf), num_iter=3)
+    assert isinstance(out, torch.Tensor) and out.shape == estimate.shape
+
+
+def test_refinement_errors(scene):
+    _, psf, noisy, estimate = scene
+    with pytest.raises(ValueError, match="one shape"):
+        refine_estimate(noisy, estimate[:-1], psf, num_iter=3)
+    with pytest.raises(ValueError, match="num_iter"):
+        refine_estimate(noisy, estimate, psf, num_iter=-1)
+    with pytest.raises(ValueError, match="does not explain"):
+        refine_estimate(noisy, -estimate, psf, num_iter=3)
+
+
+def test_richardson_lucy_starts_from_an_array(scene):
+    obj, psf, _, _ = scene
+    clean = fftconvolve(obj, psf, mode="same").clip(0)
+    # the object is RL's fixed point on noise-free data (dark outside, exact adjoint)
+    u = richardson_lucy(clean, psf, num_iter=5, pad_mode="zeros", init=obj + 1e-3)
+    from_input = richardson_lucy(clean, psf, num_iter=5, pad_mode="zeros")
+    assert _score(u, obj) > _score(from_input, obj) + 10.0
+    with pytest.raises(ValueError, match="shape"):
+        richardson_lucy(clean, psf, num_iter=2, init=obj[:-1])
+    with pytest.raises(ValueError, match="NaN"):
+        richardson_lucy(clean, psf, num_iter=2, init=np.full_like(obj, np.nan))
+
+
+def test_best_refinement_curve_starts_at_the_estimate_and_picks_its_maximum(scene):
+    obj, psf, noisy, estimate = scene
+    best, curve = best_refinement([noisy], [estimate], [obj], psf, max_iter=40)
+    assert len(curve) == 41
+    assert curve[0] == pytest.approx(_score(estimate, obj))
+    assert best == int(np.argmax(curve)) and best > 0
+    assert curve[best] == pytest.approx(_score(refine_estimate(noisy, estimate, psf, num_iter=best), obj), abs=1e-3)
+    with pytest.raises(ValueError, match="as many"):
+        best_refinement([noisy], [], [obj], psf)
+
+
+def test_psf_refinement_step(scene, tmp_path):
+    _, psf, noisy, estimate = scene
+    x, o = torch.as_tensor(noisy)[None, None], torch.as_tensor(estimate)[None, None]
+    assert PSFRefinement(None, 0)(x, o) is o  # off: no PSF needed
+    with pytest.raises(ValueError, match="needs a PSF"):
+        PSFRefinement(None, 5)
+    with pytest.raises(ValueError, match=">= 0"):
+        PSFRefinement(psf, -1)
+    missing = tmp_path / "nope.tif"
+    with pytest.raises(FileNotFoundError, match="nope.tif"):
+        PSFRefinement(missing, 5)(x, o)
+    out = PSFRefinement(psf, 7)(torch.cat([x, x]), torch.cat([o, o]))
+    assert out.shape == (2, 1, *estimate.shape)
+    np.testing.assert_allclose(out[1, 0].numpy(), refine_estimate(noisy, estimate, psf, num_iter=7), rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_inferer_applies_its_refinement_to_the_stitched_output():
+    net = DeblurUNet(features=(4, 4, 8, 4), depth=2, norm="batch").eval()
+    x = torch.rand(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        plain = TiledInferer(roi_size=(16, 32, 32))(x, net)
+        shifted = TiledInferer(roi_size=(16, 32, 32), refinement=lambda inputs, outputs: outputs + inputs)(x, net)
+    torch.testing.assert_close(shifted, plain + x)
+
+
+def test_tuned_refinement_reads_the_file(tmp_path):
+    assert tuned_refinement(tmp_path) == 0
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12}))
+    assert tuned_refinement(tmp_path) == 12
+    (tmp_path / "refinement.json").write_text(json.dumps({"iteration": 12}))
+    with pytest.raises(ValueError, match="refinement.json"):
+        tuned_refinement(tmp_path)
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": -2}))
+    with pytest.raises(ValueError, match=">= 0"):
+        tuned_refinement(tmp_path)
+
+
+def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
+    ckpt = tmp_path / "models"  # a copy: the shared model's folder must stay unrefined for other tests
+    shutil.copytree(quick_model["ckpt_dir"], ckpt, ignore=shutil.ignore_patterns("checkpoints"))
+    cmd = [sys.executable, str(ROOT / "scripts" / "tune_refinement.py"), "--ckpt_dir", str(ckpt),
+           "--dataset_dir", str(quick_model["dataset_dir"]), "--max_iter", "15"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads((ckpt / "refinement.json").read_text())
+    assert 0 <= tuned["iterations"] <= 15 and len(tuned["val_psnr_curve"]) == 16
+    assert tuned["val_psnr_refined"] == max(tuned["val_psnr_curve"]) >= tuned["val_psnr_unrefined"]
+    assert f"{tuned['iterations']} iterations" in done.stdout
+    for extra, expected in (([], tuned["iterations"]), (["--refine_iterations", "3"], 3), (["--refine_iterations", "0"], 0)):
+        out = tmp_path / f"test_{expected}"
+        run_bundle("evaluate", EVALUATE, "--dataset_dir", str(quick_model["dataset_dir"]),
+                   "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--figures", "false", *extra)  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["refine_iterations"] == expected
+    scores = {k: json.loads((tmp_path / f"test_{k}" / "report.json").read_text())["mean"]["psnr"]["output"] for k in (0, 3)}
+    assert scores[0] != scores[3]  # the refinement changed the output
+    bad = subprocess.run([*cmd[:3], str(tmp_path / "empty"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert bad.returncode == 1 and "model.pt" in bad.stderr
