@@ -5,7 +5,7 @@ The inference pipeline can start Richardson–Lucy from G's output and run a few
 stack's PSF (:func:`bundle.classical.refine_estimate`; the configs' ``refine_iterations``). How many
 helps depends on the model and the data, so it is chosen like RL's own count: on validation volumes
 with a ground truth, by the mean PSNR after the least-squares affine fit (the score ``run evaluate``
-reports). The result goes to ``<ckpt_dir>/refinement.json``; from then on ``run inference`` and
+reports), among the counts that keep the dim-structure recall within 0.01 of G's own. The result goes to ``<ckpt_dir>/refinement.json``; from then on ``run inference`` and
 ``run evaluate`` of that model refine with it (``--refine_iterations 0`` switches it off).
 
 Example (simulated data: ``<dataset_dir>/val/blurred`` and ``<dataset_dir>/val/ground_truth``)::
@@ -44,6 +44,7 @@ def tune(
     psf_file: Path,
     max_iter: int = 200,
     percentiles: tuple[float, float] = (0.1, 99.9),
+    max_recall_loss: float | None = 0.01,
 ) -> dict:
     """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations, write and return the choice."""
     for path, what in ((ckpt_dir / "model.pt", "model"), (psf_file, "PSF")):
@@ -61,12 +62,19 @@ def tune(
             estimates.append(deconvolver(image[None])[0, 0].numpy())
         blurred.append(image[0].numpy())
         truths.append(np.asarray(load_volume(item["label"])[0], np.float32))
-    best, curve = best_refinement(blurred, estimates, truths, np.asarray(load_volume(psf_file)[0]), max_iter=max_iter)
+    best, curves = best_refinement(
+        blurred, estimates, truths, np.asarray(load_volume(psf_file)[0]), max_iter=max_iter, max_recall_loss=max_recall_loss
+    )
+    curve = curves["psnr"]
     result = {
         "iterations": best,
         "val_psnr_unrefined": curve[0],
         "val_psnr_refined": curve[best],
+        "val_dim_recall_unrefined": curves["dim_recall"][0],
+        "val_dim_recall_refined": curves["dim_recall"][best],
+        "max_recall_loss": max_recall_loss,
         "val_psnr_curve": curve,
+        "val_dim_recall_curve": curves["dim_recall"],
         "psf": str(psf_file),
         "validation": [item["image"] for item in pairs],
         "max_iter": max_iter,
@@ -81,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_dir", type=Path, default=Path("data/simulated"), help="holds val/blurred and val/ground_truth")
     parser.add_argument("--psf", type=Path, default=None, help="PSF file (default <ckpt_dir>/blur.tif)")
     parser.add_argument("--max_iter", type=int, default=200, help="largest count tried (default 200)")
+    parser.add_argument("--max_recall_loss", type=float, default=0.01,
+                        help="the dim-structure recall may fall at most this much under G's own (default 0.01; "
+                             "a negative value: PSNR alone)")
     args = parser.parse_args(argv)
     if args.max_iter < 1:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
@@ -91,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             args.dataset_dir / "val" / "ground_truth",
             args.psf or args.ckpt_dir / "blur.tif",
             args.max_iter,
+            max_recall_loss=None if args.max_recall_loss < 0 else args.max_recall_loss,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(
         f"refinement: {result['iterations']} iterations (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
-        f"{result['val_psnr_refined']:.2f} dB); written to {args.ckpt_dir / REFINEMENT_FILE}"
+        f"{result['val_psnr_refined']:.2f} dB, dim recall {result['val_dim_recall_unrefined']:.3f} -> "
+        f"{result['val_dim_recall_refined']:.3f}); written to {args.ckpt_dir / REFINEMENT_FILE}"
     )
     return 0
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from bundle.classical.richardson_lucy import Array, richardson_lucy
-from bundle.metrics.reference import affine_fit, psnr
+from bundle.metrics.reference import affine_fit, dim_structure, psnr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFINEMENT_FILE", "PSFRefinement", "best_refinement", "refine_estimate", "tuned_refinement"]
+__all__ = ["REFINEMENT_FILE", "PSFRefinement", "best_refinement", "choose_refinement", "refine_estimate", "tuned_refinement"]
 
 
 def _blur_fit(blurred: torch.Tensor, estimate: torch.Tensor, psf: torch.Tensor, pad_mode: str) -> tuple[float, float]:
@@ -141,9 +141,11 @@ class PSFRefinement:
         return torch.stack(refined)[:, None].to(device=outputs.device, dtype=outputs.dtype)
 
 
-def _fit_psnr(u: torch.Tensor, truth: torch.Tensor) -> float:
-    """PSNR of ``u`` ``(D, H, W)`` against ``truth`` ``(1, 1, D, H, W)`` after the least-squares affine fit."""
-    return psnr(affine_fit(u.double()[None, None], truth), truth)
+def _fit_scores(u: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """PSNR and dim-structure recall of ``u`` ``(D, H, W)`` against ``truth`` ``(1, 1, D, H, W)``, both
+    after the least-squares affine fit (``bundle.evaluate``'s scores)."""
+    fitted = affine_fit(u.double()[None, None], truth)
+    return psnr(fitted, truth), dim_structure(fitted, truth, fit=False)["dim_recall"]
 
 
 def best_refinement(
@@ -154,28 +156,45 @@ def best_refinement(
     *,
     max_iter: int = 200,
     pad_mode: str = "reflect",
-) -> tuple[int, list[float]]:
-    """The refinement's best iteration count on volumes with ground truth (validation), and its curve.
+    max_recall_loss: float | None = 0.01,
+) -> tuple[int, dict[str, list[float]]]:
+    """The refinement's best iteration count on volumes with ground truth (validation), and its curves.
 
-    ``curve[k]`` is the mean PSNR over the volumes after ``k`` iterations (``curve[0]``: the estimate
-    alone), each scored after the least-squares affine fit to its truth (``bundle.evaluate``'s score).
+    ``curves["psnr"][k]`` and ``curves["dim_recall"][k]`` are the mean PSNR and dim-structure recall
+    (:func:`bundle.metrics.dim_structure`) over the volumes after ``k`` iterations (index 0: the
+    estimate alone), after the least-squares affine fit to each truth. The best count maximises the
+    PSNR among the counts whose recall is at most ``max_recall_loss`` under the estimate's own: RL's
+    data term can buy PSNR by dimming faint structure (measured on microtubules: +0.3 dB for −0.06
+    recall), which this refuses. None: PSNR alone.
 
     Returns:
-        ``(best, curve)`` with ``best = argmax(curve)`` (0: refinement does not help).
+        ``(best, curves)`` (``best`` 0: refinement does not help).
     """
     if not len(blurred) == len(estimates) == len(ground_truths) > 0:
         raise ValueError("best_refinement needs as many blurred volumes, estimates and truths, at least one")
-    curves = []
+    runs = []
     for y, est, gt in zip(blurred, estimates, ground_truths, strict=True):
         truth = torch.as_tensor(np.asarray(gt), dtype=torch.float64)[None, None]
-        curve = [_fit_psnr(torch.as_tensor(np.asarray(est)), truth)]
+        run = [_fit_scores(torch.as_tensor(np.asarray(est)), truth)]
         refine_estimate(
             y, est, psf, num_iter=max_iter, pad_mode=pad_mode,
-            callback=lambda _it, u, curve=curve, truth=truth: curve.append(_fit_psnr(u, truth)),
+            callback=lambda _it, u, run=run, truth=truth: run.append(_fit_scores(u, truth)),
         )  # fmt: skip
-        curves.append(curve)
-    mean = np.mean(np.asarray(curves), axis=0).tolist()
-    return int(np.argmax(mean)), mean
+        runs.append(run)
+    mean = np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)  # (max_iter + 1, 2)
+    curves = {"psnr": mean[:, 0].tolist(), "dim_recall": mean[:, 1].tolist()}
+    return choose_refinement(curves["psnr"], curves["dim_recall"], max_recall_loss), curves
+
+
+def choose_refinement(psnr_curve: Sequence[float], recall_curve: Sequence[float], max_recall_loss: float | None) -> int:
+    """Index of the highest PSNR among those whose recall is at least ``recall_curve[0] - max_recall_loss``
+    (all of them for None or a NaN first recall; index 0 always qualifies)."""
+    psnr_arr, recall_arr = np.asarray(psnr_curve, dtype=np.float64), np.asarray(recall_curve, dtype=np.float64)
+    allowed = np.ones_like(psnr_arr, dtype=bool)
+    if max_recall_loss is not None and np.isfinite(recall_arr[0]):
+        allowed = recall_arr >= recall_arr[0] - max_recall_loss
+        allowed[0] = True
+    return int(np.argmax(np.where(allowed, psnr_arr, -np.inf)))
 
 
 #: the file :func:`tuned_refinement` reads, written by ``scripts/tune_refinement.py`` next to ``model.pt``
