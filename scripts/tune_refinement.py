@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_dir", type=Path, default=Path("data/simulated"), help="holds val/blurred and val/ground_truth")
     parser.add_argument("--psf", type=Path, default=None, help="PSF file (default <ckpt_dir>/blur.tif)")
     parser.add_argument("--max_iter", type=int, default=200, help="largest count tried (default 200)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
+                        help="the blurred stacks' normalisation, as the model was trained (blurred_percentiles; default 0.1 99.9)")
     parser.add_argument("--max_recall_loss", type=float, default=0.01,
                         help="the dim-structure recall may fall at most this much under G's own (default 0.01; "
                              "a negative value: PSNR alone)")
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dataset_dir / "val" / "ground_truth",
             args.psf or args.ckpt_dir / "blur.tif",
             args.max_iter,
+            percentiles=tuple(args.percentiles),
             max_recall_loss=None if args.max_recall_loss < 0 else args.max_recall_loss,
         )
     except (FileNotFoundError, ValueError) as err:
