@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = ("model.pt", "model.ts", "model.json", "blur.pt", "blur.tif", "blur.json")
+MODEL_FILES = ("model.pt", "model.ts", "model.json", "blur.pt", "blur.tif", "blur.json", "refinement.json")
 
 
 def _config_list(config_file: str | Sequence[str]) -> list[Path]:

@@ -12,10 +12,14 @@ Steps (each skipped when its result is already on disk, so an interrupted run re
    resumed from the newest checkpoint after an interruption). The best model by validation PSNR
    (``ckpt_dir/model.pt``) is the one tested;
 3. choose Richardson–Lucy's iteration count on the validation volume (never on test);
-4. deconvolve every test volume with every method through the inference pipeline of the bundle
+4. with ``--refine``: for each model with a PSF layer (blind, non-blind, sharp cycle) choose the
+   refinement of its output — Richardson–Lucy started from it through its ``models/blur.tif`` — on the
+   validation volumes (``scripts/tune_refinement.py``: iterations and TV weight, written to
+   ``models/refinement.json``); its rows ``<method>_refined`` are scored beside the method's own;
+5. deconvolve every test volume with every method through the inference pipeline of the bundle
    (``configs/inference.json`` [+ ``inference_rl.json``]: same normalisation, sliding window) and
    score it against the ground truth with one normalisation for all (see ``NORMALISATION``);
-5. write ``results.json``, ``results.md`` (Table I, Table II, noise sweep, with the paper's numbers
+6. write ``results.json``, ``results.md`` (Table I, Table II, noise sweep, with the paper's numbers
    beside ours), ``noise_sweep.png`` and XY/XZ/YZ figures.
 
 Domains (``--domain``): ``born_wolf`` (default, the paper's study above: microtubules, Born & Wolf
@@ -56,8 +60,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # the bundle, and tune_refinement.py beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 logger = logging.getLogger("reproduce")
 
@@ -75,6 +80,9 @@ CLASSICAL = ("rl",)
 RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "sharp_cycle": 1.6, "supervised_gan": 1.3,
                  "supervised": 1.1}  # fmt: skip
 ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "sharp_cycle", "rl")
+#: methods with a PSF layer (``models/blur.tif``), which ``--refine`` refines; their rows ``<method>_refined``
+REFINABLE = ("blind", "nonblind", "sharp_cycle")
+REFINED = "_refined"
 LABELS = {
     "input": "input (blurred + noise)",
     "supervised": "supervised U-Net, MSE",
@@ -84,6 +92,9 @@ LABELS = {
     "nonblind": "proposed, non-blind (known PSF)",
     "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
+    "blind_refined": "proposed, blind, refined by RL from its output (learned PSF)",
+    "nonblind_refined": "proposed, non-blind, refined by RL from its output (known PSF)",
+    "sharp_cycle_refined": "sharp cycle only, refined by RL from its output (known PSF)",
 }
 #: the paper's numbers (PAPER.md; Tables I–III, Born & Wolf / Richards & Wolf test PSF, 20 dB)
 PAPER = {
@@ -168,6 +179,7 @@ class Scale:
     max_epochs: int = 200
     val_interval: int = 5
     rl_max_iter: int = 100
+    refine_max_iter: int = 200  # largest refinement count tried on validation (--refine)
     noise_levels: tuple[float | None, ...] = NOISE_LEVELS
     extra_args: list[str] = field(default_factory=list)  # more `--key value` for every training
 
@@ -177,7 +189,7 @@ SCALES: dict[str, Scale] = {
     "tiny": Scale(
         shape=(32, 64, 64), eval_shape=(32, 64, 64), n_train=2, n_val=1, n_test=1,
         config_overrides=["configs/quick.json"], epoch_length=2, max_epochs=1, val_interval=1, rl_max_iter=20,
-        noise_levels=(None, 20.0, 2.5),
+        noise_levels=(None, 20.0, 2.5), refine_max_iter=10,
     ),
     # 2 CPU cores, ~1 hour on a quiet machine: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2,
     # lr 1e-3), 400 iterations per method (the run in docs/results.md took 52 min on 2 loaded cores;
@@ -258,6 +270,7 @@ class Runner:
         max_epochs: override the scale's epochs (``epoch_length`` iterations each). A later run with more
             epochs resumes every training from its last checkpoint and extends it.
         domain: name in :data:`DOMAINS` (default the paper's Born & Wolf study).
+        refine: also score the :data:`REFINABLE` methods refined by RL from their output (step 4).
     """
 
     def __init__(
@@ -271,6 +284,7 @@ class Runner:
         seed: int = 0,
         max_epochs: int | None = None,
         domain: str = "born_wolf",
+        refine: bool = False,
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
@@ -285,6 +299,7 @@ class Runner:
         self.output = Path(output).resolve()
         self.work = Path(work_dir).resolve() if work_dir else ROOT / "outputs" / f"reproduce_{scale}"
         self.methods = [m for m in ALL_METHODS if m in methods]
+        self.refine = bool(refine)
         self.threads = threads
         self.jobs = max(1, int(jobs))
         self.seed = int(seed)
@@ -318,6 +333,10 @@ class Runner:
             sets.update({prefix + test_set_name(train_psf, s): (train_psf, s) for s in self.scale.noise_levels})
         sets.update({prefix + test_set_name(psf, 20.0): (psf, 20.0) for psf in self.domain.test_psfs[1:]})
         return sets
+
+    def report_methods(self) -> list[str]:
+        """The methods in the tables: each one, followed by its refined row when ``refine``."""
+        return [r for m in self.methods for r in ([m, m + REFINED] if self.refine and m in REFINABLE else [m])]
 
     def _timed(self, key: str, t0: float) -> None:
         self.timings[key] = round(time.time() - t0, 1)
@@ -436,6 +455,36 @@ class Runner:
             out.append((np.asarray(d["image"])[0], np.asarray(d["label"])[0]))
         return out
 
+    def tune_refinement(self, method: str) -> dict[str, Any]:
+        """The refinement of a :data:`REFINABLE` method's output chosen on validation (never on test):
+        ``scripts/tune_refinement.py``'s ``tune`` on the model, cached in its ``models/refinement.json``
+        (redone when the model is newer). A model whose output does not explain a validation stack
+        (fitted scale <= 0) gets 0 iterations, with the reason recorded."""
+        from tune_refinement import tune
+
+        ckpt = self.run_dir(method) / "models"
+        path = ckpt / "refinement.json"
+        if path.is_file() and path.stat().st_mtime_ns >= (ckpt / "model.pt").stat().st_mtime_ns:
+            return json.loads(path.read_text())
+        t0 = time.time()
+        try:
+            result = tune(ckpt, self.train_dir / "val" / "blurred", self.train_dir / "val" / "ground_truth",
+                          ckpt / "blur.tif", max_iter=self.scale.refine_max_iter)  # fmt: skip
+        except ValueError as err:
+            logger.warning(f"{method}: refinement not tuned ({err}); its refined rows equal the method's own")
+            result = {"iterations": 0, "tv_weight": 0.0, "error": str(err)}
+            _atomic_json(result, path)
+        self._timed(f"refine_tune_{method}", t0)
+        return result
+
+    def refinement(self, method: str):
+        """The :class:`~bundle.classical.PSFRefinement` of ``<method>_refined`` (its tuned settings)."""
+        from bundle.classical import PSFRefinement
+
+        tuned = self.tune_refinement(method.removesuffix(REFINED))
+        psf = self.run_dir(method.removesuffix(REFINED)) / "models" / "blur.tif"
+        return PSFRefinement(psf, num_iter=int(tuned["iterations"]), tv_weight=float(tuned.get("tv_weight", 0.0)))
+
     def deconvolver(self, method: str):
         """The inference pipeline of a method (``configs/inference.json`` [+ ``inference_rl.json``]): its
         ``inferer``'s deconvolver for its ``network``."""
@@ -463,13 +512,19 @@ class Runner:
         return parser.get_parsed_content("inferer").deconvolver_for(network)
 
     def predict(self, method: str, test_set: str, deconvolver) -> list[np.ndarray]:
-        """Predictions of one method on one test set, cached as ``.npy`` under the method's run folder."""
+        """Predictions of one method on one test set, cached as ``.npy`` under the method's run folder
+        (``<method>_refined``: under the method's ``pred_refined``; a volume its output does not explain
+        is left unrefined, logged and listed in ``unrefined.json`` there)."""
         from bundle.data import list_volumes
         from bundle.inference import deconvolve_normalized
         from bundle.io import load_volume
 
-        cache = self.run_dir(method) / "pred" / test_set
-        stamp = self._model_stamp(method)
+        base = method.removesuffix(REFINED)
+        refinement = self.refinement(method) if base != method else None
+        cache = self.run_dir(base) / ("pred" if refinement is None else "pred_refined") / test_set
+        stamp = self._model_stamp(base)
+        if refinement is not None:
+            stamp.update(refine_iterations=refinement.num_iter, refine_tv_weight=refinement.tv_weight)
         stamp_file = cache / "model_stamp.json"
         if cache.is_dir() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
             shutil.rmtree(cache)  # predictions of an older model (or RL setting)
@@ -481,7 +536,18 @@ class Runner:
                 outs.append(np.load(target))
                 continue
             volume, _ = load_volume(f)
-            pred = deconvolve_normalized(volume, deconvolver, (0.1, 99.9), "normalized").astype(np.float32)
+            try:
+                pred = deconvolve_normalized(volume, deconvolver, (0.1, 99.9), "normalized", refinement)
+            except ValueError as err:  # raised by the refinement only: G's output does not explain the stack
+                if refinement is None:
+                    raise
+                logger.warning(f"{method}, {Path(f).name}: not refined ({err})")
+                pred = deconvolve_normalized(volume, deconvolver, (0.1, 99.9), "normalized")
+                unrefined = cache / "unrefined.json"
+                names = json.loads(unrefined.read_text()) if unrefined.is_file() else []
+                cache.mkdir(parents=True, exist_ok=True)
+                _atomic_json(sorted({*names, Path(f).name}), unrefined)
+            pred = pred.astype(np.float32)
             cache.mkdir(parents=True, exist_ok=True)
             _atomic_json(stamp, stamp_file)
             np.save(target, pred)
@@ -525,8 +591,12 @@ class Runner:
         for name in sets:
             scores = [self.score(image, label) for image, label in pairs[name]]
             metrics[name] = {"input": _mean(scores)}
-        for method in self.methods:
-            deconv = self.deconvolver(method)
+        deconvolvers: dict[str, Any] = {}
+        for method in self.report_methods():
+            base = method.removesuffix(REFINED)
+            if base not in deconvolvers:
+                deconvolvers[base] = self.deconvolver(base)
+            deconv = deconvolvers[base]
             for name in sets:
                 preds = self.predict(method, name, deconv)
                 metrics[name][method] = _mean([self.score(p, lab) for p, (_, lab) in zip(preds, pairs[name])])
@@ -547,7 +617,7 @@ class Runner:
         written = []
         for name in [n for n, (_, snr) in self.test_sets().items() if snr == 20.0]:
             image, label = self._pairs(self.test_dir(name) / "test")[0]
-            rows = [("input", image)] + [(m, self.predict(m, name, None)[0]) for m in self.methods]
+            rows = [("input", image)] + [(m, self.predict(m, name, None)[0]) for m in self.report_methods()]
             rows.append(("ground truth", label))
             z, y, x = (s // 2 for s in label.shape)
             fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.6 * len(rows)), squeeze=False)
@@ -586,7 +656,7 @@ class Runner:
         names = [test_set_name(self.domain.test_psfs[0], s) for s in levels]
         ticks = [_noise_name(s) for s in levels]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for method in ["input", *self.methods]:
+        for method in ["input", *self.report_methods()]:
             for ax, key in zip(axes, ("psnr", "ssim")):
                 ax.plot(ticks, [metrics[n][method][key] for n in names], marker="o", label=LABELS[method].split(" (")[0])
         axes[0].set_ylabel("PSNR (dB)")
@@ -613,6 +683,7 @@ class Runner:
                 future.result()
         if "rl" in self.methods:
             self.choose_rl_iterations()
+        refined = {m: self.tune_refinement(m) for m in self.methods if self.refine and m in REFINABLE}
         metrics = self.evaluate()
         report: dict[str, Any] = {
             "scale": self.scale_name,
@@ -625,7 +696,7 @@ class Runner:
             "jobs": self.jobs,
             "seed": self.seed,
             "work_dir": str(self.work),
-            "methods": self.methods,
+            "methods": self.report_methods(),
             "configs": {m: self.config_files(m) for m in self.methods if m in METHOD_CONFIGS},
             "normalisation": NORMALISATION,
             "test_sets": {k: {"psf_model": p, "snr_db": s} for k, (p, s) in self.test_sets().items()},
@@ -636,6 +707,15 @@ class Runner:
         }
         if "rl" in self.methods:
             report["rl_num_iter"] = self.choose_rl_iterations()
+        if refined:
+            keys = ("iterations", "tv_weight", "val_psnr_unrefined", "val_psnr_refined", "val_dim_recall_unrefined",
+                    "val_dim_recall_refined", "error")  # fmt: skip
+            report["refinement"] = {m: {k: r[k] for k in keys if k in r} for m, r in refined.items()}
+            for m in refined:
+                report["refinement"][m]["unrefined_test_volumes"] = {
+                    name: json.loads(f.read_text()) for name in self.test_sets()
+                    if (f := self.run_dir(m) / "pred_refined" / name / "unrefined.json").is_file()
+                }  # fmt: skip
         report["figures"] = self.figures(metrics) + ([self.noise_plot(metrics)] if self.domain.noise_sweep else [])
         self.timings["total_this_invocation"] = round(time.time() - started, 1)
         report["timings_s"] = self.timings
@@ -823,6 +903,17 @@ def _report_footer(report: dict[str, Any]) -> list[str]:
             f"Richardson–Lucy iterations, chosen by PSNR on the validation volume (never on test): "
             f"{report['rl_num_iter']}{note}."
         )
+    if report.get("refinement"):
+        lines.append(
+            "Refined rows: Richardson–Lucy started from the model's output through its `models/blur.tif`, iterations "
+            "and TV weight chosen on the validation volumes (never on test): "
+            + ", ".join(f"{m} {r['iterations']} it., TV {r.get('tv_weight', 0.0):g}"
+                        + (f" (not tuned: {r['error']})" if "error" in r else "")
+                        + (f" ({sum(map(len, r['unrefined_test_volumes'].values()))} test volume(s) left unrefined)"
+                           if any(r.get("unrefined_test_volumes", {}).values()) else "")
+                        for m, r in report["refinement"].items())
+            + "."
+        )  # fmt: skip
     if report["best_validation"]:
         lines.append(
             "Best validation PSNR (epoch): "
@@ -894,13 +985,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: one full run each under <output>/seed_<s> (work dir likewise), then "
                              "seeds.md / seeds.json with mean ± sd; an interrupted campaign resumes per seed")  # fmt: skip
+    parser.add_argument("--refine", action="store_true",
+                        help="also score blind, non-blind and sharp-cycle models refined by Richardson–Lucy from their "
+                             "output, tuned on validation (scripts/tune_refinement.py); rows <method>_refined")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     command = " ".join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     if not args.seeds:
         runner = Runner(
             args.scale, args.output, args.work_dir, args.methods, args.threads, args.jobs, args.seed, args.max_epochs,
-            args.domain,
+            args.domain, refine=args.refine,
         )
         report = runner.run(command)
         logger.info(f"wrote {runner.output / 'results.md'} and results.json ({report['timings_s']})")
@@ -911,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         runner = Runner(
             args.scale, str(output / f"seed_{seed}"), str(work / f"seed_{seed}"), args.methods, args.threads,
-            args.jobs, seed, args.max_epochs, args.domain,
+            args.jobs, seed, args.max_epochs, args.domain, refine=args.refine,
         )  # fmt: skip
         reports.append(runner.run(command))
     summary = aggregate_seeds(reports)

@@ -5,8 +5,11 @@ The inference pipeline can start Richardson–Lucy from G's output and run a few
 stack's PSF (:func:`bundle.classical.refine_estimate`; the configs' ``refine_iterations``). How many
 helps depends on the model and the data, so it is chosen like RL's own count: on validation volumes
 with a ground truth, by the mean PSNR after the least-squares affine fit (the score ``run evaluate``
-reports), among the counts that keep the dim-structure recall within 0.01 of G's own. The result goes to ``<ckpt_dir>/refinement.json``; from then on ``run inference`` and
-``run evaluate`` of that model refine with it (``--refine_iterations 0`` switches it off).
+reports), among the counts that keep the dim-structure recall within 0.01 of G's own, for each of a few
+total-variation weights of RL (0, 0.002, 0.005 by default; the best validation PSNR wins). The count
+and the weight go to ``<ckpt_dir>/refinement.json``; from then on ``run inference``, ``run evaluate``
+and ``bundle.inference.deconvolve`` of that model refine with them (``--refine_iterations 0``
+switches it off).
 
 Example (simulated data: ``<dataset_dir>/val/blurred`` and ``<dataset_dir>/val/ground_truth``)::
 
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bundle.classical.refine import REFINEMENT_FILE, best_refinement  # noqa: E402
+from bundle.classical.refine import REFINEMENT_FILE, best_refinement_settings  # noqa: E402
 from bundle.data import paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
@@ -45,8 +48,10 @@ def tune(
     max_iter: int = 200,
     percentiles: tuple[float, float] = (0.1, 99.9),
     max_recall_loss: float | None = 0.01,
+    tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
 ) -> dict:
-    """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations, write and return the choice."""
+    """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight, write
+    and return the choice."""
     for path, what in ((ckpt_dir / "model.pt", "model"), (psf_file, "PSF")):
         if not path.is_file():
             raise FileNotFoundError(f"no {what} file at {path}")
@@ -62,19 +67,22 @@ def tune(
             estimates.append(deconvolver(image[None])[0, 0].numpy())
         blurred.append(image[0].numpy())
         truths.append(np.asarray(load_volume(item["label"])[0], np.float32))
-    best, curves = best_refinement(
-        blurred, estimates, truths, np.asarray(load_volume(psf_file)[0]), max_iter=max_iter, max_recall_loss=max_recall_loss
-    )
-    curve = curves["psnr"]
+    settings, by_tv = best_refinement_settings(
+        blurred, estimates, truths, np.asarray(load_volume(psf_file)[0]),
+        tv_weights=tv_weights, max_iter=max_iter, max_recall_loss=max_recall_loss,
+    )  # fmt: skip
+    best, curves = settings["iterations"], by_tv[settings["tv_weight"]]
     result = {
         "iterations": best,
-        "val_psnr_unrefined": curve[0],
-        "val_psnr_refined": curve[best],
+        "tv_weight": settings["tv_weight"],
+        "val_psnr_unrefined": curves["psnr"][0],
+        "val_psnr_refined": curves["psnr"][best],
         "val_dim_recall_unrefined": curves["dim_recall"][0],
         "val_dim_recall_refined": curves["dim_recall"][best],
         "max_recall_loss": max_recall_loss,
-        "val_psnr_curve": curve,
+        "val_psnr_curve": curves["psnr"],
         "val_dim_recall_curve": curves["dim_recall"],
+        "curves_by_tv_weight": {str(tv): c for tv, c in by_tv.items()},
         "psf": str(psf_file),
         "validation": [item["image"] for item in pairs],
         "max_iter": max_iter,
@@ -94,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_recall_loss", type=float, default=0.01,
                         help="the dim-structure recall may fall at most this much under G's own (default 0.01; "
                              "a negative value: PSNR alone)")
+    parser.add_argument("--tv_weights", type=float, nargs="+", default=(0.0, 0.002, 0.005),
+                        help="total-variation weights of RL tried (default 0 0.002 0.005; each in [0, 1/6))")
     args = parser.parse_args(argv)
     if args.max_iter < 1:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
+    if not all(0 <= tv < 1 / 6 for tv in args.tv_weights):
+        parser.error(f"--tv_weights must each be in [0, 1/6), got {args.tv_weights}")
     try:
         result = tune(
             args.ckpt_dir,
@@ -106,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             args.max_iter,
             percentiles=tuple(args.percentiles),
             max_recall_loss=None if args.max_recall_loss < 0 else args.max_recall_loss,
+            tv_weights=tuple(args.tv_weights),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(
-        f"refinement: {result['iterations']} iterations (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
+        f"refinement: {result['iterations']} iterations, TV weight {result['tv_weight']:g} (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
         f"{result['val_psnr_refined']:.2f} dB, dim recall {result['val_dim_recall_unrefined']:.3f} -> "
         f"{result['val_dim_recall_refined']:.3f}); written to {args.ckpt_dir / REFINEMENT_FILE}"
     )

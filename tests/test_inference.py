@@ -22,10 +22,12 @@ from bundle.inference import (
     InferenceNetwork,
     LoadVolumed,
     NormalizePercentilesd,
+    checkpoint_folder,
     deconvolve,
     inference_datalist,
     load_checkpoint,
     load_network,
+    model_refinement,
     output_path,
     plan_roi_size,
     resolve_precision,
@@ -568,3 +570,38 @@ def test_a_torchscript_export_keeps_the_input_range():
     assert trained_input_range(scripted) == (10.0, 110.0) == trained_input_range(net)
     assert trained_input_range(DeblurUNet(features=(4, 8, 16, 4), depth=2)) is None
     assert trained_input_range(torch.nn.Linear(2, 2)) is None
+
+
+def test_deconvolve_applies_the_refinement_tuned_for_a_model_folder(quick_model, tmp_path):
+    """A model folder with ``refinement.json`` is refined by ``deconvolve`` as ``run inference`` refines it
+    (RL started from G's output through ``blur.tif``); 0 or a module: G alone; errors are named."""
+    import shutil
+
+    from bundle.classical import PSFRefinement, refine_estimate
+
+    folder = tmp_path / "bundle" / "models"  # a copy: the shared model's folder must stay unrefined
+    shutil.copytree(quick_model["ckpt_dir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
+    vol = load_volume(sorted((Path(quick_model["dataset_dir"]) / "test" / "blurred").iterdir())[0])[0]
+    kw = dict(progress=False, device="cpu", precision="float32", output_range="normalized")
+    plain = deconvolve(vol, folder / "model.pt", **kw)
+    assert checkpoint_folder(tmp_path / "bundle") == folder == checkpoint_folder(folder / "model.pt")
+    assert model_refinement(tmp_path / "bundle") is None  # nothing tuned: G alone
+    (folder / "refinement.json").write_text('{"iterations": 4}')
+    refinement = model_refinement(tmp_path / "bundle")
+    assert isinstance(refinement, PSFRefinement) and refinement.num_iter == 4
+    refined = deconvolve(vol, tmp_path / "bundle", **kw)
+    lo, hi = np.percentile(vol, 0.1), np.percentile(vol, 99.9)
+    stack = np.clip((vol - lo) / (hi - lo), 0, 1)
+    psf = load_volume(folder / "blur.tif")[0]
+    np.testing.assert_allclose(refined, refine_estimate(stack, plain, psf, num_iter=4), rtol=1e-4, atol=1e-5)
+    assert np.abs(refined - plain).max() > 1e-3
+    np.testing.assert_array_equal(deconvolve(vol, folder, refine_iterations=0, **kw), plain)
+    net = load_network(folder / "model.pt")
+    assert model_refinement(net) is None and model_refinement(tmp_path / "bundle.zip") is None
+    with pytest.raises(ValueError, match="needs a PSF"):
+        deconvolve(vol, net, refine_iterations=3, **kw)
+    with pytest.raises(ValueError, match="refine_iterations"):
+        model_refinement(folder, refine_iterations="many")
+    (folder / "refinement.json").write_text('{"iteration": 4}')
+    with pytest.raises(ValueError, match="refinement.json"):
+        deconvolve(vol, folder, **kw)

@@ -17,6 +17,7 @@ from scipy.signal import fftconvolve
 from bundle.classical import (
     PSFRefinement,
     best_refinement,
+    best_refinement_settings,
     refine_estimate,
     richardson_lucy,
     tuned_refinement,
@@ -122,6 +123,30 @@ def test_best_refinement_curve_starts_at_the_estimate_and_picks_its_maximum(scen
         best_refinement([noisy], [], [obj], psf)
 
 
+def test_tv_weights_are_scanned_and_the_best_validation_score_wins(scene):
+    obj, psf, noisy, estimate = scene
+    settings, by_tv = best_refinement_settings([noisy], [estimate], [obj], psf, tv_weights=(0.005, 0.0), max_iter=40,
+                                               max_recall_loss=None)  # fmt: skip
+    assert sorted(by_tv) == [0.0, 0.005]
+    assert by_tv[0.0]["psnr"][0] == by_tv[0.005]["psnr"][0]  # the same estimate before refining
+    tops = {tv: max(c["psnr"]) for tv, c in by_tv.items()}
+    assert settings["tv_weight"] == max(tops, key=tops.get)
+    assert by_tv[settings["tv_weight"]]["psnr"][settings["iterations"]] == max(tops.values())
+    plain = refine_estimate(noisy, estimate, psf, num_iter=20)
+    tv = refine_estimate(noisy, estimate, psf, num_iter=20, tv_weight=0.005)
+    assert np.abs(tv - plain).max() > 1e-3 * float(plain.max())  # the weight reaches RL
+    np.testing.assert_allclose(PSFRefinement(psf, 20, tv_weight=0.005)(torch.as_tensor(noisy)[None, None],
+                                                                      torch.as_tensor(estimate)[None, None])[0, 0].numpy(),
+                               tv, rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="tv_weight"):
+        PSFRefinement(psf, 5, tv_weight=0.2)
+    with pytest.raises(ValueError, match="TV weight"):
+        best_refinement_settings([noisy], [estimate], [obj], psf, tv_weights=())
+    # nothing helps (the truth itself as the estimate): 0 iterations at the smallest weight tried
+    settings, _ = best_refinement_settings([noisy], [obj], [obj], psf, tv_weights=(0.004, 0.002), max_iter=3)
+    assert settings == {"iterations": 0, "tv_weight": 0.002}
+
+
 def test_the_choice_refuses_counts_that_lose_dim_recall():
     # microtubules, domain A: PSNR peaks at 15 iterations while the recall falls from 0.876 to 0.825
     psnr_curve = [32.67, 32.92, 33.00, 33.02, 33.02, 32.97]
@@ -160,8 +185,16 @@ def test_tiled_inferer_applies_its_refinement_to_the_stitched_output():
 
 def test_tuned_refinement_reads_the_file(tmp_path):
     assert tuned_refinement(tmp_path) == 0
+    assert tuned_refinement(tmp_path, "tv_weight") == 0.0
     (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12}))
-    assert tuned_refinement(tmp_path) == 12
+    assert tuned_refinement(tmp_path) == 12 and tuned_refinement(tmp_path, "tv_weight") == 0.0  # an older file
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "tv_weight": 0.002}))
+    assert tuned_refinement(tmp_path, "tv_weight") == 0.002
+    with pytest.raises(ValueError, match="setting"):
+        tuned_refinement(tmp_path, "iters")
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "tv_weight": 0.5}))
+    with pytest.raises(ValueError, match="tv_weight"):
+        tuned_refinement(tmp_path)
     (tmp_path / "refinement.json").write_text(json.dumps({"iteration": 12}))
     with pytest.raises(ValueError, match="refinement.json"):
         tuned_refinement(tmp_path)
@@ -174,11 +207,13 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
     ckpt = tmp_path / "models"  # a copy: the shared model's folder must stay unrefined for other tests
     shutil.copytree(quick_model["ckpt_dir"], ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_refinement.py"), "--ckpt_dir", str(ckpt),
-           "--dataset_dir", str(quick_model["dataset_dir"]), "--max_iter", "15"]
+           "--dataset_dir", str(quick_model["dataset_dir"]), "--max_iter", "15", "--tv_weights", "0", "0.002"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
     tuned = json.loads((ckpt / "refinement.json").read_text())
     assert 0 <= tuned["iterations"] <= 15 and len(tuned["val_psnr_curve"]) == len(tuned["val_dim_recall_curve"]) == 16
+    assert tuned["tv_weight"] in (0.0, 0.002) and sorted(tuned["curves_by_tv_weight"]) == ["0.0", "0.002"]
+    assert tuned["val_psnr_curve"] == tuned["curves_by_tv_weight"][str(tuned["tv_weight"])]["psnr"]
     assert tuned["val_psnr_refined"] >= tuned["val_psnr_unrefined"]
     assert tuned["val_dim_recall_refined"] >= tuned["val_dim_recall_unrefined"] - 0.01
     assert f"{tuned['iterations']} iterations" in done.stdout
@@ -188,7 +223,10 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
                    "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--figures", "false", *extra)  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         assert report["settings"]["refine_iterations"] == expected
+        assert report["settings"]["refine_tv_weight"] == tuned["tv_weight"]
     scores = {k: json.loads((tmp_path / f"test_{k}" / "report.json").read_text())["mean"]["psnr"]["output"] for k in (0, 3)}
     assert scores[0] != scores[3]  # the refinement changed the output
     bad = subprocess.run([*cmd[:3], str(tmp_path / "empty"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT, check=False)
     assert bad.returncode == 1 and "model.pt" in bad.stderr
+    bad_tv = subprocess.run([*cmd[:-3], "--tv_weights", "0.3"], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert bad_tv.returncode == 2 and "--tv_weights" in bad_tv.stderr

@@ -19,13 +19,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import reproduce  # noqa: E402
 
-METHODS = ["input", *reproduce.ALL_METHODS]
+#: every row of the tiny run (--refine: the refinable methods' refined rows after their own)
+METHODS = ["input"] + [r for m in reproduce.ALL_METHODS
+                       for r in ([m, m + reproduce.REFINED] if m in reproduce.REFINABLE else [m])]  # fmt: skip
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--work-dir", str(out / "work"),
-        "--threads", "1", "--jobs", "2",
+        "--threads", "1", "--jobs", "2", "--refine",
     ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if res.returncode != 0:
@@ -91,6 +93,16 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
     assert 1 <= report["rl_num_iter"] <= reproduce.SCALES["tiny"].rl_max_iter
     assert report["rl_num_iter"] == json.loads((out / "work/runs/rl/rl.json").read_text())["num_iter"]
     assert re.search(r"Command: `python scripts/reproduce.py --scale tiny", md)
+    # --refine: tuned on validation per refinable model, written beside it, named in the report
+    assert set(report["refinement"]) == set(reproduce.REFINABLE)
+    for m, tuned in report["refinement"].items():
+        on_disk = json.loads((out / f"work/runs/{m}/models/refinement.json").read_text())
+        assert tuned["iterations"] == on_disk["iterations"] and 0 <= tuned["iterations"] <= reproduce.SCALES["tiny"].refine_max_iter
+        assert f"{m} {tuned['iterations']} it." in md
+        for test_set in metrics:
+            same = metrics[test_set][m + reproduce.REFINED]["psnr"] == metrics[test_set][m]["psnr"]
+            unrefined = tuned["unrefined_test_volumes"].get(test_set)
+            assert same == (tuned["iterations"] == 0 or bool(unrefined)), (m, test_set, tuned)
     # ~110 s on 2 cores shared with other jobs (--jobs 2 --threads 1); not asserted: it depends on the load
     print(f"tiny reproduce run: {seconds:.0f} s")
 
@@ -99,11 +111,14 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
 def test_rerun_skips_finished_steps(tiny_run):
     out, _ = tiny_run
     models = {m: (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns for m in reproduce.METHOD_CONFIGS}
+    tuned = {m: (out / f"work/runs/{m}/models/refinement.json").stat().st_mtime_ns for m in reproduce.REFINABLE}
     before = json.loads((out / "results.json").read_text())
     res = _run(out)
     assert "trained already" in res.stderr
     for m, mtime in models.items():
         assert (out / f"work/runs/{m}/models/model.pt").stat().st_mtime_ns == mtime
+    for m, mtime in tuned.items():  # the refinement is not tuned again for an unchanged model
+        assert (out / f"work/runs/{m}/models/refinement.json").stat().st_mtime_ns == mtime
     after = json.loads((out / "results.json").read_text())
     assert json.dumps(after["metrics"]) == json.dumps(before["metrics"])  # NaN-safe comparison
 
@@ -155,7 +170,7 @@ def test_seeds_run_one_campaign_each_and_report_mean_and_sd(tmp_path, monkeypatc
     psnr = {0: 30.0, 1: 31.0, 2: 32.5}
 
     class FakeRunner:
-        def __init__(self, scale, output, work_dir, methods, threads, jobs, seed, max_epochs, domain):
+        def __init__(self, scale, output, work_dir, methods, threads, jobs, seed, max_epochs, domain, refine=False):
             calls.append((Path(output).name, Path(work_dir).name, seed))
             self.seed = seed
 

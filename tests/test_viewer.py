@@ -99,6 +99,41 @@ def test_deconvolve_widget_matches_the_python_api(make_napari_viewer, qtbot, sam
     assert lo < hi
 
 
+def test_deconvolve_widget_refines_as_the_model_folder_says(make_napari_viewer, qtbot, sample, small_model, tmp_path):
+    """A model folder with ``refinement.json`` and ``blur.tif``: "tuned" gives what ``deconvolve`` gives with
+    that refinement and says so; "off" gives G alone."""
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(small_model, folder / "model.pt")
+    psf = np.einsum("i,j,k->ijk", *[np.array(v, np.float32) for v in ([1, 2, 1], [1, 2, 3, 2, 1], [1, 2, 3, 2, 1])])
+    psf /= psf.sum()
+    save_volume(folder / "blur.tif", psf)
+    (folder / "refinement.json").write_text('{"iterations": 3}')
+    viewer = make_napari_viewer()
+    data, meta, _ = sample[0]
+    layer = viewer.add_image(data, **meta)
+    widget = DeconvolveWidget(viewer)
+    widget.set_model(folder / "model.pt")
+    widget.image.value = layer
+    results = {}
+    for choice in ("tuned", "off"):
+        widget.refinement.value = choice
+        widget.start()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+        assert widget.result is not None, widget.last_message
+        results[choice] = np.asarray(widget.result.data)
+        assert ("refined by 3 Richardson-Lucy iterations" in widget.status.value) == (choice == "tuned")
+    np.testing.assert_allclose(results["tuned"], deconvolve(data, folder, progress=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results["off"], deconvolve(data, small_model, progress=False), rtol=1e-5, atol=1e-5)
+    assert np.abs(results["tuned"] - results["off"]).max() > 1e-3 * np.ptp(results["off"])
+    (folder / "refinement.json").write_text('{"iterations": "many"}')
+    widget.refinement.value = "tuned"
+    widget.start()
+    assert widget.worker is None and "refinement.json" in widget.last_message
+
+
 def test_cancel_after_the_first_window_stops_the_run(make_napari_viewer, qtbot, sample, small_model):
     viewer = make_napari_viewer()
     data = np.tile(sample[0][0], (2, 2, 2))  # 32 x 128 x 128: several windows

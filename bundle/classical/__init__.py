@@ -20,7 +20,13 @@ output, the inference pipeline's optional refinement step). Everything public is
 """
 
 from bundle.classical.network import RichardsonLucy
-from bundle.classical.refine import PSFRefinement, best_refinement, refine_estimate, tuned_refinement
+from bundle.classical.refine import (
+    PSFRefinement,
+    best_refinement,
+    best_refinement_settings,
+    refine_estimate,
+    tuned_refinement,
+)
 from bundle.classical.richardson_lucy import richardson_lucy
 from bundle.classical.spectral import _SpectralBlur  # noqa: F401  (used by the classical sharp domain)
 from bundle.classical.tuning import best_iteration, psnr
@@ -33,5 +39,6 @@ __all__ = [
     "refine_estimate",
     "PSFRefinement",
     "best_refinement",
+    "best_refinement_settings",
     "tuned_refinement",
 ]

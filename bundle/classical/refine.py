@@ -14,7 +14,15 @@ from bundle.metrics.reference import affine_fit, dim_structure, psnr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFINEMENT_FILE", "PSFRefinement", "best_refinement", "choose_refinement", "refine_estimate", "tuned_refinement"]
+__all__ = [
+    "REFINEMENT_FILE",
+    "PSFRefinement",
+    "best_refinement",
+    "best_refinement_settings",
+    "choose_refinement",
+    "refine_estimate",
+    "tuned_refinement",
+]
 
 
 def _blur_fit(blurred: torch.Tensor, estimate: torch.Tensor, psf: torch.Tensor, pad_mode: str) -> tuple[float, float]:
@@ -34,6 +42,7 @@ def refine_estimate(
     psf: Array,
     *,
     num_iter: int,
+    tv_weight: float = 0.0,
     pad_mode: str = "reflect",
     floor: float = 1e-4,
     callback=None,
@@ -55,6 +64,9 @@ def refine_estimate(
         estimate: the network's output for it, same shape.
         psf: ``(kd, kh, kw)`` PSF of the stack (the true one, or the learned ``blur.tif``).
         num_iter: RL iterations (0: the estimate unchanged).
+        tv_weight: total-variation weight of RL (:func:`richardson_lucy`; 0: plain RL). A little TV
+            (0.002–0.005) lets the data term restore more before noise is amplified (measured on
+            vesicles: +0.3 dB, dim recall +0.04 over plain RL from the same estimate).
         pad_mode: boundary model, see :func:`richardson_lucy`.
         floor: smallest start value, as a fraction of ``max(blurred)``.
         callback: passed to :func:`richardson_lucy` (``callback(iteration, u)``, ``u`` in RL's units).
@@ -83,20 +95,21 @@ def refine_estimate(
         if not a > 0:
             raise ValueError(f"the estimate does not explain the stack (fitted scale {a:.3g} <= 0); not refining")
         start = (a * est + b).clamp(min=floor * float(y.max().clamp(min=1e-12)))
-        u = richardson_lucy(y, h, num_iter=num_iter, pad_mode=pad_mode, init=start, callback=callback)
+        u = richardson_lucy(y, h, num_iter=num_iter, tv_weight=tv_weight, pad_mode=pad_mode, init=start, callback=callback)
         out = (u - b) / a
     return out.cpu().numpy() if is_numpy else out
 
 
 class PSFRefinement:
     """Refinement step of the inference pipeline (``TiledInferer(refinement=...)``, config keys
-    ``refine_iterations`` and ``refine_psf``): :func:`refine_estimate` on each whole volume after the
+    ``refine_iterations``, ``refine_tv_weight`` and ``refine_psf``): :func:`refine_estimate` on each whole volume after the
     windows are stitched, so the result does not depend on the window plan.
 
     Args:
         psf: PSF array or a file any reader of :func:`bundle.io.load_volume` takes (read on first
             use, so an unused refinement needs no file).
         num_iter: RL iterations (0: off, the output passes unchanged).
+        tv_weight: RL's total-variation weight (see :func:`refine_estimate`).
         pad_mode: boundary model, see :func:`richardson_lucy`.
 
     Example::
@@ -105,10 +118,14 @@ class PSFRefinement:
         >>> out = refine(inputs, outputs)  # (B, 1, D, H, W) each
     """
 
-    def __init__(self, psf: Array | str | Path | None = None, num_iter: int = 0, pad_mode: str = "reflect") -> None:
-        self.num_iter = int(num_iter)
+    def __init__(
+        self, psf: Array | str | Path | None = None, num_iter: int = 0, tv_weight: float = 0.0, pad_mode: str = "reflect"
+    ) -> None:
+        self.num_iter, self.tv_weight = int(num_iter), float(tv_weight)
         if self.num_iter < 0:
             raise ValueError(f"refine_iterations must be >= 0, got {num_iter}")
+        if not 0 <= self.tv_weight < 1 / 6:
+            raise ValueError(f"refine_tv_weight must be in [0, 1/6), got {tv_weight}")
         if self.num_iter > 0 and psf is None:
             raise ValueError("refine_iterations > 0 needs a PSF (refine_psf)")
         self.psf_source, self.pad_mode, self._psf = psf, pad_mode, None
@@ -135,7 +152,7 @@ class PSFRefinement:
         if self.num_iter == 0:
             return outputs
         refined = [
-            refine_estimate(x[0], o[0], self.psf, num_iter=self.num_iter, pad_mode=self.pad_mode)
+            refine_estimate(x[0], o[0], self.psf, num_iter=self.num_iter, tv_weight=self.tv_weight, pad_mode=self.pad_mode)
             for x, o in zip(inputs, outputs, strict=True)
         ]
         return torch.stack(refined)[:, None].to(device=outputs.device, dtype=outputs.dtype)
@@ -155,6 +172,7 @@ def best_refinement(
     psf: Array,
     *,
     max_iter: int = 200,
+    tv_weight: float = 0.0,
     pad_mode: str = "reflect",
     max_recall_loss: float | None = 0.01,
 ) -> tuple[int, dict[str, list[float]]]:
@@ -177,13 +195,46 @@ def best_refinement(
         truth = torch.as_tensor(np.asarray(gt), dtype=torch.float64)[None, None]
         run = [_fit_scores(torch.as_tensor(np.asarray(est)), truth)]
         refine_estimate(
-            y, est, psf, num_iter=max_iter, pad_mode=pad_mode,
+            y, est, psf, num_iter=max_iter, tv_weight=tv_weight, pad_mode=pad_mode,
             callback=lambda _it, u, run=run, truth=truth: run.append(_fit_scores(u, truth)),
         )  # fmt: skip
         runs.append(run)
     mean = np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)  # (max_iter + 1, 2)
     curves = {"psnr": mean[:, 0].tolist(), "dim_recall": mean[:, 1].tolist()}
     return choose_refinement(curves["psnr"], curves["dim_recall"], max_recall_loss), curves
+
+
+def best_refinement_settings(
+    blurred: Sequence[Array],
+    estimates: Sequence[Array],
+    ground_truths: Sequence[Array],
+    psf: Array,
+    *,
+    tv_weights: Sequence[float] = (0.0, 0.002, 0.005),
+    **kwargs,
+) -> tuple[dict[str, float], dict[float, dict[str, list[float]]]]:
+    """:func:`best_refinement` for each TV weight; the best ``{"iterations", "tv_weight"}`` and every curve.
+
+    The weight whose chosen count scores the highest validation PSNR wins (the smaller weight on a tie);
+    every choice obeys the same recall guard, whose reference (the estimate alone) is the same for all.
+
+    Args:
+        tv_weights: RL's total-variation weights tried (:func:`refine_estimate`).
+        kwargs: :func:`best_refinement`'s ``max_iter``, ``pad_mode``, ``max_recall_loss``.
+
+    Returns:
+        ``(settings, {tv_weight: curves})``.
+    """
+    if not tv_weights:
+        raise ValueError("best_refinement_settings needs at least one TV weight")
+    weights = sorted(float(t) for t in tv_weights)
+    curves, best = {}, {"iterations": 0, "tv_weight": weights[0]}  # nothing helps: the estimate alone
+    top = -np.inf
+    for tv in weights:
+        k, curves[tv] = best_refinement(blurred, estimates, ground_truths, psf, tv_weight=tv, **kwargs)
+        if k > 0 and curves[tv]["psnr"][k] > top:
+            best, top = {"iterations": k, "tv_weight": tv}, curves[tv]["psnr"][k]
+    return best, curves
 
 
 def choose_refinement(psnr_curve: Sequence[float], recall_curve: Sequence[float], max_recall_loss: float | None) -> int:
@@ -201,22 +252,31 @@ def choose_refinement(psnr_curve: Sequence[float], recall_curve: Sequence[float]
 REFINEMENT_FILE = "refinement.json"
 
 
-def tuned_refinement(ckpt_dir: str | Path) -> int:
-    """The refinement iterations tuned for the model in ``ckpt_dir`` (``refinement.json``), 0 if none.
+def tuned_refinement(ckpt_dir: str | Path, setting: str = "iterations") -> int | float:
+    """A refinement setting tuned for the model in ``ckpt_dir`` (``refinement.json``).
 
-    The default of the inference configs' ``refine_iterations``: a model whose refinement was tuned
-    on validation volumes (``scripts/tune_refinement.py``) is refined with that count everywhere
-    (``run inference``, ``run evaluate``); ``--refine_iterations N`` overrides it, 0 switches it off.
+    The default of the inference configs' ``refine_iterations`` and ``refine_tv_weight``: a model whose
+    refinement was tuned on validation volumes (``scripts/tune_refinement.py``) is refined with those
+    settings everywhere (``run inference``, ``run evaluate``, :func:`bundle.inference.deconvolve`);
+    ``--refine_iterations N`` overrides the count, 0 switches it off.
+
+    Args:
+        ckpt_dir: the model's folder.
+        setting: ``"iterations"`` (an int; 0 without a file) or ``"tv_weight"`` (a float; 0.0 without a
+            file or in a file written before the weight was tuned).
     """
+    if setting not in ("iterations", "tv_weight"):
+        raise ValueError(f"setting must be 'iterations' or 'tv_weight', got {setting!r}")
     path = Path(ckpt_dir) / REFINEMENT_FILE
     if not path.is_file():
-        return 0
+        return 0 if setting == "iterations" else 0.0
     import json
 
     try:
-        iterations = int(json.loads(path.read_text())["iterations"])
-    except (ValueError, KeyError, TypeError) as err:
+        record = json.loads(path.read_text())
+        iterations, tv_weight = int(record["iterations"]), float(record.get("tv_weight", 0.0))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not a refinement file (needs an integer 'iterations'): {err}") from err
-    if iterations < 0:
-        raise ValueError(f"{path}: 'iterations' must be >= 0, got {iterations}")
-    return iterations
+    if iterations < 0 or not 0 <= tv_weight < 1 / 6:
+        raise ValueError(f"{path}: needs 'iterations' >= 0 and 0 <= 'tv_weight' < 1/6, got {iterations}, {tv_weight}")
+    return iterations if setting == "iterations" else tv_weight

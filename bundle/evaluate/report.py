@@ -215,6 +215,7 @@ class DeconvolutionReport:
                 "blurred_intensity_range": input_range,
                 "sharp_intensity_range": None if self.sharp_range is None else list(self.sharp_range),
                 "refine_iterations": getattr(getattr(self.inferer, "refinement", None), "num_iter", 0),
+                "refine_tv_weight": getattr(getattr(self.inferer, "refinement", None), "tv_weight", 0.0),
             },
             "volumes": rows,
             "mean": {

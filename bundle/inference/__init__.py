@@ -29,10 +29,11 @@ Modules, one job each (everything public is importable from ``bundle.inference``
   TorchScript -> module) and MONAI's ``CheckpointLoader`` with the same checks;
 - :mod:`~bundle.inference.transforms`: normalisation and its inverse, output paths, the writer, the
   datalist;
-- :mod:`~bundle.inference.api`: :func:`deconvolve` and :func:`deconvolve_normalized`.
+- :mod:`~bundle.inference.api`: :func:`deconvolve` and :func:`deconvolve_normalized`, :func:`model_refinement` (the
+  tuned Richardson–Lucy refinement of a model folder, which :func:`deconvolve` applies).
 """
 
-from bundle.inference.api import deconvolve, deconvolve_normalized
+from bundle.inference.api import checkpoint_folder, deconvolve, deconvolve_normalized, model_refinement
 from bundle.inference.checkpoints import (
     CheckpointLoader,
     load_checkpoint,
@@ -68,12 +69,14 @@ __all__ = [
     "RestoreIntensityd",
     "SaveVolumed",
     "check_output_dir",
+    "checkpoint_folder",
     "cpu_has_native_bf16",
     "deconvolve",
     "deconvolve_normalized",
     "inference_datalist",
     "load_checkpoint",
     "load_network",
+    "model_refinement",
     "network_for_checkpoint",
     "network_from_state_dict",
     "output_path",

@@ -13,6 +13,7 @@ import torch
 from monai.config import PathLike
 from torch import nn
 
+from bundle.classical.refine import PSFRefinement, tuned_refinement
 from bundle.inference.checkpoints import load_network
 from bundle.inference.deconvolver import Deconvolver
 from bundle.inference.transforms import NormalizePercentilesd, RestoreIntensityd
@@ -34,13 +35,15 @@ def deconvolve_normalized(
     deconvolver: Deconvolver,
     percentiles: Sequence[float] | None = (0.1, 99.9),
     output_range: str = "input",
+    refinement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Normalise, deconvolve and restore one ``(Z, Y, X)`` volume with a ready :class:`Deconvolver`.
 
     The same transforms as ``configs/inference.json``: :class:`NormalizePercentilesd` (skipped if
     ``percentiles`` is None: the volume must already be in [0, 1]; a generator trained with one
     intensity range for its domain uses that range instead of the percentiles), ``deconvolver`` under
-    ``torch.no_grad``, :class:`RestoreIntensityd`.
+    ``torch.no_grad``, ``refinement(inputs, outputs)`` on the whole volume if given (e.g.
+    :class:`~bundle.classical.PSFRefinement`, :func:`model_refinement`), :class:`RestoreIntensityd`.
 
     Returns:
         float32 ``(Z, Y, X)``.
@@ -52,7 +55,9 @@ def deconvolve_normalized(
     elif output_range == "input":
         output_range = "normalized"  # nothing to undo
     with torch.no_grad():
-        d["pred"] = deconvolver(torch.as_tensor(d["image"])[None])[0]
+        image = torch.as_tensor(d["image"])[None]
+        pred = deconvolver(image)
+        d["pred"] = (pred if refinement is None else refinement(image, pred))[0]
     d = RestoreIntensityd("pred", "image_range", output_range)(d)
     return torch.as_tensor(d["pred"])[0].detach().cpu().float().numpy()
 
@@ -93,6 +98,9 @@ def deconvolve(
     max_pass_voxels: int = 1 << 22,
     allocator: str = "system",
     callback: Callable[[int, int], None] | None = None,
+    refine_iterations: int | str = "auto",
+    refine_tv_weight: float | str = "auto",
+    refine_psf: np.ndarray | PathLike | None = None,
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -127,6 +135,12 @@ def deconvolve(
         callback: ``callback(done, total)`` after each forward pass (windows done, windows in all);
             an exception it raises (e.g. :class:`~bundle.inference.DeconvolutionCancelled`) stops the
             call (see :class:`Deconvolver`).
+        refine_iterations: Richardson–Lucy iterations started from G's output on the whole volume
+            (:func:`model_refinement`): ``"auto"`` (default) the count tuned for a model folder by
+            ``scripts/tune_refinement.py`` (its ``refinement.json``; none: G alone, as for a module or
+            a zip), as ``run inference`` does; 0: off; a number: that many.
+        refine_tv_weight: RL's total-variation weight: ``"auto"`` the tuned one (0 if none), or a number.
+        refine_psf: the refinement's PSF (array or file); default the model folder's ``blur.tif``.
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -137,11 +151,68 @@ def deconvolve(
         >>> sharp = deconvolve(stack, model="path/to/bundle", axes="ZYX")
     """
     _to_zyx(_as_array(volume), axes, channel)  # a bad volume or axes fail before the model is loaded
+    refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight)
     deconvolver = load_deconvolver(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
         precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback,
     )  # fmt: skip
-    return predict(deconvolver, volume, axes, normalize, output_range, channel)
+    return predict(deconvolver, volume, axes, normalize, output_range, channel, refinement)
+
+
+def checkpoint_folder(model: nn.Module | PathLike) -> Path | None:
+    """The folder holding the model file of ``model`` as :func:`load_network` finds it (where training
+    writes ``blur.tif`` and ``scripts/tune_refinement.py`` writes ``refinement.json``); None for a
+    module or a bundle zip."""
+    if isinstance(model, nn.Module) or Path(model).suffix.lower() == ".zip":
+        return None
+    path = Path(model)
+    if not path.is_dir():
+        return path.parent
+    for candidate in (path / "models" / "model.pt", path / "model.pt", path / "models" / "model.ts"):
+        if candidate.is_file():
+            return candidate.parent
+    return path
+
+
+def model_refinement(
+    model: nn.Module | PathLike,
+    refine_iterations: int | str = "auto",
+    refine_psf: np.ndarray | PathLike | None = None,
+    refine_tv_weight: float | str = "auto",
+) -> PSFRefinement | None:
+    """The refinement ``run inference`` applies to ``model`` (:class:`~bundle.classical.PSFRefinement`), or None.
+
+    Args:
+        model: as :func:`deconvolve`.
+        refine_iterations: ``"auto"``: the count in the model folder's ``refinement.json``
+            (:func:`~bundle.classical.tuned_refinement`; 0 without one); an int >= 0: that count.
+        refine_psf: PSF array or file; default the model folder's ``blur.tif``.
+        refine_tv_weight: ``"auto"``: the TV weight in ``refinement.json`` (0 without one); a number.
+
+    Raises:
+        ValueError: a negative or unknown count, or a count > 0 with no PSF to refine with.
+    """
+    folder = checkpoint_folder(model)
+    if refine_iterations == "auto":
+        iterations = 0 if folder is None else tuned_refinement(folder)
+    elif isinstance(refine_iterations, (int, np.integer)) and not isinstance(refine_iterations, bool):
+        iterations = int(refine_iterations)
+    else:
+        raise ValueError(f"refine_iterations must be 'auto' or an int >= 0, got {refine_iterations!r}")
+    if iterations == 0:
+        return None
+    psf = refine_psf
+    if psf is None:
+        if folder is None or not (folder / "blur.tif").is_file():
+            raise ValueError(
+                f"{model}: refine_iterations={iterations} needs a PSF: pass refine_psf (no blur.tif next to the model)"
+            )
+        psf = folder / "blur.tif"
+    if refine_tv_weight == "auto":
+        tv_weight = 0.0 if folder is None else float(tuned_refinement(folder, "tv_weight"))
+    else:
+        tv_weight = float(refine_tv_weight)
+    return PSFRefinement(psf, num_iter=iterations, tv_weight=tv_weight)
 
 
 def _as_array(volume: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -179,12 +250,13 @@ def predict(
     normalize: Sequence[float] | None = (0.1, 99.9),
     output_range: str = "input",
     channel: int | None = None,
+    refinement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """One stack through a ready :class:`Deconvolver` (:meth:`Deconvolver.predict`); arguments and
-    result as :func:`deconvolve`."""
+    result as :func:`deconvolve` (``refinement`` as :func:`deconvolve_normalized`)."""
     zyx, spatial_axes = _to_zyx(_as_array(volume), axes, channel)
     validate_volume(zyx, None)
-    out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range)
+    out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range, refinement)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
     if "C" in axes.upper():
         out = np.expand_dims(out, axes.upper().index("C"))

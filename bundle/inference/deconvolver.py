@@ -217,13 +217,14 @@ class Deconvolver(nn.Module):
 
     def predict(
         self, volume: np.ndarray | torch.Tensor, axes: str = "ZYX", normalize: Sequence[float] | None = (0.1, 99.9),
-        output_range: str = "input", channel: int | None = None,
+        output_range: str = "input", channel: int | None = None, refinement: Any = None,
     ) -> np.ndarray:
         """A stack of any size and axis order, normalised, deconvolved and restored like
-        :func:`bundle.inference.deconvolve` (same arguments), without reloading the model."""
+        :func:`bundle.inference.deconvolve` (same arguments; ``refinement`` e.g.
+        :func:`bundle.inference.model_refinement`'s), without reloading the model."""
         from bundle.inference.api import predict
 
-        return predict(self, volume, axes, normalize, output_range, channel)
+        return predict(self, volume, axes, normalize, output_range, channel, refinement)
 
     def inferer_for(self, shape: Sequence[int]) -> tuple[tuple[int, ...], SlidingWindowInferer]:
         """The window and the ``SlidingWindowInferer`` used for a volume of spatial ``shape``."""

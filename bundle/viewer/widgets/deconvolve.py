@@ -14,7 +14,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from bundle.inference import PRECISIONS, DeconvolutionCancelled, deconvolve
+from bundle.inference import PRECISIONS, DeconvolutionCancelled, deconvolve, model_refinement
 from bundle.io import validate_volume
 from bundle.viewer.widgets._base import _DECONVOLVE_WIDGETS, _report, _Worker
 
@@ -26,7 +26,9 @@ class DeconvolveWidget(_Worker):
     stack (``roi_size="auto"``) within ``voxels per pass``, precision ``auto`` (bfloat16 where the
     hardware has it, else float32), percentiles 0.1/99.9, output in the input's intensity range. The
     result keeps the input layer's scale and translation (a 4D layer: the chosen channel along its
-    first axis). The Python API's memory policy is used (``allocator="system"``: a GUI process keeps
+    first axis). ``refinement`` "tuned" (default) refines G's output with Richardson–Lucy as ``run
+    inference`` does when the model folder holds a ``refinement.json`` (``scripts/tune_refinement.py``;
+    the status line says how many iterations ran); "off": G alone. The Python API's memory policy is used (``allocator="system"``: a GUI process keeps
     glibc's settings).
 
     Args:
@@ -43,9 +45,13 @@ class DeconvolveWidget(_Worker):
         self.precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto")
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
         self.max_pass_voxels = SpinBox(label="voxels per pass", value=1 << 22, min=1 << 15, max=1 << 30, step=1 << 20)
+        self.refinement = ComboBox(label="refinement", choices=["tuned", "off"], value="tuned",
+                                   tooltip="tuned: Richardson-Lucy from G's output, as many iterations as the model folder's "
+                                           "refinement.json says (none there: G alone); off: G alone")  # fmt: skip
         self.extend([self.model, self.image, self.channel, self.precision, self.device, self.max_pass_voxels,
-                     self.run_button, self.cancel_button, self.progress, self.status])  # fmt: skip
+                     self.refinement, self.run_button, self.cancel_button, self.progress, self.status])  # fmt: skip
         self.result: napari.layers.Image | None = None
+        self.refined = ""  # what the last run added after G ("": nothing)
         napari_viewer.layers.events.inserted.connect(self.reset_choices)
         napari_viewer.layers.events.removed.connect(self.reset_choices)
         self.reset_choices()
@@ -81,12 +87,16 @@ class DeconvolveWidget(_Worker):
             model = Path(self.model.value)
             if str(self.model.value) in ("", ".") or not model.exists():
                 raise ValueError(f"{model}: model not found; choose a model.pt, .ts, bundle zip or models folder")
+            iterations = "auto" if self.refinement.value == "tuned" else 0
+            refine = model_refinement(model, iterations)  # a bad refinement.json is named here
         except ValueError as exc:
             self.last_message = _report(str(exc))
             return
         device = None if self.device.value == "auto" else self.device.value
-        settings = {"precision": self.precision.value, "device": device, "max_pass_voxels": int(self.max_pass_voxels.value)}
-        self.status.value = f"deconvolving {layer.name} {volume.shape}..."
+        settings = {"precision": self.precision.value, "device": device, "max_pass_voxels": int(self.max_pass_voxels.value),
+                    "refine_iterations": iterations}  # fmt: skip
+        self.refined = "" if refine is None else f", refined by {refine.num_iter} Richardson-Lucy iterations"
+        self.status.value = f"deconvolving {layer.name} {volume.shape}{self.refined}..."
         self._launch(self._compute, volume, str(model), settings, on_result=lambda out: self._add_result(layer, out))
 
     def _compute(self, volume: np.ndarray, model: str, settings: dict[str, Any]) -> np.ndarray:
@@ -107,6 +117,6 @@ class DeconvolveWidget(_Worker):
             contrast_limits=(lo, hi) if hi > lo else None,
             metadata={"source_layer": layer.name, "model": str(self.model.value)},
         )
-        self.status.value = f"done: {self.result.name}"
+        self.status.value = f"done: {self.result.name}{self.refined}"
 
 
