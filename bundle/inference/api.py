@@ -14,7 +14,7 @@ from monai.config import PathLike
 from torch import nn
 
 from bundle.classical.refine import PSFRefinement, tuned_refinement
-from bundle.inference.checkpoints import load_network
+from bundle.inference.checkpoints import load_network, model_file_in
 from bundle.inference.deconvolver import Deconvolver
 from bundle.inference.transforms import NormalizePercentilesd, RestoreIntensityd
 from bundle.io import (
@@ -168,10 +168,8 @@ def checkpoint_folder(model: nn.Module | PathLike) -> Path | None:
     path = Path(model)
     if not path.is_dir():
         return path.parent
-    for candidate in (path / "models" / "model.pt", path / "model.pt", path / "models" / "model.ts"):
-        if candidate.is_file():
-            return candidate.parent
-    return path
+    found = model_file_in(path)
+    return path if found is None else found.parent
 
 
 def model_refinement(

@@ -176,6 +176,15 @@ class CheckpointLoader(_MonaiCheckpointLoader):
             raise ValueError(f"{self.load_path}: cannot load checkpoint ({exc})") from exc
 
 
+def model_file_in(folder: Path) -> Path | None:
+    """The model file :func:`load_network` takes from a folder: ``models/model.pt``, ``model.pt`` or
+    ``models/model.ts`` (the first that exists), or None."""
+    for candidate in (folder / "models" / "model.pt", folder / "model.pt", folder / "models" / "model.ts"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def load_network(model: nn.Module | PathLike, device: torch.device | str | None = None) -> nn.Module:
     """The generator, in eval mode on ``device``, from a module, a checkpoint or a trained bundle.
 
@@ -195,14 +204,12 @@ def load_network(model: nn.Module | PathLike, device: torch.device | str | None 
         path = Path(model)
         if path.is_dir():
             bundle_root = path
-            for candidate in (path / "models" / "model.pt", path / "model.pt", path / "models" / "model.ts"):
-                if candidate.is_file():
-                    path = candidate
-                    break
-            else:
+            found = model_file_in(path)
+            if found is None:
                 raise FileNotFoundError(
                     f"{model}: no models/model.pt, model.pt or models/model.ts in this folder"
                 )
+            path = found
         else:
             bundle_root = None
         if path.suffix == ".ts":
