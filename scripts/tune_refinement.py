@@ -37,6 +37,7 @@ from bundle.classical.refine import REFINEMENT_FILE, best_refinement_settings  #
 from bundle.data import paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
+from bundle.inference.flips import FLIP_CHOICES  # noqa: E402
 from bundle.io import atomic_write_text, load_volume  # noqa: E402
 
 
@@ -49,6 +50,7 @@ def tune(
     percentiles: tuple[float, float] = (0.1, 99.9),
     max_recall_loss: float | None = 0.01,
     tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
+    flips: int = 8,
 ) -> dict:
     """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight, write
     and return the choice."""
@@ -56,7 +58,7 @@ def tune(
         if not path.is_file():
             raise FileNotFoundError(f"no {what} file at {path}")
     pairs = paired_datalist(str(val_blurred), str(val_truth))
-    deconvolver = load_deconvolver(ckpt_dir / "model.pt", progress=False)
+    deconvolver = load_deconvolver(ckpt_dir / "model.pt", progress=False, flips=flips)
     blurred, estimates, truths = [], [], []
     for item in pairs:
         d = NormalizePercentilesd("image", percentiles, intensity_range=deconvolver.network)(
@@ -86,6 +88,7 @@ def tune(
         "psf": str(psf_file),
         "validation": [item["image"] for item in pairs],
         "max_iter": max_iter,
+        "flips": flips,
     }
     atomic_write_text(ckpt_dir / REFINEMENT_FILE, json.dumps(result, indent=1) + "\n")
     return result
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                              "a negative value: PSNR alone)")
     parser.add_argument("--tv_weights", type=float, nargs="+", default=(0.0, 0.002, 0.005),
                         help="total-variation weights of RL tried (default 0 0.002 0.005; each in [0, 1/6))")
+    parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=8,
+                        help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
     args = parser.parse_args(argv)
     if args.max_iter < 1:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             percentiles=tuple(args.percentiles),
             max_recall_loss=None if args.max_recall_loss < 0 else args.max_recall_loss,
             tv_weights=tuple(args.tv_weights),
+            flips=args.flips,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

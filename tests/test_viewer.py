@@ -128,6 +128,14 @@ def test_deconvolve_widget_refines_as_the_model_folder_says(make_napari_viewer, 
     np.testing.assert_allclose(results["tuned"], deconvolve(data, folder, progress=False), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(results["off"], deconvolve(data, small_model, progress=False), rtol=1e-5, atol=1e-5)
     assert np.abs(results["tuned"] - results["off"]).max() > 1e-3 * np.ptp(results["off"])
+    assert widget.views.value == 8  # inference's default: eight XY views averaged
+    widget.views.value = 1
+    widget.refinement.value = "off"
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    one_view = np.asarray(widget.result.data)
+    np.testing.assert_allclose(one_view, deconvolve(data, small_model, progress=False, flips=1), rtol=1e-5, atol=1e-5)
+    assert np.abs(one_view - results["off"]).max() > 1e-4 * np.ptp(results["off"])
     (folder / "refinement.json").write_text('{"iterations": "many"}')
     widget.refinement.value = "tuned"
     widget.start()

@@ -101,6 +101,7 @@ def deconvolve(
     refine_iterations: int | str = "auto",
     refine_tv_weight: float | str = "auto",
     refine_psf: np.ndarray | PathLike | None = None,
+    flips: int = 8,
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -141,6 +142,9 @@ def deconvolve(
             a zip), as ``run inference`` does; 0: off; a number: that many.
         refine_tv_weight: RL's total-variation weight: ``"auto"`` the tuned one (0 if none), or a number.
         refine_psf: the refinement's PSF (array or file); default the model folder's ``blur.tif``.
+        flips: G's output averaged over this many mirrored/transposed XY views (1, 2, 4 or 8; see
+            :func:`~bundle.inference.flips.flip_average`): 8 (default, as ``run inference``) costs 8×
+            the network time; 1 or 2 for a PSF that is not symmetric about the optical axis.
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -154,7 +158,7 @@ def deconvolve(
     refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight)
     deconvolver = load_deconvolver(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
-        precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback,
+        precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback, flips=flips,
     )  # fmt: skip
     return predict(deconvolver, volume, axes, normalize, output_range, channel, refinement)
 
@@ -230,14 +234,15 @@ def load_deconvolver(
         device: as :func:`deconvolve` (default CUDA if available).
         roi_size: as :func:`deconvolve` (None: the bundle's ``patch_size``).
         settings: :class:`Deconvolver` arguments (``overlap``, ``sw_batch_size``, ``progress``,
-            ``precision`` — default ``"auto"`` here —, ``max_pass_voxels``, ``allocator``, ``callback``).
+            ``precision`` — default ``"auto"`` here —, ``max_pass_voxels``, ``allocator``, ``callback``,
+            ``flips`` — default 8 here, as ``run inference``).
     """
     if device is None:
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     network = load_network(model, device)
     if roi_size is None:
         roi_size = _bundle_setting(model, "patch_size", (64, 64, 64))
-    settings = {"sw_batch_size": 4, "progress": True, "precision": "auto", **settings}
+    settings = {"sw_batch_size": 4, "progress": True, "precision": "auto", "flips": 8, **settings}
     return Deconvolver(network, roi_size=roi_size, mode="gaussian", sw_device=device, device="cpu", **settings)
 
 

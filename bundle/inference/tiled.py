@@ -11,6 +11,7 @@ from torch import nn
 
 from bundle.flags import as_flag
 from bundle.inference.deconvolver import Deconvolver
+from bundle.inference.flips import check_flips
 
 
 class TiledInferer(Inferer):
@@ -42,6 +43,8 @@ class TiledInferer(Inferer):
         refinement: applied to each stitched output with its input, e.g.
             :class:`~bundle.classical.PSFRefinement` (Richardson–Lucy started from G's output on the
             whole volume; config keys ``refine_iterations``, ``refine_psf``); None: off.
+        flips: XY views averaged (:func:`~bundle.inference.flips.flip_average`; config key
+            ``inference_flips``): 1 (validation's setting), 2, 4 or 8 (inference's default).
 
     Example::
 
@@ -62,9 +65,10 @@ class TiledInferer(Inferer):
         allocator: str = "system",
         device: torch.device | str | None = None,
         refinement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        flips: int = 1,
     ) -> None:
         super().__init__()
-        self.refinement = refinement
+        self.refinement, self.flips = refinement, check_flips(flips)
         self.window_inferer, self.roi_size, self.halo = window_inferer, roi_size, halo
         self.sw_batch_size, self.max_pass_voxels = int(sw_batch_size), int(max_pass_voxels)
         self.precision, self.optimize = precision, as_flag(optimize, "optimize")
@@ -86,6 +90,7 @@ class TiledInferer(Inferer):
                 optimize=self.optimize,
                 device=self.device,
                 allocator=self.allocator,
+                flips=self.flips,
             )
         return self._deconvolvers[key]
 

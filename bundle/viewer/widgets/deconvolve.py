@@ -15,6 +15,7 @@ from magicgui.widgets import (
 )
 
 from bundle.inference import PRECISIONS, DeconvolutionCancelled, deconvolve, model_refinement
+from bundle.inference.flips import FLIP_CHOICES
 from bundle.io import validate_volume
 from bundle.viewer.widgets._base import _DECONVOLVE_WIDGETS, _report, _Worker
 
@@ -28,8 +29,9 @@ class DeconvolveWidget(_Worker):
     result keeps the input layer's scale and translation (a 4D layer: the chosen channel along its
     first axis). ``refinement`` "tuned" (default) refines G's output with Richardson–Lucy as ``run
     inference`` does when the model folder holds a ``refinement.json`` (``scripts/tune_refinement.py``;
-    the status line says how many iterations ran); "off": G alone. The Python API's memory policy is used (``allocator="system"``: a GUI process keeps
-    glibc's settings).
+    the status line says how many iterations ran); "off": G alone. ``views`` is how many mirrored or
+    transposed XY views G's output is averaged over (``inference_flips``; 8 by default, 1 is 8× faster).
+    The Python API's memory policy is used (``allocator="system"``: a GUI process keeps glibc's settings).
 
     Args:
         napari_viewer: the viewer (napari passes it).
@@ -48,8 +50,10 @@ class DeconvolveWidget(_Worker):
         self.refinement = ComboBox(label="refinement", choices=["tuned", "off"], value="tuned",
                                    tooltip="tuned: Richardson-Lucy from G's output, as many iterations as the model folder's "
                                            "refinement.json says (none there: G alone); off: G alone")  # fmt: skip
+        self.views = ComboBox(label="views", choices=list(FLIP_CHOICES[::-1]), value=8,
+                              tooltip="XY views (mirrors, transposes) G's output is averaged over: 8 best, 1 fastest")  # fmt: skip
         self.extend([self.model, self.image, self.channel, self.precision, self.device, self.max_pass_voxels,
-                     self.refinement, self.run_button, self.cancel_button, self.progress, self.status])  # fmt: skip
+                     self.refinement, self.views, self.run_button, self.cancel_button, self.progress, self.status])  # fmt: skip
         self.result: napari.layers.Image | None = None
         self.refined = ""  # what the last run added after G ("": nothing)
         napari_viewer.layers.events.inserted.connect(self.reset_choices)
@@ -94,7 +98,7 @@ class DeconvolveWidget(_Worker):
             return
         device = None if self.device.value == "auto" else self.device.value
         settings = {"precision": self.precision.value, "device": device, "max_pass_voxels": int(self.max_pass_voxels.value),
-                    "refine_iterations": iterations}  # fmt: skip
+                    "refine_iterations": iterations, "flips": int(self.views.value)}  # fmt: skip
         self.refined = "" if refine is None else f", refined by {refine.num_iter} Richardson-Lucy iterations"
         self.status.value = f"deconvolving {layer.name} {volume.shape}{self.refined}..."
         self._launch(self._compute, volume, str(model), settings, on_result=lambda out: self._add_result(layer, out))
