@@ -612,7 +612,7 @@ def case_memory(cfg: dict, kind: str, path: str) -> dict:
             )
         else:
             arr, _ = open_volume(path)
-            deconvolve(np.asarray(arr[...]), net, roi_size=roi, sw_batch_size=2, device="cpu", progress=False)
+            deconvolve(np.asarray(arr[...]), net, roi_size=roi, sw_batch_size=2, device="cpu", progress=False, flips=1)
         seconds = time.perf_counter() - t0
     shape = list(open_volume(path)[0].shape)
     return {

@@ -24,7 +24,7 @@ def _inference() -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     net = DeblurUNet(features=FEATURES).eval()
     volume = torch.rand(24, 40, 56, generator=torch.Generator().manual_seed(1)).numpy()
-    auto = deconvolve(volume, net, progress=False, precision="float32")
+    auto = deconvolve(volume, net, progress=False, precision="float32", flips=1)  # the stored single-view output
     windows = Deconvolver(net, roi_size=(16, 32, 32), overlap=0.25, precision="float32")
     with torch.no_grad():
         tiled = windows(torch.from_numpy(volume)[None, None])[0, 0].numpy()

@@ -37,7 +37,7 @@ def test_equals_in_memory(tmp_path, tiny_net, shape, block_size, overlap, precis
     src = write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(16, 32, 32))
     assert src.shape == shape
     kwargs = dict(roi_size=(32, 32, 32), overlap=overlap, sw_batch_size=2, normalize=(0.1, 99.9), precision=precision)
-    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, output_range="normalized", **kwargs)
+    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, output_range="normalized", flips=1, **kwargs)
     out = deconvolve_zarr(
         tmp_path / "in.ome.zarr",
         tmp_path / "out.ome.zarr",
@@ -59,7 +59,7 @@ def test_equals_in_memory(tmp_path, tiny_net, shape, block_size, overlap, precis
 def test_output_range_input_restores_intensities(tmp_path, tiny_net):
     volume = _volume((32, 48, 40), seed=1)
     kwargs = dict(roi_size=(32, 32, 32), overlap=0.25, sw_batch_size=2)
-    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, **kwargs)
+    ref = deconvolve(volume, tiny_net, device="cpu", progress=False, flips=1, **kwargs)
     out = deconvolve_zarr(
         volume, tmp_path / "o.zarr", tiny_net, device="cpu", block_size=(32, 16, 16), **kwargs
     )
@@ -96,7 +96,7 @@ def test_window_free_network_equals_in_memory_with_default_settings(tmp_path):
     net = DeblurUNet(features=(2, 4, 4, 2), depth=2, norm="batch", align_corners=False, last_bias=0.0).eval()
     volume = _volume((20, 70, 45), seed=2)
     write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(16, 32, 32))
-    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32")
+    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32", flips=1)  # out of core: one view
     out = deconvolve_zarr(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", net, device="cpu",
                           block_size=(16, 32, 32), precision="float32")
     assert out.attrs["halo"] == net.tiling_halo == 26
@@ -145,7 +145,7 @@ def test_dask_graph_on_a_two_worker_cluster_equals_in_memory(tmp_path):
     torch.save(net.state_dict(), tmp_path / "model.pt")
     volume = _volume((60, 64, 64), seed=5)
     write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(30, 32, 32))
-    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32")
+    ref = deconvolve(volume, net, device="cpu", progress=False, precision="float32", flips=1)  # out of core: one view
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         out = deconvolve_dask(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", str(tmp_path / "model.pt"),
                               chunks=(30, 32, 32), precision="float32", scheduler=client)  # fmt: skip

@@ -88,8 +88,8 @@ def deconvolve_dask(
 ) -> Any:
     """Deconvolve a ``(Z, Y, X)`` stack as a dask graph and write it as OME-Zarr, chunk by chunk.
 
-    The result equals in-memory :func:`bundle.inference.deconvolve` with its default settings (a
-    window-free network: its output at a voxel depends on the input within ``tiling_halo``), whatever
+    The result equals in-memory :func:`bundle.inference.deconvolve` with its default settings but one
+    view (``flips=1``; out of core there is no view averaging and no refinement) (a window-free network: its output at a voxel depends on the input within ``tiling_halo``), whatever
     the chunks and the number of workers. Per-task memory is one chunk with its halo and the
     network's activations for it: independent of the stack's size.
 

@@ -152,7 +152,7 @@ def deconvolve_zarr(
     default generator) needs no shared window grid: each ``block_size`` block is read with ``halo``
     voxels of context (mirrored at the stack's faces, as in memory) and deconvolved on its own by
     :class:`bundle.inference.Deconvolver`; the result equals in-memory ``deconvolve`` with its default
-    settings (tested), and ``roi_size``, ``overlap``, ``mode`` and ``sigma_scale`` are not used. A
+    settings but one view (``flips=1``: no view averaging, no refinement out of core; tested), and ``roi_size``, ``overlap``, ``mode`` and ``sigma_scale`` are not used. A
     network without a halo (instance norm) uses MONAI's window grid and blending described above.
 
     Args:
