@@ -144,7 +144,8 @@ def deconvolve(
         refine_psf: the refinement's PSF (array or file); default the model folder's ``blur.tif``.
         flips: G's output averaged over this many mirrored/transposed XY views (1, 2, 4 or 8; see
             :func:`~bundle.inference.flips.flip_average`): 8 (default, as ``run inference``) costs 8×
-            the network time; 1 or 2 for a PSF that is not symmetric about the optical axis.
+            the network time; 4 (mirrors only) for a PSF not symmetric under quarter turns
+            (astigmatism), 1 for one without mirror symmetry either (coma).
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).

@@ -89,7 +89,8 @@ class Deconvolver(nn.Module):
             An exception it raises stops the call there (a Cancel button raises
             :class:`DeconvolutionCancelled`) and propagates with nothing returned.
         flips: XY views averaged (:func:`~bundle.inference.flips.flip_average`; 1, 2, 4 or 8): 8 is
-            the best estimate at 8× the time; use 1 or 2 if the PSF is not symmetric about the axis.
+            the best estimate at 8× the time; 4 (mirrors only) if the PSF is not symmetric under
+            quarter turns (astigmatism), 1 if it is not mirror-symmetric either (coma).
 
     Example::
 
@@ -283,7 +284,8 @@ class Deconvolver(nn.Module):
         x, predictor = torch.as_tensor(x), self.predictor
         if self.callback is not None:
             roi, inferer = self.inferer_for(x.shape[2:])
-            padded = (_pad_for_tiles(x, roi, self.halo) if self.halo else _pad_to(x, roi))[0]
+            shape = x[:1, :1].to("meta")  # the padded shape, without padding a copy of the data
+            padded = (_pad_for_tiles(shape, roi, self.halo) if self.halo else _pad_to(shape, roi))[0]
             total = self.flips * x.shape[0] * window_count(padded.shape[2:], roi, inferer.overlap)
             predictor = _Reporting(self.predictor, self.callback, total)
         with malloc_policy(self.allocator), torch.inference_mode(not torch.is_grad_enabled()):
