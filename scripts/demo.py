@@ -34,6 +34,24 @@ def bundle_run(run_id: str, configs: list[str], *overrides: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def print_summary(output_dir: Path) -> None:
+    """Print the best validation scores and the test report under ``output_dir`` (any folder: paths
+    inside the repository are shown relative to it, others as given)."""
+    history = json.loads((output_dir / "validation.json").read_text())
+    best = max(history, key=lambda e: e["val_psnr"])
+    print("\n=== validation (best epoch {epoch}, iteration {iteration}) ===".format(**best))
+    print(f"{'':8s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    print(f"{'input':8s} {best['val_input_psnr']:8.2f} {best['val_input_ssim']:7.4f}   (input at its best affine scaling)")
+    print(f"{'output':8s} {best['val_psnr']:8.2f} {best['val_ssim']:7.4f}")
+    if "psf" in best:
+        print("PSF parameters:", {k: round(v, 4) for k, v in best["psf"].items()})
+    report = output_dir / "test" / "report.md"
+    if report.is_file():
+        resolved = report.resolve()
+        shown = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
+        print(f"\n=== test set: {shown} ===\n" + report.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=16, help="training epochs of 25 iterations (default 16)")
@@ -58,17 +76,7 @@ def main() -> int:
         *paths[:4], "--output_dir", f"{args.output_dir}/test",
     )
 
-    history = json.loads((ROOT / args.output_dir / "validation.json").read_text())
-    best = max(history, key=lambda e: e["val_psnr"])
-    print("\n=== validation (best epoch {epoch}, iteration {iteration}) ===".format(**best))
-    print(f"{'':8s} {'PSNR dB':>8s} {'SSIM':>7s}")
-    print(f"{'input':8s} {best['val_input_psnr']:8.2f} {best['val_input_ssim']:7.4f}   (input at its best affine scaling)")
-    print(f"{'output':8s} {best['val_psnr']:8.2f} {best['val_ssim']:7.4f}")
-    if "psf" in best:
-        print("PSF parameters:", {k: round(v, 4) for k, v in best["psf"].items()})
-    report = ROOT / args.output_dir / "test" / "report.md"
-    if report.is_file():
-        print(f"\n=== test set: {report.relative_to(ROOT)} ===\n" + report.read_text())
+    print_summary(ROOT / args.output_dir)
     print(f"demo finished in {time.time() - start:.0f} s")
     return 0
 

@@ -458,8 +458,10 @@ def test_done_when_64x256x256_cli_equals_python(quick_model, tmp_path):
     before = (stack.read_bytes(), os.stat(stack).st_mtime_ns)
 
     out_dir = tmp_path / "out"
+    # two views (a mirror in X) on both sides: the view averaging is exercised at a quarter of the
+    # default's cost on this large stack (all eight views: tests/test_flips.py)
     run_bundle("inference", QUICK, "--input", str(stack), "--output_dir", str(out_dir),
-               "--ckpt_dir", str(quick_model["ckpt_dir"]), "--progress", "false")
+               "--ckpt_dir", str(quick_model["ckpt_dir"]), "--progress", "false", "--inference_flips", "2")
     cli, cli_meta = load_volume(out_dir / "stack_deconv.tif", dtype=None)
     assert sorted(os.listdir(out_dir)) == ["stack_deconv.tif"]
     assert (stack.read_bytes(), os.stat(stack).st_mtime_ns) == before
@@ -467,7 +469,7 @@ def test_done_when_64x256x256_cli_equals_python(quick_model, tmp_path):
     assert cli_meta["voxel_size"] == pytest.approx((0.1, 0.1, 0.1))
 
     py = deconvolve(blurred, model=Path(quick_model["ckpt_dir"]) / "model.pt",
-                    sw_batch_size=4, device="cpu", progress=False)
+                    sw_batch_size=4, device="cpu", progress=False, flips=2)
     np.testing.assert_allclose(py, cli, rtol=0, atol=1e-6 * float(np.abs(cli).max()))
 
     # PSNR, normalisation stated: input (0.1, 99.9) percentiles -> [0, 1], output = the network's [0, 1]
