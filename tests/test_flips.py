@@ -74,3 +74,12 @@ def test_inference_averages_eight_views_by_default_and_validation_one():
     train = ConfigParser()
     train.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json")])
     assert "flips" not in train.get("validate#inferer") and TiledInferer().flips == 1  # checkpoints ranked on one view
+
+
+def test_richardson_lucy_runs_one_view_and_is_not_refined():
+    """RL is linear and commutes with the symmetries: eight views would only cost 8×; and a model folder's
+    refinement.json must not refine the RL baseline."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "inference.json", "inference_rl.json")])
+    assert parser.get_parsed_content("inference_flips") == 1
+    assert parser.get_parsed_content("refine_iterations") == 0
