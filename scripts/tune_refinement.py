@@ -37,7 +37,7 @@ from bundle.classical.refine import REFINEMENT_FILE, best_refinement_settings  #
 from bundle.data import paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
-from bundle.inference.flips import FLIP_CHOICES  # noqa: E402
+from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES  # noqa: E402
 from bundle.io import atomic_write_text, load_volume  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def tune(
     percentiles: tuple[float, float] = (0.1, 99.9),
     max_recall_loss: float | None = 0.01,
     tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
-    flips: int = 8,
+    flips: int = DEFAULT_FLIPS,
 ) -> dict:
     """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight, write
     and return the choice."""
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                              "a negative value: PSNR alone)")
     parser.add_argument("--tv_weights", type=float, nargs="+", default=(0.0, 0.002, 0.005),
                         help="total-variation weights of RL tried (default 0 0.002 0.005; each in [0, 1/6))")
-    parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=8,
+    parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=DEFAULT_FLIPS,
                         help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
     args = parser.parse_args(argv)
     if args.max_iter < 1:

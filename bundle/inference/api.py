@@ -16,6 +16,7 @@ from torch import nn
 from bundle.classical.refine import PSFRefinement, tuned_refinement
 from bundle.inference.checkpoints import load_network, model_file_in
 from bundle.inference.deconvolver import Deconvolver
+from bundle.inference.flips import DEFAULT_FLIPS
 from bundle.inference.transforms import NormalizePercentilesd, RestoreIntensityd
 from bundle.io import (
     VolumeError,
@@ -101,7 +102,7 @@ def deconvolve(
     refine_iterations: int | str = "auto",
     refine_tv_weight: float | str = "auto",
     refine_psf: np.ndarray | PathLike | None = None,
-    flips: int = 8,
+    flips: int = DEFAULT_FLIPS,
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -243,7 +244,7 @@ def load_deconvolver(
     network = load_network(model, device)
     if roi_size is None:
         roi_size = _bundle_setting(model, "patch_size", (64, 64, 64))
-    settings = {"sw_batch_size": 4, "progress": True, "precision": "auto", "flips": 8, **settings}
+    settings = {"sw_batch_size": 4, "progress": True, "precision": "auto", "flips": DEFAULT_FLIPS, **settings}
     return Deconvolver(network, roi_size=roi_size, mode="gaussian", sw_device=device, device="cpu", **settings)
 
 

@@ -18,6 +18,9 @@ FLIP_CHOICES = (1, 2, 4, 8)
 """Views averaged: 1 the stack as given; 2 and its mirror in X; 4 the mirrors in X, Y and both;
 8 those and their transposes in XY (the whole symmetry group of the square)."""
 
+DEFAULT_FLIPS = 8
+"""Views averaged by inference unless told otherwise (``inference_flips`` in ``configs/inference.json``)."""
+
 
 def check_flips(flips: int, name: str = "flips") -> int:
     """``flips`` as an int, or a ``ValueError`` naming the allowed counts."""
@@ -32,19 +35,21 @@ def _views(flips: int) -> list[tuple[bool, bool, bool]]:
     return (views + [(True, y, x) for _, y, x in views])[:flips]
 
 
-def _apply(x: torch.Tensor, transpose: bool, flip_y: bool, flip_x: bool) -> torch.Tensor:
+def _mirror(x: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
     dims = [d for d, on in ((-2, flip_y), (-1, flip_x)) if on]
-    x = torch.flip(x, dims) if dims else x
+    return torch.flip(x, dims) if dims else x
+
+
+def _apply(x: torch.Tensor, transpose: bool, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    x = _mirror(x, flip_y, flip_x)
     return x.transpose(-2, -1) if transpose else x
 
 
 def _undo(y: torch.Tensor, transpose: bool, flip_y: bool, flip_x: bool) -> torch.Tensor:
-    y = y.transpose(-2, -1) if transpose else y
-    dims = [d for d, on in ((-2, flip_y), (-1, flip_x)) if on]
-    return torch.flip(y, dims) if dims else y
+    return _mirror(y.transpose(-2, -1) if transpose else y, flip_y, flip_x)
 
 
-def flip_average(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: int = 8) -> torch.Tensor:
+def flip_average(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: int = DEFAULT_FLIPS) -> torch.Tensor:
     """Mean of ``run`` over ``flips`` mirrored/transposed views of ``x``, each mapped back.
 
     Args:

@@ -15,7 +15,7 @@ from magicgui.widgets import (
 )
 
 from bundle.inference import PRECISIONS, DeconvolutionCancelled, deconvolve, model_refinement
-from bundle.inference.flips import FLIP_CHOICES
+from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES
 from bundle.io import validate_volume
 from bundle.viewer.widgets._base import _DECONVOLVE_WIDGETS, _report, _Worker
 
@@ -50,7 +50,7 @@ class DeconvolveWidget(_Worker):
         self.refinement = ComboBox(label="refinement", choices=["tuned", "off"], value="tuned",
                                    tooltip="tuned: Richardson-Lucy from G's output, as many iterations as the model folder's "
                                            "refinement.json says (none there: G alone); off: G alone")  # fmt: skip
-        self.views = ComboBox(label="views", choices=list(FLIP_CHOICES[::-1]), value=8,
+        self.views = ComboBox(label="views", choices=list(FLIP_CHOICES[::-1]), value=DEFAULT_FLIPS,
                               tooltip="XY views (mirrors, transposes) G's output is averaged over: 8 best, 1 fastest")  # fmt: skip
         self.extend([self.model, self.image, self.channel, self.precision, self.device, self.max_pass_voxels,
                      self.refinement, self.views, self.run_button, self.cancel_button, self.progress, self.status])  # fmt: skip
