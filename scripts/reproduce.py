@@ -483,7 +483,8 @@ class Runner:
 
         tuned = self.tune_refinement(method.removesuffix(REFINED))
         psf = self.run_dir(method.removesuffix(REFINED)) / "models" / "blur.tif"
-        return PSFRefinement(psf, num_iter=int(tuned["iterations"]), tv_weight=float(tuned.get("tv_weight", 0.0)))
+        return PSFRefinement(psf, num_iter=int(tuned["iterations"]), tv_weight=float(tuned.get("tv_weight", 0.0)),
+                             blend=float(tuned.get("blend", 1.0)))  # fmt: skip
 
     def deconvolver(self, method: str):
         """The inference pipeline of a method (``configs/inference.json`` [+ ``inference_rl.json``]): its

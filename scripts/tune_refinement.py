@@ -6,8 +6,9 @@ stack's PSF (:func:`bundle.classical.refine_estimate`; the configs' ``refine_ite
 helps depends on the model and the data, so it is chosen like RL's own count: on validation volumes
 with a ground truth, by the mean PSNR after the least-squares affine fit (the score ``run evaluate``
 reports), among the counts that keep the dim-structure recall within 0.01 of G's own, for each of a few
-total-variation weights of RL (0, 0.002, 0.005 by default; the best validation PSNR wins). The count
-and the weight go to ``<ckpt_dir>/refinement.json``; from then on ``run inference``, ``run evaluate``
+total-variation weights of RL (0, 0.002, 0.005 by default) and blends of the refined estimate with G's
+output (``blend · refined + (1 − blend) · G``, 0.2 to 1 by default; the best validation PSNR wins).
+The count, the weight and the blend go to ``<ckpt_dir>/refinement.json``; from then on ``run inference``, ``run evaluate``
 and ``bundle.inference.deconvolve`` of that model refine with them (``--refine_iterations 0``
 switches it off).
 
@@ -33,12 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bundle.classical.refine import REFINEMENT_FILE, best_refinement_settings  # noqa: E402
+from bundle.classical.refine import REFINEMENT_FILE, refine_estimate  # noqa: E402
+from bundle.classical.tuning import _fit_scores, best_refinement_settings  # noqa: E402
 from bundle.data import paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
 from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES  # noqa: E402
 from bundle.io import atomic_write_text, load_volume  # noqa: E402
+
+#: the blends of the refined estimate with G's output tried by default (1: the refined estimate alone)
+DEFAULT_BLENDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def tune(
@@ -51,9 +56,10 @@ def tune(
     max_recall_loss: float | None = 0.01,
     tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
     flips: int = DEFAULT_FLIPS,
+    blends: tuple[float, ...] = DEFAULT_BLENDS,
 ) -> dict:
-    """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight, write
-    and return the choice."""
+    """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight and
+    blend, write and return the choice."""
     for path, what in ((ckpt_dir / "model.pt", "model"), (psf_file, "PSF")):
         if not path.is_file():
             raise FileNotFoundError(f"no {what} file at {path}")
@@ -69,22 +75,32 @@ def tune(
             estimates.append(deconvolver(image[None])[0, 0].numpy())
         blurred.append(image[0].numpy())
         truths.append(np.asarray(load_volume(item["label"])[0], np.float32))
+    psf = np.asarray(load_volume(psf_file)[0])
     settings, by_tv = best_refinement_settings(
-        blurred, estimates, truths, np.asarray(load_volume(psf_file)[0]),
-        tv_weights=tv_weights, max_iter=max_iter, max_recall_loss=max_recall_loss,
+        blurred, estimates, truths, psf,
+        tv_weights=tv_weights, max_iter=max_iter, max_recall_loss=max_recall_loss, blends=blends,
     )  # fmt: skip
     best, curves = settings["iterations"], by_tv[settings["tv_weight"]]
+    chosen = curves["blends"].index(settings["blend"])
+    # the chosen setting's own scores (the guard looked at the refined estimate before the blend)
+    scores = np.asarray([
+        _fit_scores(torch.as_tensor(refine_estimate(
+            y, est, psf, num_iter=best, tv_weight=settings["tv_weight"], blend=settings["blend"])), torch.as_tensor(gt, dtype=torch.float64)[None, None])
+        for y, est, gt in zip(blurred, estimates, truths, strict=True)
+    ]).mean(axis=0)  # fmt: skip
     result = {
         "iterations": best,
         "tv_weight": settings["tv_weight"],
+        "blend": settings["blend"],
         "val_psnr_unrefined": curves["psnr"][0],
-        "val_psnr_refined": curves["psnr"][best],
+        "val_psnr_refined": float(scores[0]),
         "val_dim_recall_unrefined": curves["dim_recall"][0],
-        "val_dim_recall_refined": curves["dim_recall"][best],
+        "val_dim_recall_refined": float(scores[1]),
         "max_recall_loss": max_recall_loss,
-        "val_psnr_curve": curves["psnr"],
+        "val_psnr_curve": [row[chosen] for row in curves["blend_psnr"]],
         "val_dim_recall_curve": curves["dim_recall"],
-        "curves_by_tv_weight": {str(tv): c for tv, c in by_tv.items()},
+        "curves_by_tv_weight": {str(tv): {k: c[k] for k in ("psnr", "dim_recall")} for tv, c in by_tv.items()},
+        "blends": curves["blends"],
         "psf": str(psf_file),
         "validation": [item["image"] for item in pairs],
         "max_iter": max_iter,
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                              "a negative value: PSNR alone)")
     parser.add_argument("--tv_weights", type=float, nargs="+", default=(0.0, 0.002, 0.005),
                         help="total-variation weights of RL tried (default 0 0.002 0.005; each in [0, 1/6))")
+    parser.add_argument("--blends", type=float, nargs="+", default=DEFAULT_BLENDS,
+                        help="weights of the refined estimate against G's output tried (default 0.2 0.3 ... 1; each in (0, 1])")
     parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=DEFAULT_FLIPS,
                         help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
     args = parser.parse_args(argv)
@@ -114,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
     if not all(0 <= tv < 1 / 6 for tv in args.tv_weights):
         parser.error(f"--tv_weights must each be in [0, 1/6), got {args.tv_weights}")
+    if not all(0 < b <= 1 for b in args.blends):
+        parser.error(f"--blends must each be in (0, 1], got {args.blends}")
     try:
         result = tune(
             args.ckpt_dir,
@@ -125,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             max_recall_loss=None if args.max_recall_loss < 0 else args.max_recall_loss,
             tv_weights=tuple(args.tv_weights),
             flips=args.flips,
+            blends=tuple(args.blends),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(
-        f"refinement: {result['iterations']} iterations, TV weight {result['tv_weight']:g} (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
+        f"refinement: {result['iterations']} iterations, TV weight {result['tv_weight']:g}, blend {result['blend']:g} (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
         f"{result['val_psnr_refined']:.2f} dB, dim recall {result['val_dim_recall_unrefined']:.3f} -> "
         f"{result['val_dim_recall_refined']:.3f}); written to {args.ckpt_dir / REFINEMENT_FILE}"
     )

@@ -22,7 +22,7 @@ from bundle.classical import (
     richardson_lucy,
     tuned_refinement,
 )
-from bundle.classical.refine import choose_refinement
+from bundle.classical.tuning import _blend_psnrs, choose_refinement
 from bundle.inference import TiledInferer
 from bundle.metrics import affine_fit, psnr
 from bundle.networks import DeblurUNet
@@ -144,7 +144,55 @@ def test_tv_weights_are_scanned_and_the_best_validation_score_wins(scene):
         best_refinement_settings([noisy], [estimate], [obj], psf, tv_weights=())
     # nothing helps (the truth itself as the estimate): 0 iterations at the smallest weight tried
     settings, _ = best_refinement_settings([noisy], [obj], [obj], psf, tv_weights=(0.004, 0.002), max_iter=3)
-    assert settings == {"iterations": 0, "tv_weight": 0.002}
+    assert settings == {"iterations": 0, "tv_weight": 0.002, "blend": 1.0}
+
+
+def test_a_blend_mixes_the_refined_estimate_with_the_estimate(scene):
+    obj, psf, noisy, estimate = scene
+    refined = refine_estimate(noisy, estimate, psf, num_iter=25)
+    blended = refine_estimate(noisy, estimate, psf, num_iter=25, blend=0.6)
+    np.testing.assert_allclose(blended, 0.6 * refined + 0.4 * estimate, rtol=1e-5, atol=1e-6)
+    out = PSFRefinement(psf, 25, blend=0.6)(torch.as_tensor(noisy)[None, None], torch.as_tensor(estimate)[None, None])
+    np.testing.assert_allclose(out[0, 0].numpy(), blended, rtol=1e-5, atol=1e-6)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="refine_blend"):
+            refine_estimate(noisy, estimate, psf, num_iter=3, blend=bad)
+        with pytest.raises(ValueError, match="refine_blend"):
+            PSFRefinement(psf, 3, blend=bad)
+
+
+def test_blend_scores_in_closed_form_equal_the_fitted_psnr():
+    rng = np.random.default_rng(3)
+    truth = torch.as_tensor(rng.random((6, 10, 12)))
+    r = (truth * 2 + 0.3 * torch.as_tensor(rng.standard_normal((6, 10, 12)))).float()
+    e = (0.5 * truth + 0.1 + 0.2 * torch.as_tensor(rng.random((6, 10, 12)))).float()
+    blends = (0.1, 0.5, 0.9, 1.0)
+    closed = _blend_psnrs(r, e, truth[None, None], blends)
+    for al, value in zip(blends, closed, strict=True):
+        assert value == pytest.approx(_score(al * r + (1 - al) * e, truth.numpy()), abs=1e-6)
+
+
+def test_the_blend_is_tuned_with_the_count_and_weight(scene):
+    obj, psf, noisy, estimate = scene
+    blends = (0.3, 0.6, 1.0)
+    settings, by_tv = best_refinement_settings([noisy], [estimate], [obj], psf, tv_weights=(0.0, 0.002), max_iter=40,
+                                               blends=blends, max_recall_loss=None)  # fmt: skip
+    only_refined, _ = best_refinement_settings([noisy], [estimate], [obj], psf, tv_weights=(0.0, 0.002), max_iter=40,
+                                               max_recall_loss=None)  # fmt: skip
+    assert settings["blend"] in blends and settings["iterations"] > 0
+    top = max(max(max(row) for row in c["blend_psnr"][1:]) for c in by_tv.values())
+    curves = by_tv[settings["tv_weight"]]
+    chosen = curves["blend_psnr"][settings["iterations"]][curves["blends"].index(settings["blend"])]
+    assert chosen == top  # the best setting of the whole grid
+    assert chosen >= by_tv[only_refined["tv_weight"]]["psnr"][only_refined["iterations"]] - 1e-9  # blend 1 is in the grid
+    # the closed-form curve is the score of the blended refinement itself
+    direct = refine_estimate(noisy, estimate, psf, num_iter=settings["iterations"], tv_weight=settings["tv_weight"],
+                             blend=settings["blend"])  # fmt: skip
+    assert chosen == pytest.approx(_score(direct, obj), abs=1e-3)
+    one = curves["blends"].index(1.0)
+    assert [row[one] for row in curves["blend_psnr"]] == pytest.approx(curves["psnr"], abs=1e-6)  # blend 1 alone
+    with pytest.raises(ValueError, match="blend"):
+        best_refinement_settings([noisy], [estimate], [obj], psf, blends=())
 
 
 def test_the_choice_refuses_counts_that_lose_dim_recall():
@@ -186,10 +234,17 @@ def test_tiled_inferer_applies_its_refinement_to_the_stitched_output():
 def test_tuned_refinement_reads_the_file(tmp_path):
     assert tuned_refinement(tmp_path) == 0
     assert tuned_refinement(tmp_path, "tv_weight") == 0.0
+    assert tuned_refinement(tmp_path, "blend") == 1.0
     (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12}))
     assert tuned_refinement(tmp_path) == 12 and tuned_refinement(tmp_path, "tv_weight") == 0.0  # an older file
     (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "tv_weight": 0.002}))
     assert tuned_refinement(tmp_path, "tv_weight") == 0.002
+    assert tuned_refinement(tmp_path, "blend") == 1.0  # written before the blend was tuned
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "tv_weight": 0.002, "blend": 0.7}))
+    assert tuned_refinement(tmp_path, "blend") == 0.7
+    (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "blend": 0}))
+    with pytest.raises(ValueError, match="blend"):
+        tuned_refinement(tmp_path)
     with pytest.raises(ValueError, match="setting"):
         tuned_refinement(tmp_path, "iters")
     (tmp_path / "refinement.json").write_text(json.dumps({"iterations": 12, "tv_weight": 0.5}))
@@ -213,7 +268,13 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
     tuned = json.loads((ckpt / "refinement.json").read_text())
     assert 0 <= tuned["iterations"] <= 15 and len(tuned["val_psnr_curve"]) == len(tuned["val_dim_recall_curve"]) == 16
     assert tuned["tv_weight"] in (0.0, 0.002) and sorted(tuned["curves_by_tv_weight"]) == ["0.0", "0.002"]
-    assert tuned["val_psnr_curve"] == tuned["curves_by_tv_weight"][str(tuned["tv_weight"])]["psnr"]
+    assert tuned["blend"] in tuned["blends"] and len(tuned["blends"]) == 9  # 0.2 ... 1
+    plain = tuned["curves_by_tv_weight"][str(tuned["tv_weight"])]["psnr"]
+    assert tuned["val_psnr_curve"][0] == pytest.approx(plain[0])
+    if tuned["blend"] == 1.0:
+        assert tuned["val_psnr_curve"] == pytest.approx(plain)
+    # the chosen setting rescored on its own equals its closed-form curve value
+    assert tuned["val_psnr_refined"] == pytest.approx(tuned["val_psnr_curve"][tuned["iterations"]], abs=1e-3)
     assert tuned["val_psnr_refined"] >= tuned["val_psnr_unrefined"]
     assert tuned["val_dim_recall_refined"] >= tuned["val_dim_recall_unrefined"] - 0.01
     assert f"{tuned['iterations']} iterations" in done.stdout
@@ -224,9 +285,12 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["settings"]["refine_iterations"] == expected
         assert report["settings"]["refine_tv_weight"] == tuned["tv_weight"]
+        assert report["settings"]["refine_blend"] == tuned["blend"]
     scores = {k: json.loads((tmp_path / f"test_{k}" / "report.json").read_text())["mean"]["psnr"]["output"] for k in (0, 3)}
     assert scores[0] != scores[3]  # the refinement changed the output
     bad = subprocess.run([*cmd[:3], str(tmp_path / "empty"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT, check=False)
     assert bad.returncode == 1 and "model.pt" in bad.stderr
     bad_tv = subprocess.run([*cmd[:-3], "--tv_weights", "0.3"], capture_output=True, text=True, cwd=ROOT, check=False)
     assert bad_tv.returncode == 2 and "--tv_weights" in bad_tv.stderr
+    bad_blend = subprocess.run([*cmd, "--blends", "0", "1"], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert bad_blend.returncode == 2 and "--blends" in bad_blend.stderr

@@ -14,22 +14,16 @@ References:
 
 Modules: :mod:`~bundle.classical.spectral` (the PSF convolution and its adjoint with the kernel's
 spectrum computed once, pruned FFTs), :mod:`~bundle.classical.richardson_lucy` (the iteration, the
-``RichardsonLucy`` network for inference configs) and :mod:`~bundle.classical.tuning` (iterations
-chosen on data with ground truth) and :mod:`~bundle.classical.refine` (RL started from a generator's
+``RichardsonLucy`` network for inference configs), :mod:`~bundle.classical.tuning` (RL's iterations
+and the refinement's settings chosen on data with ground truth) and :mod:`~bundle.classical.refine` (RL started from a generator's
 output, the inference pipeline's optional refinement step). Everything public is importable from ``bundle.classical``.
 """
 
 from bundle.classical.network import RichardsonLucy
-from bundle.classical.refine import (
-    PSFRefinement,
-    best_refinement,
-    best_refinement_settings,
-    refine_estimate,
-    tuned_refinement,
-)
+from bundle.classical.refine import PSFRefinement, refine_estimate, tuned_refinement
 from bundle.classical.richardson_lucy import richardson_lucy
 from bundle.classical.spectral import _SpectralBlur  # noqa: F401  (used by the classical sharp domain)
-from bundle.classical.tuning import best_iteration, psnr
+from bundle.classical.tuning import best_iteration, best_refinement, best_refinement_settings, psnr
 
 __all__ = [
     "richardson_lucy",

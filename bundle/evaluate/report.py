@@ -216,6 +216,7 @@ class DeconvolutionReport:
                 "sharp_intensity_range": None if self.sharp_range is None else list(self.sharp_range),
                 "refine_iterations": getattr(getattr(self.inferer, "refinement", None), "num_iter", 0),
                 "refine_tv_weight": getattr(getattr(self.inferer, "refinement", None), "tv_weight", 0.0),
+                "refine_blend": getattr(getattr(self.inferer, "refinement", None), "blend", 1.0),
             },
             "volumes": rows,
             "mean": {

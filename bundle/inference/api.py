@@ -103,6 +103,7 @@ def deconvolve(
     refine_tv_weight: float | str = "auto",
     refine_psf: np.ndarray | PathLike | None = None,
     flips: int = DEFAULT_FLIPS,
+    refine_blend: float | str = "auto",
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -143,6 +144,8 @@ def deconvolve(
             a zip), as ``run inference`` does; 0: off; a number: that many.
         refine_tv_weight: RL's total-variation weight: ``"auto"`` the tuned one (0 if none), or a number.
         refine_psf: the refinement's PSF (array or file); default the model folder's ``blur.tif``.
+        refine_blend: weight of the refined estimate against G's output: ``"auto"`` the tuned one (1
+            if none: the refined estimate alone), or a number in (0, 1].
         flips: G's output averaged over this many mirrored/transposed XY views (1, 2, 4 or 8; see
             :func:`~bundle.inference.flips.flip_average`): 8 (default, as ``run inference``) costs 8×
             the network time; 4 (mirrors only) for a PSF not symmetric under quarter turns
@@ -157,7 +160,7 @@ def deconvolve(
         >>> sharp = deconvolve(stack, model="path/to/bundle", axes="ZYX")
     """
     _to_zyx(_as_array(volume), axes, channel)  # a bad volume or axes fail before the model is loaded
-    refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight)
+    refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight, refine_blend)
     deconvolver = load_deconvolver(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
         precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback, flips=flips,
@@ -183,6 +186,7 @@ def model_refinement(
     refine_iterations: int | str = "auto",
     refine_psf: np.ndarray | PathLike | None = None,
     refine_tv_weight: float | str = "auto",
+    refine_blend: float | str = "auto",
 ) -> PSFRefinement | None:
     """The refinement ``run inference`` applies to ``model`` (:class:`~bundle.classical.PSFRefinement`), or None.
 
@@ -192,6 +196,7 @@ def model_refinement(
             (:func:`~bundle.classical.tuned_refinement`; 0 without one); an int >= 0: that count.
         refine_psf: PSF array or file; default the model folder's ``blur.tif``.
         refine_tv_weight: ``"auto"``: the TV weight in ``refinement.json`` (0 without one); a number.
+        refine_blend: ``"auto"``: the blend in ``refinement.json`` (1 without one); a number in (0, 1].
 
     Raises:
         ValueError: a negative or unknown count, or a count > 0 with no PSF to refine with.
@@ -212,11 +217,13 @@ def model_refinement(
                 f"{model}: refine_iterations={iterations} needs a PSF: pass refine_psf (no blur.tif next to the model)"
             )
         psf = folder / "blur.tif"
-    if refine_tv_weight == "auto":
-        tv_weight = 0.0 if folder is None else float(tuned_refinement(folder, "tv_weight"))
-    else:
-        tv_weight = float(refine_tv_weight)
-    return PSFRefinement(psf, num_iter=iterations, tv_weight=tv_weight)
+    def setting(value: float | str, key: str, default: float) -> float:
+        if value != "auto":
+            return float(value)
+        return default if folder is None else float(tuned_refinement(folder, key))
+
+    tv_weight, blend = setting(refine_tv_weight, "tv_weight", 0.0), setting(refine_blend, "blend", 1.0)
+    return PSFRefinement(psf, num_iter=iterations, tv_weight=tv_weight, blend=blend)
 
 
 def _as_array(volume: np.ndarray | torch.Tensor) -> np.ndarray:
