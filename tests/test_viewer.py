@@ -110,7 +110,7 @@ def test_deconvolve_widget_refines_as_the_model_folder_says(make_napari_viewer, 
     psf = np.einsum("i,j,k->ijk", *[np.array(v, np.float32) for v in ([1, 2, 1], [1, 2, 3, 2, 1], [1, 2, 3, 2, 1])])
     psf /= psf.sum()
     save_volume(folder / "blur.tif", psf)
-    (folder / "refinement.json").write_text('{"iterations": 3}')
+    (folder / "refinement.json").write_text('{"iterations": 3, "blend": 0.5}')
     viewer = make_napari_viewer()
     data, meta, _ = sample[0]
     layer = viewer.add_image(data, **meta)
@@ -124,8 +124,12 @@ def test_deconvolve_widget_refines_as_the_model_folder_says(make_napari_viewer, 
         qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
         assert widget.result is not None, widget.last_message
         results[choice] = np.asarray(widget.result.data)
-        assert ("refined by 3 Richardson-Lucy iterations" in widget.status.value) == (choice == "tuned")
+        assert ("refined by 3 Richardson-Lucy iterations (blend 0.5" in widget.status.value) == (choice == "tuned")
     np.testing.assert_allclose(results["tuned"], deconvolve(data, folder, progress=False), rtol=1e-5, atol=1e-5)
+    # the tuned blend is applied: refined alone (blend 1) is another result, and the blend lies halfway
+    refined_only = deconvolve(data, folder, progress=False, refine_blend=1.0)
+    np.testing.assert_allclose(results["tuned"], 0.5 * refined_only + 0.5 * results["off"], rtol=1e-4, atol=1e-4)
+    assert np.abs(refined_only - results["tuned"]).max() > 1e-3 * np.ptp(results["off"])
     np.testing.assert_allclose(results["off"], deconvolve(data, small_model, progress=False), rtol=1e-5, atol=1e-5)
     assert np.abs(results["tuned"] - results["off"]).max() > 1e-3 * np.ptp(results["off"])
     assert widget.views.value == 8  # inference's default: eight XY views averaged

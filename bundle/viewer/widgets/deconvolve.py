@@ -100,6 +100,8 @@ class DeconvolveWidget(_Worker):
         settings = {"precision": self.precision.value, "device": device, "max_pass_voxels": int(self.max_pass_voxels.value),
                     "refine_iterations": iterations, "flips": int(self.views.value)}  # fmt: skip
         self.refined = "" if refine is None else f", refined by {refine.num_iter} Richardson-Lucy iterations"
+        if refine is not None and refine.blend < 1:
+            self.refined += f" (blend {refine.blend:g} with G's output)"
         self.status.value = f"deconvolving {layer.name} {volume.shape}{self.refined}..."
         self._launch(self._compute, volume, str(model), settings, on_result=lambda out: self._add_result(layer, out))
 
