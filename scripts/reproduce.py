@@ -14,8 +14,8 @@ Steps (each skipped when its result is already on disk, so an interrupted run re
 3. choose Richardson–Lucy's iteration count on the validation volume (never on test);
 4. with ``--refine``: for each model with a PSF layer (blind, non-blind, sharp cycle) choose the
    refinement of its output — Richardson–Lucy started from it through its ``models/blur.tif`` — on the
-   validation volumes (``scripts/tune_refinement.py``: iterations and TV weight, written to
-   ``models/refinement.json``); its rows ``<method>_refined`` are scored beside the method's own;
+   validation volumes (``scripts/tune_refinement.py``: iterations, TV weight and the blend with G's
+   output, written to ``models/refinement.json``); its rows ``<method>_refined`` are scored beside the method's own;
 5. deconvolve every test volume with every method through the inference pipeline of the bundle
    (``configs/inference.json`` [+ ``inference_rl.json``]: same normalisation, sliding window) and
    score it against the ground truth with one normalisation for all (see ``NORMALISATION``);
@@ -92,9 +92,9 @@ LABELS = {
     "nonblind": "proposed, non-blind (known PSF)",
     "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
-    "blind_refined": "proposed, blind, refined by RL from its output (learned PSF)",
-    "nonblind_refined": "proposed, non-blind, refined by RL from its output (known PSF)",
-    "sharp_cycle_refined": "sharp cycle only, refined by RL from its output (known PSF)",
+    "blind_refined": "proposed, blind, refined by RL from its output, blended with it (learned PSF)",
+    "nonblind_refined": "proposed, non-blind, refined by RL from its output, blended with it (known PSF)",
+    "sharp_cycle_refined": "sharp cycle only, refined by RL from its output, blended with it (known PSF)",
 }
 #: the paper's numbers (PAPER.md; Tables I–III, Born & Wolf / Richards & Wolf test PSF, 20 dB)
 PAPER = {
