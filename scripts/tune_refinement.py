@@ -8,9 +8,9 @@ with a ground truth, by the mean PSNR after the least-squares affine fit (the sc
 reports), among the counts that keep the dim-structure recall within 0.01 of G's own, for each of a few
 total-variation weights of RL (0, 0.002, 0.005 by default) and blends of the refined estimate with G's
 output (``blend · refined + (1 − blend) · G``, 0.2 to 1 by default; the best validation PSNR wins).
-The count, the weight and the blend go to ``<ckpt_dir>/refinement.json``; from then on ``run inference``, ``run evaluate``
-and ``bundle.inference.deconvolve`` of that model refine with them (``--refine_iterations 0``
-switches it off).
+The count, the weight and the blend go to ``<ckpt_dir>/refinement.json``; from then on
+``run inference``, ``run evaluate`` and ``bundle.inference.deconvolve`` of that model refine with them
+(``--refine_iterations 0`` switches it off).
 
 Example (simulated data: ``<dataset_dir>/val/blurred`` and ``<dataset_dir>/val/ground_truth``)::
 
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bundle.classical.refine import REFINEMENT_FILE, refine_estimate  # noqa: E402
-from bundle.classical.tuning import _fit_scores, best_refinement_settings  # noqa: E402
+from bundle.classical.refine import REFINEMENT_FILE  # noqa: E402
+from bundle.classical.tuning import best_refinement_settings, refinement_scores  # noqa: E402
 from bundle.data import paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
@@ -83,19 +83,15 @@ def tune(
     best, curves = settings["iterations"], by_tv[settings["tv_weight"]]
     chosen = curves["blends"].index(settings["blend"])
     # the chosen setting's own scores (the guard looked at the refined estimate before the blend)
-    scores = np.asarray([
-        _fit_scores(torch.as_tensor(refine_estimate(
-            y, est, psf, num_iter=best, tv_weight=settings["tv_weight"], blend=settings["blend"])), torch.as_tensor(gt, dtype=torch.float64)[None, None])
-        for y, est, gt in zip(blurred, estimates, truths, strict=True)
-    ]).mean(axis=0)  # fmt: skip
+    scores = refinement_scores(blurred, estimates, truths, psf, settings)
     result = {
         "iterations": best,
         "tv_weight": settings["tv_weight"],
         "blend": settings["blend"],
         "val_psnr_unrefined": curves["psnr"][0],
-        "val_psnr_refined": float(scores[0]),
+        "val_psnr_refined": scores[0],
         "val_dim_recall_unrefined": curves["dim_recall"][0],
-        "val_dim_recall_refined": float(scores[1]),
+        "val_dim_recall_refined": scores[1],
         "max_recall_loss": max_recall_loss,
         "val_psnr_curve": [row[chosen] for row in curves["blend_psnr"]],
         "val_dim_recall_curve": curves["dim_recall"],
@@ -124,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tv_weights", type=float, nargs="+", default=(0.0, 0.002, 0.005),
                         help="total-variation weights of RL tried (default 0 0.002 0.005; each in [0, 1/6))")
     parser.add_argument("--blends", type=float, nargs="+", default=DEFAULT_BLENDS,
-                        help="weights of the refined estimate against G's output tried (default 0.2 0.3 ... 1; each in (0, 1])")
+                        help="weights of the refined estimate against G's output tried "
+                             "(default 0.2 0.3 ... 1; each in (0, 1])")
     parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=DEFAULT_FLIPS,
                         help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
     args = parser.parse_args(argv)
@@ -151,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(
-        f"refinement: {result['iterations']} iterations, TV weight {result['tv_weight']:g}, blend {result['blend']:g} (validation PSNR {result['val_psnr_unrefined']:.2f} -> "
+        f"refinement: {result['iterations']} iterations, TV weight {result['tv_weight']:g}, blend {result['blend']:g} "
+        f"(validation PSNR {result['val_psnr_unrefined']:.2f} -> "
         f"{result['val_psnr_refined']:.2f} dB, dim recall {result['val_dim_recall_unrefined']:.3f} -> "
         f"{result['val_dim_recall_refined']:.3f}); written to {args.ckpt_dir / REFINEMENT_FILE}"
     )

@@ -19,6 +19,7 @@ from bundle.classical import (
     best_refinement,
     best_refinement_settings,
     refine_estimate,
+    refinement_scores,
     richardson_lucy,
     tuned_refinement,
 )
@@ -189,6 +190,8 @@ def test_the_blend_is_tuned_with_the_count_and_weight(scene):
     direct = refine_estimate(noisy, estimate, psf, num_iter=settings["iterations"], tv_weight=settings["tv_weight"],
                              blend=settings["blend"])  # fmt: skip
     assert chosen == pytest.approx(_score(direct, obj), abs=1e-3)
+    psnr_own, recall_own = refinement_scores([noisy], [estimate], [obj], psf, settings)
+    assert psnr_own == pytest.approx(_score(direct, obj), abs=1e-6) and 0 <= recall_own <= 1
     one = curves["blends"].index(1.0)
     assert [row[one] for row in curves["blend_psnr"]] == pytest.approx(curves["psnr"], abs=1e-6)  # blend 1 alone
     with pytest.raises(ValueError, match="blend"):

@@ -23,7 +23,13 @@ from bundle.classical.network import RichardsonLucy
 from bundle.classical.refine import PSFRefinement, refine_estimate, tuned_refinement
 from bundle.classical.richardson_lucy import richardson_lucy
 from bundle.classical.spectral import _SpectralBlur  # noqa: F401  (used by the classical sharp domain)
-from bundle.classical.tuning import best_iteration, best_refinement, best_refinement_settings, psnr
+from bundle.classical.tuning import (
+    best_iteration,
+    best_refinement,
+    best_refinement_settings,
+    psnr,
+    refinement_scores,
+)
 
 __all__ = [
     "richardson_lucy",
@@ -34,5 +40,6 @@ __all__ = [
     "PSFRefinement",
     "best_refinement",
     "best_refinement_settings",
+    "refinement_scores",
     "tuned_refinement",
 ]

@@ -187,6 +187,31 @@ def best_refinement(
     return choose_refinement(curves["psnr"], curves["dim_recall"], max_recall_loss), curves
 
 
+def refinement_scores(
+    blurred: Sequence[Array],
+    estimates: Sequence[Array],
+    ground_truths: Sequence[Array],
+    psf: Array,
+    settings: dict[str, float],
+    pad_mode: str = "reflect",
+) -> tuple[float, float]:
+    """Mean PSNR and dim-structure recall (after the affine fit) of :func:`refine_estimate` with
+    ``settings`` (``{"iterations", "tv_weight", "blend"}``, as :func:`best_refinement_settings` returns)
+    over volumes with ground truth: the chosen setting's own scores, blend included."""
+    scores = [
+        _fit_scores(
+            torch.as_tensor(refine_estimate(
+                y, est, psf, num_iter=int(settings["iterations"]), tv_weight=float(settings.get("tv_weight", 0.0)),
+                blend=float(settings.get("blend", 1.0)), pad_mode=pad_mode,
+            )),
+            torch.as_tensor(np.asarray(gt), dtype=torch.float64)[None, None],
+        )
+        for y, est, gt in zip(blurred, estimates, ground_truths, strict=True)
+    ]  # fmt: skip
+    psnr_mean, recall_mean = np.nanmean(np.asarray(scores, dtype=np.float64), axis=0)
+    return float(psnr_mean), float(recall_mean)
+
+
 def best_refinement_settings(
     blurred: Sequence[Array],
     estimates: Sequence[Array],
