@@ -83,8 +83,9 @@ def refine_estimate(
         estimate's device).
 
     Raises:
-        ValueError: shapes differ, ``num_iter < 0``, ``blend`` outside ``(0, 1]``, or the estimate does not explain the stack (fitted
-            scale ``a <= 0``: the network's output is not a deconvolution of this stack).
+        ValueError: shapes differ, ``num_iter < 0``, ``blend`` outside ``(0, 1]``, or the estimate does
+            not explain the stack (fitted scale ``a <= 0``: the network's output is not a deconvolution
+            of this stack).
     """
     if num_iter < 0:
         raise ValueError(f"num_iter must be >= 0, got {num_iter}")
