@@ -60,16 +60,16 @@ def test_zip_unpacked_elsewhere_deconvolves(quick_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     _monai_bundle("run", "inference", "--bundle_root", str(root), "--config_file",
                   "['configs/common.json','configs/inference.json']", "--input", str(stack),
-                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env)
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", "--inference_flips", "1", cwd=root, env=env)
     unpacked, _ = load_volume(tmp_path / "out" / f"{stack.stem}_deconv.tif")
-    original = deconvolve(load_volume(stack)[0], model=Path(quick_model["ckpt_dir"]) / "model.pt",
-                          device="cpu", progress=False)
+    one_view = dict(device="cpu", progress=False, flips=1)  # the export is under test, not the view averaging
+    original = deconvolve(load_volume(stack)[0], model=Path(quick_model["ckpt_dir"]) / "model.pt", **one_view)
     np.testing.assert_allclose(unpacked, original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
     # the bundle folder itself is a model for the Python API (network from its configs)
-    np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=root, device="cpu", progress=False),
+    np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=root, **one_view),
                                original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
     # so is the zip itself (what the napari Deconvolve widget accepts), read without unpacking it
-    np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=zip_path, device="cpu", progress=False),
+    np.testing.assert_allclose(deconvolve(load_volume(stack)[0], model=zip_path, **one_view),
                                original, rtol=0, atol=1e-6 * float(np.abs(original).max()))
     with pytest.raises(ValueError, match="not an exported bundle"):
         empty = tmp_path / "empty.zip"
@@ -141,7 +141,8 @@ def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
     for name, extra in (("model", []), ("rl", ["configs/inference_rl.json"])):
         files = str(["configs/common.json", "configs/inference.json", *extra, "configs/evaluate.json"])
         run_bundle("evaluate", files, "--dataset_dir", str(quick_model["dataset_dir"]), "--ckpt_dir",
-                   str(quick_model["ckpt_dir"]), "--output_dir", str(tmp_path / name), "--rl_num_iter", "10")
+                   str(quick_model["ckpt_dir"]), "--output_dir", str(tmp_path / name), "--rl_num_iter", "10",
+                   "--inference_flips", "1", "--figures", "false")  # fmt: skip
         reports[name] = tmp_path / name / "report.json"
     zip_path = export_bundle(tmp_path / "deconv.zip", ROOT, quick_model["ckpt_dir"], QUICK_COMMON, "deconv",
                              reports["model"], reports["rl"])
@@ -189,7 +190,8 @@ def test_zip_passes_the_model_zoo_checks(quick_model, tmp_path):
     # and the self-contained inference.json runs alone (as MONAI Label and monai.bundle.load read it)
     stack = next((Path(quick_model["dataset_dir"]) / "test" / "blurred").iterdir())
     _monai_bundle("run", "inference", "--config_file", "configs/inference.json", "--input", str(stack),
-                  "--output_dir", str(tmp_path / "out"), "--progress", "false", cwd=root, env=env, flags=("-S",))
+                  "--output_dir", str(tmp_path / "out"), "--progress", "false", "--inference_flips", "1", cwd=root, env=env,
+                  flags=("-S",))
     assert (tmp_path / "out" / f"{stack.stem}_deconv.tif").is_file()
 
 

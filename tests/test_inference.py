@@ -584,7 +584,7 @@ def test_deconvolve_applies_the_refinement_tuned_for_a_model_folder(quick_model,
     folder = tmp_path / "bundle" / "models"  # a copy: the shared model's folder must stay unrefined
     shutil.copytree(quick_model["ckpt_dir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
     vol = load_volume(sorted((Path(quick_model["dataset_dir"]) / "test" / "blurred").iterdir())[0])[0]
-    kw = dict(progress=False, device="cpu", precision="float32", output_range="normalized")
+    kw = dict(progress=False, device="cpu", precision="float32", output_range="normalized", flips=1)  # one view
     plain = deconvolve(vol, folder / "model.pt", **kw)
     assert checkpoint_folder(tmp_path / "bundle") == folder == checkpoint_folder(folder / "model.pt")
     assert model_refinement(tmp_path / "bundle") is None  # nothing tuned: G alone

@@ -265,7 +265,7 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
     ckpt = tmp_path / "models"  # a copy: the shared model's folder must stay unrefined for other tests
     shutil.copytree(quick_model["ckpt_dir"], ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_refinement.py"), "--ckpt_dir", str(ckpt),
-           "--dataset_dir", str(quick_model["dataset_dir"]), "--max_iter", "15", "--tv_weights", "0", "0.002"]
+           "--dataset_dir", str(quick_model["dataset_dir"]), "--flips", "1", "--max_iter", "15", "--tv_weights", "0", "0.002"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
     tuned = json.loads((ckpt / "refinement.json").read_text())
@@ -284,7 +284,8 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
     for extra, expected in (([], tuned["iterations"]), (["--refine_iterations", "3"], 3), (["--refine_iterations", "0"], 0)):
         out = tmp_path / f"test_{expected}"
         run_bundle("evaluate", EVALUATE, "--dataset_dir", str(quick_model["dataset_dir"]),
-                   "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--figures", "false", *extra)  # fmt: skip
+                   "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--figures", "false", "--inference_flips", "1",
+                   *extra)  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         assert report["settings"]["refine_iterations"] == expected
         assert report["settings"]["refine_tv_weight"] == tuned["tv_weight"]
