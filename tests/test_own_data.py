@@ -121,6 +121,7 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
         "--blurred_dir", str(stacks), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
         "--voxel_size", "[0.2,0.1,0.1]", "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1",
         "--psf_kernel_size", "[15,15,15]", "--na", "1.4", "--n_immersion", "1.515", "--wavelength", "0.52",
+        "--held_out_flips", "1",  # the report's deconvolution on one view (the views: tests/test_flips.py)
     )  # fmt: skip
     assert "disagrees with the files' metadata" in res.stdout + res.stderr  # the simulator writes 0.1 um voxels
     record = json.loads((tmp_path / "eval/own_data/own_data.json").read_text())
@@ -193,6 +194,7 @@ def test_own_data_command_runs_on_a_real_widefield_stack(tmp_path):
         "--blurred_dir", str(tmp_path / "stack"), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
         "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1", "--patch_size", "[16,64,64]",
         "--psf_kernel_size", "[15,31,31]", "--na", "1.35", "--n_immersion", "1.515", "--wavelength", "0.525", "--held_out", "0.25",
+        "--held_out_flips", "1",
     )  # fmt: skip
     record = json.loads((tmp_path / "eval/own_data/own_data.json").read_text())
     assert record["voxel_size"] == pytest.approx(list(voxel)) and voxel[0] == pytest.approx(0.3)
@@ -224,3 +226,13 @@ def test_simulated_validation_at_the_users_optics_is_one_config_away(tiny_datase
     assert all({"val_psnr", "val_input_psnr", "val_consistency"} <= set(e) for e in history), history[0].keys()
     assert json.loads((tmp_path / "models/model.json").read_text())["metric"] == "val_psnr"
     assert (tmp_path / "eval/report.md").is_file(), res.stdout[-2000:]
+
+
+def test_held_out_report_views_are_checked(tmp_path):
+    """The report's views (``held_out_flips``): 8 by default, as inference; a count inference does not know is refused."""
+    from bundle.own_data import HeldOutReport
+
+    with pytest.raises(ValueError, match=r"held_out_flips must be one of \(1, 2, 4, 8\)"):
+        HeldOutReport(None, tmp_path, tmp_path, flips=3)
+    assert HeldOutReport(None, tmp_path, tmp_path).flips == 8  # as inference
+    assert HeldOutReport(None, tmp_path, tmp_path, flips="2").flips == 2  # the command line passes strings

@@ -39,6 +39,8 @@ class HeldOutReport:
         percentiles: input normalisation, as in validation and inference (a model trained with one
             intensity range for its domain uses that range instead).
         learned_psf: the PSF training wrote (the config's ``learned_psf``; default ``ckpt_dir/blur.tif``).
+        flips: XY views G's output is averaged over, as in inference (1, 2, 4 or 8; default 8, the
+            config's ``held_out_flips``): 1 makes the report's deconvolution about 8 times faster.
     """
 
     def __init__(
@@ -48,12 +50,16 @@ class HeldOutReport:
         output_dir: str | os.PathLike,
         percentiles: Sequence[float] = (0.1, 99.9),
         learned_psf: str | os.PathLike | None = None,
+        flips: int = 8,
     ) -> None:
+        from bundle.inference.flips import check_flips
+
         self.stacks = stacks
         self.ckpt_dir = Path(ckpt_dir)
         self.output_dir = Path(output_dir)
         self.percentiles = tuple(float(p) for p in percentiles)
         self.learned_psf = self.ckpt_dir / "blur.tif" if learned_psf is None else Path(learned_psf)
+        self.flips = check_flips(flips, "held_out_flips")
 
     def run(self) -> Path:
         """Write the outputs, figures and ``report.md``; return the report's path."""
@@ -75,7 +81,7 @@ class HeldOutReport:
             sources.append((record["blurred"][0], "_whole"))
         for f, tag in tqdm(sources, desc="held-out stacks", unit="stack"):
             volume, _ = load_volume(f)
-            output = deconvolve(volume, network, normalize=self.percentiles, progress=False)
+            output = deconvolve(volume, network, normalize=self.percentiles, progress=False, flips=self.flips)
             stem = Path(f).name.split(".")[0] + tag
             out_path = save_volume(self.output_dir / "held_out" / f"{stem}_deconv.tif", output, voxel_size=voxel, protect=[f])
             shown = [_display(v, self.percentiles) for v in (volume, output)]
