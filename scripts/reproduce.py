@@ -503,13 +503,13 @@ class Runner:
         parser["bundle_root"] = str(ROOT)
         parser["dataset_dir"] = str(self.train_dir)
         parser["progress"] = False
-        if self.scale.inference_flips is not None:
-            parser["inference_flips"] = self.scale.inference_flips
         if method == "rl":
             parser["rl_num_iter"] = self.choose_rl_iterations()  # psf_file: the training data's PSF
             # one window holding the whole test volume: RL sees the volume as best_iteration did
             parser["rl_roi_size"] = [-(-int(s) // 16) * 16 for s in self.scale.eval_shape]
             return parser.get_parsed_content("inferer").deconvolver_for(parser.get_parsed_content("network"))
+        if self.scale.inference_flips is not None:  # G's views (RL keeps inference_rl.json's one view)
+            parser["inference_flips"] = self.scale.inference_flips
         model_pt = self.run_dir(method) / "models" / "model.pt"
         # the configs' network, or the one the checkpoint describes (e.g. the non-blind RLGuidedUNet)
         network = network_for_checkpoint(parser.get_parsed_content("network"), model_pt)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.inference.flips import DEFAULT_FLIPS, check_flips
 from bundle.io import atomic_write_text, load_volume, save_volume
 from bundle.own_data.stacks import OwnStacks
 
@@ -50,10 +51,8 @@ class HeldOutReport:
         output_dir: str | os.PathLike,
         percentiles: Sequence[float] = (0.1, 99.9),
         learned_psf: str | os.PathLike | None = None,
-        flips: int = 8,
+        flips: int = DEFAULT_FLIPS,
     ) -> None:
-        from bundle.inference.flips import check_flips
-
         self.stacks = stacks
         self.ckpt_dir = Path(ckpt_dir)
         self.output_dir = Path(output_dir)
