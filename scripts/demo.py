@@ -54,7 +54,8 @@ def print_summary(output_dir: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=16, help="training epochs of 25 iterations (default 16)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs of 25 iterations (default 12)")
+    parser.add_argument("--val_interval", type=int, default=3, help="validate every this many epochs (default 3)")
     parser.add_argument("--blind", action="store_true", help="blind mode: learn the PSF (default: non-blind)")
     parser.add_argument("--dataset_dir", default="data/simulated", help="where the simulated data go")
     parser.add_argument("--ckpt_dir", default="models", help="where the trained weights go")
@@ -68,7 +69,7 @@ def main() -> int:
     # the demo owns its folders: a re-run replaces its earlier model (--overwrite true)
     bundle_run(
         "training", train + ["configs/quick.json"], *paths,
-        "--max_epochs", str(args.epochs), "--val_interval", "2", "--overwrite", "true",
+        "--max_epochs", str(args.epochs), "--val_interval", str(args.val_interval), "--overwrite", "true",
     )
     bundle_run(
         "evaluate",
