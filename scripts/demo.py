@@ -3,7 +3,7 @@
 Each step is an ordinary MONAI bundle command (printed before it runs), so the demo shows how to use
 the bundle on one's own data::
 
-    python scripts/demo.py                 # ~3 minutes on 2 idle CPU cores
+    python scripts/demo.py                 # ~5 minutes on 2 idle CPU cores (280 s measured)
     python scripts/demo.py --epochs 4      # shorter
     python scripts/demo.py --blind         # learn the PSF too (parametric Born & Wolf, NA from 1.0)
 
