@@ -44,18 +44,19 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     for key in ("train#trainer", "train#handlers", "train#dataset", "validate#evaluator", "validate#handlers", "network_def"):
         assert wf.parser.get(key) is not None, key
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.blind == ("train_nonblind.json" not in " ".join(files))
-    if "sharp_cycle.json" in " ".join(files):  # the blind recipe measured best on domain B: sharp cycle only
+    names = " ".join(files)
+    assert trainer.blind == ("train_nonblind.json" not in names)
+    if "sharp_cycle.json" in names:  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
-    elif "paper_recipe.json" not in " ".join(files):  # per-mode defaults, each measured (docs/results.md)
+    elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)
         assert trainer.adversarial_weight == (0.02 if trainer.blind else 0.005)
-    if "discrepancy_cycle.json" in " ".join(files):  # the noise-aware blurred cycle reads the calibrated noise
+    if "discrepancy_cycle.json" in names:  # the noise-aware blurred cycle reads the calibrated noise
         assert type(trainer.blurred_cycle_loss).__name__ == "DiscrepancyCycleLoss"
         assert trainer.blurred_cycle_loss.noise is trainer.blur_noise
-    if "background_cycle.json" in " ".join(files):  # the blurred cycle blind to a smooth background
+    if "background_cycle.json" in names:  # the blurred cycle blind to a smooth background
         loss = trainer.blurred_cycle_loss
         assert type(loss).__name__ == "HighPassCycleLoss" and loss.sigma == (4.0, 4.0, 4.0) and loss.weight == 1.0
-    if "psf_vectorial.json" in " ".join(files):  # the vectorial kernel module, chosen by _target_
+    if "psf_vectorial.json" in names:  # the vectorial kernel module, chosen by _target_
         blur = wf.parser.get_parsed_content("blur")
         assert blur.parameterization == "vectorial" and type(blur.kernel_module).__name__ == "VectorialPSFKernel"
         assert {n for n, p in blur.kernel_module.named_parameters() if p.requires_grad} >= {"na_raw"}
