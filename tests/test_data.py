@@ -101,3 +101,26 @@ def test_unpaired_dataset_sharp_margin_enlarges_only_the_sharp_crops(tiny_datase
                           patch_size=(16, 16, 16), sharp_margin=(0, 4, 4))
     item = ds[0]
     assert tuple(item["sharp"].shape) == (1, 16, 24, 24) and tuple(item["blurred"].shape) == (1, 16, 16, 16)
+
+
+@pytest.mark.parametrize("blurred_flip_axes", [(0, 1, 2), (1, 2)])
+def test_blurred_crops_are_flipped_along_z_only_when_asked(tmp_path, blurred_flip_axes):
+    """A Z ramp (intensity rising with depth) stays rising in every blurred crop unless Z flips are allowed;
+    the sharp crops keep all three flip axes."""
+    import tifffile
+
+    ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
+    for domain in ("sharp", "blurred"):
+        (tmp_path / domain).mkdir()
+        tifffile.imwrite(tmp_path / domain / "v.tif", ramp)
+    set_determinism(seed=0)
+    ds = unpaired_dataset(str(tmp_path / "sharp"), str(tmp_path / "blurred"), length=40, patch_size=(8, 8, 8),
+                          blurred_flip_axes=blurred_flip_axes)
+    items = [ds[i] for i in range(40)]
+    set_determinism(seed=None)
+
+    def z_reversed(crop: torch.Tensor) -> bool:
+        return bool(crop[0, 0].mean() > crop[0, -1].mean())
+
+    assert any(z_reversed(it["sharp"]) for it in items)
+    assert any(z_reversed(it["blurred"]) for it in items) == (0 in blurred_flip_axes)

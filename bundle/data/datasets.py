@@ -60,6 +60,7 @@ def unpaired_dataset(
     sharp_range: Sequence[float] | None = None,
     blurred_range: Sequence[float] | None = None,
     sharp_margin: Sequence[int] | None = None,
+    blurred_flip_axes: Sequence[int] = (0, 1, 2),
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -85,6 +86,9 @@ def unpaired_dataset(
         sharp_margin: voxels added on each side of the X crops, per axis ``(z, y, x)``: the trainer blurs
             the larger crop and keeps its centre (``patch_size``), so that ``h*x`` there holds the blur
             of structure outside the patch, as a real stack does. ``None``: X crops of ``patch_size``.
+        blurred_flip_axes: spatial axes along which Y crops are randomly flipped (X crops: all three).
+            A Z-flipped Y crop is the sample blurred by the Z-flipped PSF: no image of the blur path
+            when the PSF is axially asymmetric (spherical aberration), so ``(1, 2)`` there.
     """
 
     def domain(
@@ -92,6 +96,7 @@ def unpaired_dataset(
         percentiles: Sequence[float],
         intensity_range: Sequence[float] | None,
         margin: Sequence[int] | None = None,
+        flip_axes: Sequence[int] = (0, 1, 2),
     ) -> Dataset:
         size = [int(p) + 2 * int(m) for p, m in zip(patch_size, margin or [0] * len(patch_size), strict=True)]
         transform = train_transforms(
@@ -102,6 +107,7 @@ def unpaired_dataset(
             background_share=background_share,
             voxel_size=voxel_size,
             intensity_range=intensity_range,
+            flip_axes=flip_axes,
         )
         return CacheDataset(
             [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
@@ -109,7 +115,7 @@ def unpaired_dataset(
 
     return UnpairedDataset(
         domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin),
-        domain(list_volumes(blurred_dir), blurred_percentiles, blurred_range),
+        domain(list_volumes(blurred_dir), blurred_percentiles, blurred_range, flip_axes=blurred_flip_axes),
         length=length,
     )
 

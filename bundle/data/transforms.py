@@ -89,9 +89,10 @@ def augment_transforms(
     flip_prob: float = 0.5,
     rotate_prob: float = 0.5,
     background_share: float | None = None,
+    flip_axes: Sequence[int] = (0, 1, 2),
 ) -> list:
     """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
-    random crop, random 90° rotations in ``rotate_axes``, random flips along each axis.
+    random crop, random 90° rotations in ``rotate_axes``, random flips along each of ``flip_axes``.
 
     ``background_share`` None: uniform crops (the paper). A number in [0, 1]: crop centres drawn in
     proportion to the first key's smoothed intensity, that share of them uniformly
@@ -108,9 +109,7 @@ def augment_transforms(
         SpatialPadd(keys=keys, spatial_size=patch_size),
         *crop,
         RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+        *(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes),
     ]
 
 
@@ -124,6 +123,7 @@ def train_transforms(
     background_share: float | None = None,
     voxel_size: Sequence[float] | None = None,
     intensity_range: Sequence[float] | None = None,
+    flip_axes: Sequence[int] = (0, 1, 2),
 ) -> Compose:
     """Training pipeline for one domain (key ``"image"``): normalise, random crop, 90° rotations, flips.
 
@@ -139,9 +139,12 @@ def train_transforms(
             uniform ones (see :func:`augment_transforms`).
         voxel_size: configured voxel size, checked against each file's (:func:`normalize_transforms`).
         intensity_range: one ``(v_lo, v_hi)`` for every volume instead of per-volume ``percentiles``.
+        flip_axes: spatial axes of the random flips. A flip along Z is no symmetry of a blurred stack
+            whose PSF is axially asymmetric (spherical aberration, e.g. from a refractive-index
+            mismatch): leave 0 out for such a domain.
     """
     keys = ("image",)
     return Compose(
         normalize_transforms(keys, percentiles, clip, voxel_size, intensity_range)
-        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share)
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, background_share, flip_axes)
     )
