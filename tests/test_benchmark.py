@@ -75,3 +75,23 @@ def test_quick_benchmark_writes_report(tmp_path):
     assert rl["speedup_vs_skimage"] > 0 and np.isfinite(rl["psnr_db"]) and np.isfinite(rl["skimage_psnr_db"])
     report = (tmp_path / "benchmark.md").read_text()
     assert "Against the targets" in report and "out-of-core" in report and "scikit-image" in report
+
+
+def test_live_tensor_peak_is_the_peak_of_allocations_plus_resident_tensors():
+    """The CPU peak of live tensors: what the work allocates at its busiest plus what was alive before it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    weights = torch.nn.Linear(100, 10)  # (10*100 + 10) float32 = 4040 bytes
+    state = torch.zeros(1000)  # 4000 bytes
+
+    def work() -> float:
+        a = torch.ones(250_000)  # 1 MB
+        b = torch.ones(500_000)  # 2 MB: the peak is a + b
+        del a
+        c = torch.ones(100_000)
+        return float(b.sum() + c.sum())
+
+    peak = benchmark.live_tensor_peak(work, [weights, state])
+    assert 3_000_000 + 8040 <= peak <= 3_000_000 + 8040 + 4096  # a few scalars besides
+    assert benchmark.resident_bytes([weights, state, state]) == 8040  # one storage counted once
