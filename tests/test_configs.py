@@ -50,6 +50,12 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
     elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)
         assert trainer.adversarial_weight == (0.02 if trainer.blind else 0.005)
+    dataset = wf.parser.get_parsed_content("train#dataset")  # no Z flips of blurred crops (session 20, measured)
+
+    def flip_axes(domain) -> list:
+        return sorted(t.flipper.spatial_axis for t in domain.transform.transforms if type(t).__name__ == "RandFlipd")
+
+    assert flip_axes(dataset.blurred) == [1, 2] and flip_axes(dataset.sharp) == [0, 1, 2]
     if "discrepancy_cycle.json" in names:  # the noise-aware blurred cycle reads the calibrated noise
         assert type(trainer.blurred_cycle_loss).__name__ == "DiscrepancyCycleLoss"
         assert trainer.blurred_cycle_loss.noise is trainer.blur_noise

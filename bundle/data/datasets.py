@@ -60,7 +60,7 @@ def unpaired_dataset(
     sharp_range: Sequence[float] | None = None,
     blurred_range: Sequence[float] | None = None,
     sharp_margin: Sequence[int] | None = None,
-    blurred_flip_axes: Sequence[int] = (0, 1, 2),
+    blurred_flip_axes: Sequence[int] = (1, 2),
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -88,7 +88,8 @@ def unpaired_dataset(
             of structure outside the patch, as a real stack does. ``None``: X crops of ``patch_size``.
         blurred_flip_axes: spatial axes along which Y crops are randomly flipped (X crops: all three).
             A Z-flipped Y crop is the sample blurred by the Z-flipped PSF: no image of the blur path
-            when the PSF is axially asymmetric (spherical aberration), so ``(1, 2)`` there.
+            when the PSF is axially asymmetric (spherical aberration), so ``(1, 2)`` by default;
+            ``(0, 1, 2)`` flips Y along Z too (the paper's augmentation).
     """
 
     def domain(
