@@ -228,7 +228,7 @@ def live_tensor_peak(fn: Callable[[], Any], resident: Iterable[Any] = ()) -> int
 
 def resident_bytes(objects: Iterable[Any]) -> int:
     """Bytes of distinct tensor storages held by modules (parameters, their gradients, buffers),
-    optimizers (states) and tensors."""
+    optimizers (states) and tensors; anything else (e.g. ``None``) holds none."""
     tensors: list[torch.Tensor] = []
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
@@ -358,8 +358,8 @@ def case_train(cfg: dict, mode: str, allocator: str = "system") -> dict:
         live, live_method = mem.peak, mem.method
     else:
         with malloc_policy(allocator):
-            resident = [g, blur, d_sharp, d_blurred, g_opt, d_opt, *batch.values()]
-            live = live_tensor_peak(lambda: trainer._iteration(trainer, batch), [r for r in resident if r is not None])
+            resident = [g, blur, d_sharp, d_blurred, g_opt, d_opt, *batch.values()]  # d_blurred None: skipped
+            live = live_tensor_peak(lambda: trainer._iteration(trainer, batch), resident)
         live_method = "torch.profiler allocation events (CPU), one more iteration, + weights/gradients/optimizer states"
     params = {
         "g_deblur": sum(q.numel() for q in g.parameters()),

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tifffile
 import torch
 from monai.utils import set_determinism
 
@@ -107,8 +108,6 @@ def test_unpaired_dataset_sharp_margin_enlarges_only_the_sharp_crops(tiny_datase
 def test_blurred_crops_are_flipped_along_z_only_when_asked(tmp_path, blurred_flip_axes):
     """A Z ramp (intensity rising with depth) stays rising in every blurred crop unless Z flips are allowed;
     the sharp crops keep all three flip axes."""
-    import tifffile
-
     ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
     for domain in ("sharp", "blurred"):
         (tmp_path / domain).mkdir()
