@@ -4,7 +4,7 @@ import tifffile
 import torch
 from monai.utils import set_determinism
 
-from bundle.data import list_volumes, paired_datalist, paired_transforms, unpaired_dataset
+from bundle.data import list_volumes, paired_datalist, paired_dataset, paired_transforms, unpaired_dataset
 
 
 def test_list_volumes_folder_glob_file_and_errors(tiny_dataset, tmp_path):
@@ -123,3 +123,23 @@ def test_blurred_crops_are_flipped_along_z_only_when_asked(tmp_path, blurred_fli
 
     assert any(z_reversed(it["sharp"]) for it in items)
     assert any(z_reversed(it["blurred"]) for it in items) == (0 in blurred_flip_axes)
+
+
+@pytest.mark.parametrize("flip_axes", [(0, 1, 2), (1, 2)])
+def test_paired_crops_are_flipped_along_z_only_when_asked(tmp_path, flip_axes):
+    """The supervised pairs: a Z ramp stays rising in both crops unless Z flips are allowed, and the
+    blurred crop and its ground truth are always flipped together."""
+    ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
+    for folder in ("image", "label"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "v.tif", ramp)
+    set_determinism(seed=0)
+    ds = paired_dataset(str(tmp_path / "image"), str(tmp_path / "label"), patch_size=(8, 8, 8), flip_axes=flip_axes)
+    items = [ds[0] for _ in range(40)]
+    set_determinism(seed=None)
+
+    def z_reversed(crop: torch.Tensor) -> bool:
+        return bool(crop[0, 0].mean() > crop[0, -1].mean())
+
+    assert [z_reversed(it["image"]) for it in items] == [z_reversed(it["label"]) for it in items]
+    assert any(z_reversed(it["image"]) for it in items) == (0 in flip_axes)

@@ -131,6 +131,7 @@ def paired_train_transforms(
     rotate_prob: float = 0.5,
     image_range: Sequence[float] | None = None,
     label_range: Sequence[float] | None = None,
+    flip_axes: Sequence[int] = (0, 1, 2),
 ) -> Compose:
     """Training pipeline of the supervised baselines: the same random crop, rotation and flips for
     the blurred ``"image"`` and its ground truth ``"label"``.
@@ -149,6 +150,9 @@ def paired_train_transforms(
         rotate_prob: probability of a random 90° rotation.
         image_range: one intensity range for every blurred image instead of its percentiles.
         label_range: the same for the ground truth.
+        flip_axes: spatial axes of the random flips, applied to both keys. A pair flipped along Z is
+            the flipped sample blurred by the Z-flipped PSF: drop ``0`` when the PSF is not symmetric
+            along Z (spherical aberration), as :func:`unpaired_dataset` does for its blurred crops.
 
     Example::
 
@@ -160,7 +164,7 @@ def paired_train_transforms(
     return Compose(
         normalize_transforms(("image",), image_percentiles, clip, intensity_range=image_range)
         + normalize_transforms(("label",), label_percentiles, clip, intensity_range=label_range)
-        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob)
+        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, flip_axes=flip_axes)
     )
 
 
@@ -175,6 +179,7 @@ def paired_dataset(
     num_workers: int = 0,
     image_range: Sequence[float] | None = None,
     label_range: Sequence[float] | None = None,
+    flip_axes: Sequence[int] = (0, 1, 2),
 ) -> CacheDataset:
     """Paired training dataset ``{"image": blurred crop, "label": ground-truth crop}`` for the
     supervised baselines (files matched by name, see :func:`paired_datalist`).
@@ -194,9 +199,11 @@ def paired_dataset(
         num_workers: threads used to fill the cache.
         image_range: one intensity range for every blurred volume instead of its percentiles.
         label_range: the same for the ground truth.
+        flip_axes: spatial axes of the random flips of each pair (see :func:`paired_train_transforms`).
     """
     transform = paired_train_transforms(
-        patch_size, image_percentiles, label_percentiles, True, rotate_axes, image_range=image_range, label_range=label_range
+        patch_size, image_percentiles, label_percentiles, True, rotate_axes,
+        image_range=image_range, label_range=label_range, flip_axes=flip_axes,
     )
     return CacheDataset(
         paired_datalist(image_dir, label_dir), transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
