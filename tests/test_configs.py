@@ -46,6 +46,7 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     trainer = wf.parser.get_parsed_content("train#trainer")
     names = " ".join(files)
     assert trainer.blind == ("train_nonblind.json" not in names)
+    assert trainer.sharp_cycle_trains_blur is True  # the paper's coupling, the default
     if "sharp_cycle.json" in names:  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
     elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)

@@ -232,6 +232,29 @@ def test_blur_adversarial_weight_moves_only_the_psf():
     assert _build("blind").blur_adversarial_weight == 1.0  # default: adversarial_weight
 
 
+def test_sharp_cycle_trains_blur_false_keeps_the_sharp_cycle_out_of_h():
+    """With only the sharp cycle weighted, h gets a gradient from it by default (the paper) and none
+    when ``sharp_cycle_trains_blur`` is False; G's gradient is the same either way."""
+    grads = {}
+    for trains in (True, False):
+        trainer = _build("blind", loader=_loader(n=1))
+        trainer.sharp_cycle_trains_blur = trains
+        trainer.adversarial_weight = trainer.blur_adversarial_weight = 0.0
+        trainer.blurred_cycle_loss = lambda pred, target: 0.0 * pred.sum()
+        seen = {}
+        trainer.g_optimizer.step = lambda *a, seen=seen, t=trainer, **k: seen.update(
+            g=[p.grad.clone() for p in t.g_deblur.parameters() if p.grad is not None],
+            h=[p.grad.clone() for p in t.blur.kernel_parameters() if p.grad is not None],
+        )
+        trainer.run()
+        grads[trains] = seen
+    for a, b in zip(grads[True]["g"], grads[False]["g"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in grads[True]["h"])
+    assert all(g.abs().sum() == 0 for g in grads[False]["h"])
+    assert _build("blind").sharp_cycle_trains_blur is True
+
+
 def test_a_sharp_margin_blurs_the_larger_crop_and_keeps_its_centre():
     """x crops of 32 + 2·8 laterally: h*x is computed on the whole crop, then x and h*x are cut to the
     blurred crop's 32³ centre, where the blur holds the light of structure outside it."""

@@ -61,6 +61,10 @@ class CycleGANTrainer(Trainer):
             ``adversarial_weight``. That term moves only h (``x`` is real), and it is h's only signal
             that ``h*x`` must look like the real blurred stacks: the sharp cycle alone rewards a
             narrower PSF (less blur to undo), so a small weight lets a learned NA drift upwards.
+        sharp_cycle_trains_blur: True (the paper): the sharp cycle ``‖x − G(h*x)‖`` moves h as well
+            as G. False: G sees ``h*x`` detached, so the sharp cycle trains G alone and h learns only
+            from the blurred cycle and its adversarial term, the terms that compare it with real
+            stacks (the sharp cycle's pull towards a narrower PSF removed).
         sharp_pool: history pool of generated sharp volumes G(y) shown to φ; default 50 volumes.
         blurred_pool: history pool of generated blurred volumes h*x shown to ψ; default 50 volumes.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
@@ -90,6 +94,7 @@ class CycleGANTrainer(Trainer):
         adversarial_weight: float = 1.0,
         blurred_cycle_loss: torch.nn.Module | None = None,
         blur_adversarial_weight: float | None = None,
+        sharp_cycle_trains_blur: bool = True,
         sharp_pool: ImagePool | None = None,
         blurred_pool: ImagePool | None = None,
         epoch_length: int | None = None,
@@ -143,6 +148,7 @@ class CycleGANTrainer(Trainer):
         self.blur_adversarial_weight = (
             self.adversarial_weight if blur_adversarial_weight is None else float(blur_adversarial_weight)
         )
+        self.sharp_cycle_trains_blur = bool(sharp_cycle_trains_blur)
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
         self.optim_set_to_none = optim_set_to_none
@@ -211,7 +217,7 @@ class CycleGANTrainer(Trainer):
             x, hx = (centre_crop(v, y.shape[2:]) for v in (x, hx))  # no-op unless x has a margin
             if self.blur_noise is not None:
                 hx = self.blur_noise(hx)
-            x_cycle = self.g_deblur(hx)  # G(h*x) ≈ x
+            x_cycle = self.g_deblur(hx if self.sharp_cycle_trains_blur else hx.detach())  # G(h*x) ≈ x
             cycle_sharp = self.cycle_loss(x_cycle.float(), x)
             adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else None
             loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.blur_adversarial_weight * adv_blurred
