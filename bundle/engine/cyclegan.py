@@ -148,7 +148,7 @@ class CycleGANTrainer(Trainer):
         self.blur_adversarial_weight = (
             self.adversarial_weight if blur_adversarial_weight is None else float(blur_adversarial_weight)
         )
-        self.sharp_cycle_trains_blur = bool(sharp_cycle_trains_blur)
+        self.sharp_cycle_trains_blur = as_flag(sharp_cycle_trains_blur, "sharp_cycle_trains_blur")
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
         self.optim_set_to_none = optim_set_to_none
