@@ -213,19 +213,24 @@ def test_gradients_are_freed_after_each_step(set_to_none):
         assert all(kept) and all(during)
 
 
+def _generator_grads(trainer) -> dict[str, list[torch.Tensor]]:
+    """Run ``trainer`` (one iteration) and return G's and h's gradients at its generator step."""
+    seen = {}
+    trainer.g_optimizer.step = lambda *a, **k: seen.update(
+        g=[p.grad.clone() for p in trainer.g_deblur.parameters() if p.grad is not None],
+        h=[p.grad.clone() for p in trainer.blur.kernel_parameters() if p.grad is not None],
+    )
+    trainer.run()
+    return seen
+
+
 def test_blur_adversarial_weight_moves_only_the_psf():
     """h's adversarial term has its own weight; it reaches h's gradient and not G's."""
     grads = {}
     for w in (0.0, 5.0):
         trainer = _build("blind", loader=_loader(n=1))
         trainer.blur_adversarial_weight = w
-        seen = {}
-        trainer.g_optimizer.step = lambda *a, seen=seen, t=trainer, **k: seen.update(
-            g=[p.grad.clone() for p in t.g_deblur.parameters() if p.grad is not None],
-            h=[p.grad.clone() for p in t.blur.kernel_parameters() if p.grad is not None],
-        )
-        trainer.run()
-        grads[w] = seen
+        grads[w] = _generator_grads(trainer)
     for a, b in zip(grads[0.0]["g"], grads[5.0]["g"], strict=True):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0]["h"], grads[5.0]["h"], strict=True))
@@ -241,13 +246,7 @@ def test_sharp_cycle_trains_blur_false_keeps_the_sharp_cycle_out_of_h():
         trainer.sharp_cycle_trains_blur = trains
         trainer.adversarial_weight = trainer.blur_adversarial_weight = 0.0
         trainer.blurred_cycle_loss = lambda pred, target: 0.0 * pred.sum()
-        seen = {}
-        trainer.g_optimizer.step = lambda *a, seen=seen, t=trainer, **k: seen.update(
-            g=[p.grad.clone() for p in t.g_deblur.parameters() if p.grad is not None],
-            h=[p.grad.clone() for p in t.blur.kernel_parameters() if p.grad is not None],
-        )
-        trainer.run()
-        grads[trains] = seen
+        grads[trains] = _generator_grads(trainer)
     for a, b in zip(grads[True]["g"], grads[False]["g"], strict=True):
         torch.testing.assert_close(a, b)
     assert any(g.abs().sum() > 0 for g in grads[True]["h"])
