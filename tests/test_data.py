@@ -104,42 +104,43 @@ def test_unpaired_dataset_sharp_margin_enlarges_only_the_sharp_crops(tiny_datase
     assert tuple(item["sharp"].shape) == (1, 16, 24, 24) and tuple(item["blurred"].shape) == (1, 16, 16, 16)
 
 
+def _write_z_ramps(root, folders) -> None:
+    """One 16³ volume ``v.tif`` per folder under ``root``: intensity rising with depth (a Z ramp)."""
+    ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
+    for folder in folders:
+        (root / folder).mkdir()
+        tifffile.imwrite(root / folder / "v.tif", ramp)
+
+
+def _z_reversed(crop: torch.Tensor) -> bool:
+    """True when a crop of a Z ramp was flipped along Z (its first plane brighter than its last)."""
+    return bool(crop[0, 0].mean() > crop[0, -1].mean())
+
+
 @pytest.mark.parametrize("blurred_flip_axes", [(0, 1, 2), (1, 2)])
 def test_blurred_crops_are_flipped_along_z_only_when_asked(tmp_path, blurred_flip_axes):
     """A Z ramp (intensity rising with depth) stays rising in every blurred crop unless Z flips are allowed;
     the sharp crops keep all three flip axes."""
-    ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
-    for domain in ("sharp", "blurred"):
-        (tmp_path / domain).mkdir()
-        tifffile.imwrite(tmp_path / domain / "v.tif", ramp)
+    _write_z_ramps(tmp_path, ("sharp", "blurred"))
     set_determinism(seed=0)
     ds = unpaired_dataset(str(tmp_path / "sharp"), str(tmp_path / "blurred"), length=40, patch_size=(8, 8, 8),
                           blurred_flip_axes=blurred_flip_axes)
     items = [ds[i] for i in range(40)]
     set_determinism(seed=None)
 
-    def z_reversed(crop: torch.Tensor) -> bool:
-        return bool(crop[0, 0].mean() > crop[0, -1].mean())
-
-    assert any(z_reversed(it["sharp"]) for it in items)
-    assert any(z_reversed(it["blurred"]) for it in items) == (0 in blurred_flip_axes)
+    assert any(_z_reversed(it["sharp"]) for it in items)
+    assert any(_z_reversed(it["blurred"]) for it in items) == (0 in blurred_flip_axes)
 
 
 @pytest.mark.parametrize("flip_axes", [(0, 1, 2), (1, 2)])
 def test_paired_crops_are_flipped_along_z_only_when_asked(tmp_path, flip_axes):
     """The supervised pairs: a Z ramp stays rising in both crops unless Z flips are allowed, and the
     blurred crop and its ground truth are always flipped together."""
-    ramp = np.broadcast_to(np.arange(1, 17, dtype=np.float32)[:, None, None], (16, 16, 16)).copy()
-    for folder in ("image", "label"):
-        (tmp_path / folder).mkdir()
-        tifffile.imwrite(tmp_path / folder / "v.tif", ramp)
+    _write_z_ramps(tmp_path, ("image", "label"))
     set_determinism(seed=0)
     ds = paired_dataset(str(tmp_path / "image"), str(tmp_path / "label"), patch_size=(8, 8, 8), flip_axes=flip_axes)
     items = [ds[0] for _ in range(40)]
     set_determinism(seed=None)
 
-    def z_reversed(crop: torch.Tensor) -> bool:
-        return bool(crop[0, 0].mean() > crop[0, -1].mean())
-
-    assert [z_reversed(it["image"]) for it in items] == [z_reversed(it["label"]) for it in items]
-    assert any(z_reversed(it["image"]) for it in items) == (0 in flip_axes)
+    assert [_z_reversed(it["image"]) for it in items] == [_z_reversed(it["label"]) for it in items]
+    assert any(_z_reversed(it["image"]) for it in items) == (0 in flip_axes)

@@ -22,7 +22,7 @@ def _loader(n=2, batch=2, size=32):
     ]
 
 
-def _build(mode: str, adversarial=None, loader=None, max_epochs=1, blur_noise=None):
+def _build(mode: str, adversarial=None, loader=None, max_epochs=1, blur_noise=None, **trainer_kwargs):
     torch.manual_seed(0)
     g = DeblurUNet(features=FEATURES)
     if mode == "conventional":
@@ -51,6 +51,7 @@ def _build(mode: str, adversarial=None, loader=None, max_epochs=1, blur_noise=No
         adversarial_loss=adversarial,
         sharp_pool=ImagePool(pool_size=4, seed=0),
         blurred_pool=ImagePool(pool_size=4, seed=1),
+        **trainer_kwargs,
     )
     return trainer
 
@@ -257,16 +258,9 @@ def test_sharp_cycle_trains_blur_false_keeps_the_sharp_cycle_out_of_h():
 @pytest.mark.parametrize("value,expected", [("false", False), ("False", False), (0, False), ("true", True), (True, True)])
 def test_sharp_cycle_trains_blur_reads_command_line_strings(value, expected):
     """``--sharp_cycle_trains_blur false`` arrives as the string 'false', which bool() reads as True."""
-    torch.manual_seed(0)
-    blur = PSFLayer.build(kernel_size=(7, 7, 7), parameterization="parametric", na=1.1)
-    g, d = DeblurUNet(features=FEATURES), MultiScalePatchDiscriminator(channels=4, num_layers_d=2)
-    opt = torch.optim.Adam(g.parameters())
-    trainer = CycleGANTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(n=1), g_deblur=g, blur=blur,
-                              d_sharp=d, g_optimizer=opt, d_optimizer=opt, sharp_cycle_trains_blur=value)  # fmt: skip
-    assert trainer.sharp_cycle_trains_blur is expected
+    assert _build("blind", sharp_cycle_trains_blur=value).sharp_cycle_trains_blur is expected
     with pytest.raises(ValueError, match="sharp_cycle_trains_blur"):
-        CycleGANTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(n=1), g_deblur=g, blur=blur,
-                        d_sharp=d, g_optimizer=opt, d_optimizer=opt, sharp_cycle_trains_blur="flase")  # fmt: skip
+        _build("blind", sharp_cycle_trains_blur="flase")
 
 
 def test_a_sharp_margin_blurs_the_larger_crop_and_keeps_its_centre():
