@@ -55,8 +55,8 @@ def tiny_dataset(tmp_path_factory):
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_NONBLIND = "['configs/common.json','configs/train.json','configs/train_nonblind.json','configs/quick.json']"
-# A wall-clock limit only catches a hung subprocess: it must be far above any test's idle time (the longest,
-# the blind NA-recovery training, took 190 s on one thread of a busy CI worker) so a busy machine never fails a test.
+# A wall-clock limit only catches a hung subprocess: it must be far above any test's idle time (the longest
+# subprocesses take 2-3 minutes on one thread of a busy CI worker) so a busy machine never fails a test.
 SUBPROCESS_TIMEOUT = 3600
 # x 25 iterations; tests/test_training.py needs a validation gain of +1 dB: measured +1.35 dB at 50 iterations
 # and +6.25 at 100 (default sharp margin, 2026-12-02)

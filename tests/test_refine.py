@@ -261,7 +261,8 @@ def test_tuned_refinement_reads_the_file(tmp_path):
         tuned_refinement(tmp_path)
 
 
-def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
+def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     ckpt = tmp_path / "models"  # a copy: the shared model's folder must stay unrefined for other tests
     shutil.copytree(quick_model["ckpt_dir"], ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_refinement.py"), "--ckpt_dir", str(ckpt),
@@ -292,9 +293,13 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path):
         assert report["settings"]["refine_blend"] == tuned["blend"]
     scores = {k: json.loads((tmp_path / f"test_{k}" / "report.json").read_text())["mean"]["psnr"]["output"] for k in (0, 3)}
     assert scores[0] != scores[3]  # the refinement changed the output
-    bad = subprocess.run([*cmd[:3], str(tmp_path / "empty"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT, check=False)
-    assert bad.returncode == 1 and "model.pt" in bad.stderr
-    bad_tv = subprocess.run([*cmd[:-3], "--tv_weights", "0.3"], capture_output=True, text=True, cwd=ROOT, check=False)
-    assert bad_tv.returncode == 2 and "--tv_weights" in bad_tv.stderr
-    bad_blend = subprocess.run([*cmd, "--blends", "0", "1"], capture_output=True, text=True, cwd=ROOT, check=False)
-    assert bad_blend.returncode == 2 and "--blends" in bad_blend.stderr
+    # the errors in-process (the same main(); the command line above already ran it as a script)
+    import tune_refinement
+
+    args = cmd[2:]
+    assert tune_refinement.main([args[0], str(tmp_path / "empty"), *args[2:]]) == 1
+    assert "model.pt" in capsys.readouterr().err
+    for bad, flag in (([*args[:-3], "--tv_weights", "0.3"], "--tv_weights"), ([*args, "--blends", "0", "1"], "--blends")):
+        with pytest.raises(SystemExit) as exit_info:
+            tune_refinement.main(bad)
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
