@@ -131,8 +131,8 @@ def test_blind_parametric_psf_recovers_the_true_na(quick_dataset, tmp_path):
     """Blind training from a wrong NA (1.2) moves the learned NA to within 0.05 of the truth (1.4).
 
     Measured trajectories (one thread, validation every 25 iterations, default sharp margin [0, 8, 8],
-    2026-12-04): from NA 1.2: 1.313, 1.360, 1.386, **1.402 at 100 iterations** (the 4 epochs run here),
-    then 1.412 ... 1.426 at 200; from NA 1.0: 1.171, 1.253, 1.304, 1.334 at 100, 1.354 at 125, 1.378
+    2026-12-04): from NA 1.2: 1.313, 1.360, 1.386, **1.402 at 100 iterations** (1.394 when validated only
+    there, as here: the 4 epochs of this test), then 1.412 ... 1.426 at 200; from NA 1.0: 1.171, 1.253, 1.304, 1.334 at 100, 1.354 at 125, 1.378
     at 200 (this test ran that start for 200 iterations until 2026-12-04: twice the time for the same check).
     """
     true_na = json.loads((quick_dataset / "dataset.json").read_text())["parameters"]["na"]
