@@ -11,7 +11,9 @@ Steps (each skipped when its result is already on disk, so an interrupted run re
    bundle's configs layered: ``common.json + train.json + <method overrides> + <scale overrides>``;
    resumed from the newest checkpoint after an interruption). The best model by validation PSNR
    (``ckpt_dir/model.pt``) is the one tested;
-3. choose Richardson–Lucy's iteration count on the validation volume (never on test);
+3. choose Richardson–Lucy's iteration count on the validation volume (never on test), for RL with the
+   data's true PSF (``rl``) and with the Born & Wolf PSF of the data's nominal optics (``rl_born_wolf``:
+   the PSF a user without a measured one would compute; the blind targets compare with it);
 4. with ``--refine``: for each model with a PSF layer (blind, non-blind, sharp cycle) choose the
    refinement of its output — Richardson–Lucy started from it through its ``models/blur.tif`` — on the
    validation volumes (``scripts/tune_refinement.py``: iterations, TV weight and the blend with G's
@@ -75,11 +77,13 @@ METHOD_CONFIGS: dict[str, list[str]] = {
     "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
     "sharp_cycle": ["configs/train.json", "configs/train_nonblind.json", "configs/sharp_cycle.json"],
 }
-CLASSICAL = ("rl",)
+#: Richardson–Lucy with the training data's PSF (``rl``), and with the Born & Wolf PSF of the data's nominal
+#: optics (``rl_born_wolf``: what a user without a measured PSF would assume; the same as ``rl`` on Born & Wolf data)
+CLASSICAL = ("rl", "rl_born_wolf")
 #: relative time per iteration (measured on 2 CPU cores), to start the longest trainings first with --jobs
 RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "sharp_cycle": 1.6, "supervised_gan": 1.3,
                  "supervised": 1.1}  # fmt: skip
-ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "sharp_cycle", "rl")
+ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "sharp_cycle", "rl", "rl_born_wolf")
 #: methods with a PSF layer (``models/blur.tif``), which ``--refine`` refines; their rows ``<method>_refined``
 REFINABLE = ("blind", "nonblind", "sharp_cycle")
 REFINED = "_refined"
@@ -92,6 +96,7 @@ LABELS = {
     "nonblind": "proposed, non-blind (known PSF)",
     "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
+    "rl_born_wolf": "Richardson–Lucy (Born & Wolf PSF of the nominal optics)",
     "blind_refined": "proposed, blind, refined by RL from its output, blended with it (learned PSF)",
     "nonblind_refined": "proposed, non-blind, refined by RL from its output, blended with it (known PSF)",
     "sharp_cycle_refined": "sharp cycle only, refined by RL from its output, blended with it (known PSF)",
@@ -411,18 +416,36 @@ class Runner:
         )
 
     # 3. Richardson–Lucy's iteration count ---------------------------------------------------------------
-    def choose_rl_iterations(self) -> int:
-        """Best RL iteration count by PSNR on the validation volume(s) (never on test), cached."""
+    def rl_psf(self, method: str = "rl") -> Path:
+        """The PSF file a classical method deconvolves with: the training data's ``psf.tif`` (``rl``), or
+        (``rl_born_wolf``) the Born & Wolf PSF of the NA, immersion index, wavelength, voxel size and kernel
+        size in the data's ``dataset.json``, written once under the method's run folder."""
+        if method == "rl":
+            return self.train_dir / "psf.tif"
+        path = self.run_dir(method) / "psf_born_wolf.tif"
+        if not path.is_file():
+            from bundle.io import save_volume
+            from bundle.physics.psf import make_psf
+
+            p = json.loads((self.train_dir / "dataset.json").read_text())["parameters"]
+            psf = make_psf("born_wolf", shape=tuple(p["psf_shape"]), na=p["na"], n_immersion=p["n_immersion"],
+                           wavelength=p["wavelength"], voxel_size=tuple(p["voxel_size"]))  # fmt: skip
+            save_volume(path, psf, voxel_size=tuple(p["voxel_size"]))
+        return path
+
+    def choose_rl_iterations(self, method: str = "rl") -> int:
+        """Best RL iteration count of a :data:`CLASSICAL` method by PSNR on the validation volume(s) (never
+        on test), with its PSF (:meth:`rl_psf`), cached."""
         from bundle.classical import best_iteration
         from bundle.io import load_volume
 
-        path = self.run_dir("rl") / "rl.json"
+        path = self.run_dir(method) / "rl.json"
         if path.is_file():
             done = json.loads(path.read_text())
             if done.get("max_iter") == self.scale.rl_max_iter:
                 return int(done["num_iter"])
         t0 = time.time()
-        psf, _ = load_volume(self.train_dir / "psf.tif")
+        psf, _ = load_volume(self.rl_psf(method))
         curves = []
         for image, label in self._pairs(self.train_dir / "val"):
             _, curve = best_iteration(
@@ -440,7 +463,7 @@ class Runner:
             },
             path,
         )
-        self._timed("rl_choose_iterations", t0)
+        self._timed("rl_choose_iterations" if method == "rl" else f"{method}_choose_iterations", t0)
         return num_iter
 
     # 4. inference and scores ----------------------------------------------------------------------------
@@ -496,15 +519,16 @@ class Runner:
         from bundle.inference import load_checkpoint, network_for_checkpoint
 
         files = ["configs/common.json", *self.scale.config_overrides, "configs/inference.json"]
-        if method == "rl":
+        if method in CLASSICAL:
             files.append("configs/inference_rl.json")
         parser = ConfigParser()
         parser.read_config([str(ROOT / f) for f in files])
         parser["bundle_root"] = str(ROOT)
         parser["dataset_dir"] = str(self.train_dir)
         parser["progress"] = False
-        if method == "rl":
-            parser["rl_num_iter"] = self.choose_rl_iterations()  # psf_file: the training data's PSF
+        if method in CLASSICAL:
+            parser["psf_file"] = str(self.rl_psf(method))
+            parser["rl_num_iter"] = self.choose_rl_iterations(method)
             # one window holding the whole test volume: RL sees the volume as best_iteration did
             parser["rl_roi_size"] = [-(-int(s) // 16) * 16 for s in self.scale.eval_shape]
             return parser.get_parsed_content("inferer").deconvolver_for(parser.get_parsed_content("network"))
@@ -528,7 +552,7 @@ class Runner:
         refinement = self.refinement(method) if base != method else None
         cache = self.run_dir(base) / ("pred" if refinement is None else "pred_refined") / test_set
         stamp = self._model_stamp(base)
-        if self.scale.inference_flips is not None and base != "rl":
+        if self.scale.inference_flips is not None and base not in CLASSICAL:
             stamp.update(flips=self.scale.inference_flips)
         if refinement is not None:
             stamp.update(refine_iterations=refinement.num_iter, refine_tv_weight=refinement.tv_weight)
@@ -563,8 +587,8 @@ class Runner:
 
     def _model_stamp(self, method: str) -> dict[str, Any]:
         """What a prediction was made with: the model file's size and time, or RL's iteration count."""
-        if method == "rl":
-            return {"rl_num_iter": self.choose_rl_iterations()}
+        if method in CLASSICAL:
+            return {"rl_num_iter": self.choose_rl_iterations(method)}
         st = (self.run_dir(method) / "models" / "model.pt").stat()
         return {"model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns}
 
@@ -688,8 +712,9 @@ class Runner:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:  # each training is a subprocess
             for future in [pool.submit(self.train, m) for m in learned]:
                 future.result()
-        if "rl" in self.methods:
-            self.choose_rl_iterations()
+        for method in CLASSICAL:
+            if method in self.methods:
+                self.choose_rl_iterations(method)
         refined = {m: self.tune_refinement(m) for m in self.methods if self.refine and m in REFINABLE}
         metrics = self.evaluate()
         report: dict[str, Any] = {
@@ -712,8 +737,9 @@ class Runner:
             "best_validation": self._best_validation(),
             "paper": {k: {m: {"psnr": v[0], "ssim": v[1]} for m, v in d.items()} for k, d in PAPER.items()},
         }
-        if "rl" in self.methods:
-            report["rl_num_iter"] = self.choose_rl_iterations()
+        for method in CLASSICAL:
+            if method in self.methods:
+                report[f"{method}_num_iter"] = self.choose_rl_iterations(method)
         if refined:
             keys = ("iterations", "tv_weight", "val_psnr_unrefined", "val_psnr_refined", "val_dim_recall_unrefined",
                     "val_dim_recall_refined", "error")  # fmt: skip
@@ -903,12 +929,14 @@ def _report_footer(report: dict[str, Any]) -> list[str]:
     """Achieved SNRs, RL's iteration count, best validation scores and the figures."""
     lines = ["", "Achieved average SNR of the test sets (dB): "
              + ", ".join(f"{k} {'∞' if v is None else f'{v:.2f}'}" for k, v in report["achieved_snr_db"].items()), ""]
-    if "rl_num_iter" in report:
-        cap = report["scale_settings"]["rl_max_iter"]
-        note = f" (the cap of the search, {cap}: more may score higher)" if report["rl_num_iter"] >= cap else ""
+    for method in CLASSICAL:
+        if f"{method}_num_iter" not in report:
+            continue
+        cap, n = report["scale_settings"]["rl_max_iter"], report[f"{method}_num_iter"]
+        note = f" (the cap of the search, {cap}: more may score higher)" if n >= cap else ""
+        psf = "" if method == "rl" else " with the Born & Wolf PSF of the nominal optics"
         lines.append(
-            f"Richardson–Lucy iterations, chosen by PSNR on the validation volume (never on test): "
-            f"{report['rl_num_iter']}{note}."
+            f"Richardson–Lucy iterations{psf}, chosen by PSNR on the validation volume (never on test): {n}{note}."
         )
     if report.get("refinement"):
         lines.append(
