@@ -463,7 +463,7 @@ class Runner:
             },
             path,
         )
-        self._timed("rl_choose_iterations" if method == "rl" else f"{method}_choose_iterations", t0)
+        self._timed(f"{method}_choose_iterations", t0)
         return num_iter
 
     # 4. inference and scores ----------------------------------------------------------------------------
