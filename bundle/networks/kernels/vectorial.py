@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.networks.kernels._scalar import register_scalar
+from bundle.networks.kernels._scalar import register_scalar, residual_logits
 from bundle.physics.optics import _check_optics, _check_shape, _check_voxel_size
 from bundle.physics.pupil import vectorial_psf_torch
 
 __all__ = ["VectorialPSFKernel", "VECTORIAL_LEARNABLE"]
 
-VECTORIAL_LEARNABLE = ("na", "wavelength", "spherical", "secondary_spherical", "defocus")
+VECTORIAL_LEARNABLE = ("na", "wavelength", "spherical", "secondary_spherical", "defocus", "depth")
 logger = logging.getLogger(__name__)
 _NA_CAP = 1.0 - 1e-4  # largest NA / n of a learned NA
 
@@ -36,7 +36,10 @@ class VectorialPSFKernel(nn.Module):
     - ``wavelength = exp(wavelength_raw)`` (µm);
     - ``spherical = aberration_bound · tanh(spherical_raw)`` (waves rms of Z11), likewise
       ``secondary_spherical`` (Z22);
-    - ``defocus = defocus_raw`` (µm).
+    - ``defocus = defocus_raw`` (µm);
+    - ``depth = depth_raw`` (µm below the coverslip; needs ``n_sample``): the Gibson-Lanni index-mismatch
+      aberration, focus kept at the centre voxel (:func:`vectorial_psf_torch`); at the true optics it
+      matches ``psfmodels`` to 0.998, the Zernike terms 0.990 at best, at a wrong NA (``docs/results.md``).
 
     Parameters named in ``learn`` are ``nn.Parameter`` s, the others buffers (all in the state dict).
 
@@ -58,8 +61,10 @@ class VectorialPSFKernel(nn.Module):
         spherical: initial primary spherical aberration (Z11), waves rms.
         secondary_spherical: initial secondary spherical aberration (Z22), waves rms.
         defocus: initial focus offset from the centre voxel, µm.
+        depth: initial source depth below the coverslip, µm (the index-mismatch aberration;
+            needs ``n_sample`` when non-zero or learned; ``depth_raw`` exists only then).
         learn: names of the learned parameters, from ``"na"``, ``"wavelength"``, ``"spherical"``,
-            ``"secondary_spherical"``, ``"defocus"``.
+            ``"secondary_spherical"``, ``"defocus"``, ``"depth"``.
         na_bounds: ``(lower, upper)`` of the NA; default ``(0.1, n_immersion)``;
             ``0 < lower < na < upper <= n_immersion``.
         aberration_bound: largest magnitude of the spherical coefficients, waves rms.
@@ -95,6 +100,7 @@ class VectorialPSFKernel(nn.Module):
         spherical: float = 0.0,
         secondary_spherical: float = 0.0,
         defocus: float = 0.0,
+        depth: float = 0.0,
         learn: Sequence[str] | str = ("na", "spherical"),
         na_bounds: Sequence[float] | None = None,
         aberration_bound: float = 2.0,
@@ -142,6 +148,10 @@ class VectorialPSFKernel(nn.Module):
                 raise ValueError(f"|{name}| must be below aberration_bound {aberration_bound}, got {value}")
         if not math.isfinite(float(defocus)):
             raise ValueError(f"defocus must be finite, got {defocus}")
+        self.uses_depth = float(depth) != 0.0 or "depth" in learn
+        if self.uses_depth and n_sample is None:
+            raise ValueError("depth (the index-mismatch aberration) needs n_sample, the sample's index")
+        self.n_sample = None if n_sample is None else float(n_sample)
         if int(oversample) < 1:
             raise ValueError(f"oversample must be >= 1, got {oversample}")
         self.n_immersion = float(n_immersion)
@@ -155,32 +165,15 @@ class VectorialPSFKernel(nn.Module):
         register_scalar(self, "na_raw", math.log(fraction / (1.0 - fraction)), "na" in learn)
         register_scalar(self, "wavelength_raw", math.log(float(wavelength)), "wavelength" in learn)
         register_scalar(self, "spherical_raw", math.atanh(float(spherical) / aberration_bound), "spherical" in learn)
-        register_scalar(self,
-            "secondary_spherical_raw",
-            math.atanh(float(secondary_spherical) / aberration_bound),
-            "secondary_spherical" in learn,
-        )
+        secondary = math.atanh(float(secondary_spherical) / aberration_bound)
+        register_scalar(self, "secondary_spherical_raw", secondary, "secondary_spherical" in learn)
         register_scalar(self, "defocus_raw", float(defocus), "defocus" in learn)
+        if self.uses_depth:  # only then: checkpoints of kernels without it still load
+            register_scalar(self, "depth_raw", float(depth), "depth" in learn)
 
         self.residual_size: tuple[int, int, int] | None = None
         if residual:
-            rs = tuple(int(s) for s in residual_size)
-            if len(rs) != 3 or any(s < 1 or s % 2 == 0 for s in rs):
-                raise ValueError(
-                    f"residual_size must be three odd positive sizes, got {tuple(residual_size)}"
-                )
-            if any(r > s for r, s in zip(rs, self.shape)):
-                raise ValueError(f"residual_size {rs} is larger than the kernel {self.shape}")
-            if not 0.0 < residual_floor < 1.0:
-                raise ValueError(f"residual_floor must be in (0, 1), got {residual_floor}")
-            count = rs[0] * rs[1] * rs[2]
-            logits = torch.zeros(rs)
-            if count > 1:
-                logits.fill_(math.log(residual_floor / ((count - 1) * (1.0 - residual_floor))))
-                logits[rs[0] // 2, rs[1] // 2, rs[2] // 2] = 0.0
-            self.residual_size = rs  # type: ignore[assignment]
-            self.residual_logits = nn.Parameter(logits)
-            self.register_buffer("residual_released", torch.tensor(0, dtype=torch.uint8))  # 1 = released
+            self.residual_size = residual_logits(self, residual_size, residual_floor)  # type: ignore[assignment]
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -210,6 +203,11 @@ class VectorialPSFKernel(nn.Module):
         return self.defocus_raw
 
     @property
+    def depth(self) -> torch.Tensor:
+        """Source depth below the coverslip, µm (0 without ``n_sample``)."""
+        return self.depth_raw if self.uses_depth else torch.zeros((), device=self.na_raw.device)
+
+    @property
     def released(self) -> bool:
         """Whether the residual kernel is in use (always False without one)."""
         return self.residual_size is not None and bool(self.residual_released)
@@ -237,6 +235,7 @@ class VectorialPSFKernel(nn.Module):
             self.voxel_size,
             zernike={11: self.spherical, 22: self.secondary_spherical},
             defocus=self.defocus,
+            **({"depth": self.depth, "n_sample": self.n_sample} if self.uses_depth else {}),
             oversample=self.oversample,
             n_theta=self.n_theta,
             device=self.na_raw.device,
@@ -277,7 +276,8 @@ class VectorialPSFKernel(nn.Module):
         the sign of the aberrations that a power spectrum cannot see
         (:class:`~bundle.physics.psf_estimation.SpectralPSFFit`).
         """
-        for name in ("spherical_raw", "secondary_spherical_raw", "defocus_raw"):
+        names = ("spherical_raw", "secondary_spherical_raw", "defocus_raw", "depth_raw")
+        for name in names[: 3 + self.uses_depth]:
             getattr(self, name).neg_()
         if self.residual_size is not None:
             self.residual_logits.copy_(self.residual_logits.flip(0))
@@ -285,8 +285,8 @@ class VectorialPSFKernel(nn.Module):
 
     def physical_parameters(self) -> dict[str, float]:
         """Current ``na``, ``wavelength`` (µm), ``spherical``, ``secondary_spherical`` (waves rms),
-        ``defocus`` (µm) and, with a residual, ``residual_centre`` (its centre weight; 1 = identity),
-        as plain floats."""
+        ``defocus``, ``depth`` (µm) and, with a residual, ``residual_centre`` (its centre weight;
+        1 = identity), as plain floats."""
         out = {name: float(getattr(self, name).detach().cpu()) for name in VECTORIAL_LEARNABLE}
         if self.residual_size is not None:
             centre = tuple(s // 2 for s in self.residual_size)
