@@ -220,6 +220,23 @@ def test_psf_widget_shows_the_model_psf_and_makes_a_theoretical_one(make_napari_
     widget.show_model_psf()
     assert "no blur.tif" in widget.last_message
 
+    # an oil objective in water, 2 µm deep: the index-mismatch aberration, from either vectorial model
+    from bundle.physics.psf import psf_correlation, vectorial_psf
+
+    widget.na.value, widget.n_immersion.value, widget.voxel_z.value = 1.4, 1.515, 0.1
+    widget.n_sample.value, widget.depth.value, widget.size.value = 1.33, 2.0, 21
+    widget.kind.value = "vectorial pupil"
+    widget.make_psf()
+    pupil = viewer.layers["PSF (vectorial pupil)"].data
+    truth = vectorial_psf((21,) * 3, na=1.4, n_immersion=1.515, wavelength=0.52, voxel_size=(0.1,) * 3, n_sample=1.33, depth=2.0)
+    assert psf_correlation(pupil, truth) > 0.995 and "2.0 µm deep" in widget.info.value
+    widget.kind.value = "vectorial (psfmodels)"
+    widget.make_psf()
+    np.testing.assert_allclose(viewer.layers["PSF (vectorial (psfmodels))"].data, truth, rtol=1e-5, atol=1e-8)
+    widget.n_sample.value = 0.0
+    widget.make_psf()
+    assert "needs the sample index" in widget.last_message
+
 
 TINY = {
     "batch_size": 1, "patch_size": [32, 32, 32], "generator_features": [4, 8, 16, 4], "discriminator_channels": 4,

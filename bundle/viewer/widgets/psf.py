@@ -33,9 +33,9 @@ class PSFWidget(Container):
 
     *Model PSF*: the ``blur.tif`` / ``blur.json`` that training writes beside ``model.pt`` (models
     folder), added as a layer with its voxel size, with XY/XZ/YZ sections through its peak and the
-    parameters (NA, ...) and FWHMs below. *Theoretical PSF*: ``psfmodels``' vectorial PSF (with the
-    sample's refractive index when given), the bundle's differentiable vectorial model, or Born &
-    Wolf, from the optics; saved as a TIFF with its voxel size for non-blind training (``--psf_file``).
+    parameters (NA, ...) and FWHMs below. *Theoretical PSF*: ``psfmodels``' vectorial PSF or the
+    bundle's differentiable vectorial model (both with the sample's refractive index and the depth
+    below the coverslip when given: the aberration of an index mismatch), or Born & Wolf, from the optics; saved as a TIFF with its voxel size for non-blind training (``--psf_file``).
 
     Args:
         napari_viewer: the viewer (napari passes it).
@@ -53,6 +53,7 @@ class PSFWidget(Container):
         self.na = FloatSpinBox(label="NA", value=1.4, min=0.1, max=1.7, step=0.05)
         self.n_immersion = FloatSpinBox(label="immersion index", value=1.515, min=1.0, max=1.8, step=0.005)
         self.n_sample = FloatSpinBox(label="sample index (0: = immersion)", value=0.0, min=0.0, max=1.8, step=0.01)
+        self.depth = FloatSpinBox(label="depth below coverslip (µm)", value=0.0, min=0.0, max=500.0, step=0.5)
         self.wavelength = FloatSpinBox(label="emission λ (µm)", value=0.52, min=0.2, max=1.2, step=0.01)
         self.voxel_z = FloatSpinBox(label="voxel z (µm)", value=0.1, min=0.005, max=10.0, step=0.01)
         self.voxel_xy = FloatSpinBox(label="voxel y, x (µm)", value=0.1, min=0.005, max=10.0, step=0.005)
@@ -61,7 +62,7 @@ class PSFWidget(Container):
         self.save_path = FileEdit(label="save as", mode="w", filter="*.tif")
         save = PushButton(text="Save PSF")
         self.info = Label(value="")
-        self.extend([self.models_folder, show, self.kind, self.na, self.n_immersion, self.n_sample, self.wavelength,
+        self.extend([self.models_folder, show, self.kind, self.na, self.n_immersion, self.n_sample, self.depth, self.wavelength,
                      self.voxel_z, self.voxel_xy, self.size, make, self.save_path, save, self.info])  # fmt: skip
         show.changed.connect(self.show_model_psf)
         make.changed.connect(self.make_psf)
@@ -123,18 +124,21 @@ class PSFWidget(Container):
         shape = (int(self.size.value),) * 3
         voxel_size = (float(self.voxel_z.value), float(self.voxel_xy.value), float(self.voxel_xy.value))
         optics = {"na": float(self.na.value), "n_immersion": float(self.n_immersion.value), "wavelength": float(self.wavelength.value)}
-        n_sample = float(self.n_sample.value) or None
+        n_sample, depth = float(self.n_sample.value) or None, float(self.depth.value)
         try:
+            if depth and n_sample is None and self.kind.value != self.MODELS[2]:
+                raise ValueError("a depth below the coverslip needs the sample index (the mismatch makes the aberration)")
             if self.kind.value == self.MODELS[0]:
-                psf = vectorial_psf(shape, voxel_size=voxel_size, n_sample=n_sample, **optics)
+                psf = vectorial_psf(shape, voxel_size=voxel_size, n_sample=n_sample, depth=depth, **optics)
             elif self.kind.value == self.MODELS[1]:
-                psf = vectorial_pupil_psf(shape, voxel_size=voxel_size, **optics)
+                psf = vectorial_pupil_psf(shape, voxel_size=voxel_size, n_sample=n_sample, depth=depth, **optics)
             else:
                 psf = born_wolf_psf(shape, voxel_size=voxel_size, **optics)
         except ValueError as exc:
             self.last_message = _report(str(exc))
             return
         text = f"{self.kind.value}: NA {optics['na']}, n {optics['n_immersion']}, λ {optics['wavelength']} µm"
+        text += f", sample n {n_sample}, {depth} µm deep" if n_sample and self.kind.value != self.MODELS[2] else ""
         self._show(np.asarray(psf, dtype=np.float32), voxel_size, f"PSF ({self.kind.value})", text)
 
     def save_psf(self) -> None:
