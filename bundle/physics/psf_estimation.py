@@ -69,7 +69,10 @@ class SpectralPSFFit:
     per voxel and its phase is not in the spectrum. With ``aberration_sign`` ±1 the kernel's
     spherical aberration starts at ``aberration_sign · seed_aberration`` (when it is 0) and ends with
     that sign (``mirror_z_`` when the fit crossed over); with 0 the spherical aberration keeps its value
-    and only the other parameters are fitted.
+    and only the other parameters are fitted. A learned source ``depth`` (the index-mismatch
+    aberration of :class:`~bundle.networks.kernels.VectorialPSFKernel`) that ends negative is mirrored
+    to the same depth below the coverslip. The NA grid runs only when the NA is learned: a given NA
+    (``psf_learn`` without ``"na"``) stays as given.
 
     Args:
         steps: Adam steps of the joint fit (the scale/noise pre-fit takes ``steps // 2`` more).
@@ -202,7 +205,8 @@ class SpectralPSFFit:
 
         start_loss = _fit_scale_noise(model_power(), log_by, log_scale, log_noise, self.steps // 2)
         record_grid = None
-        if self.na_grid and hasattr(blur, "set_na_") and "na" in before:
+        na_raw = getattr(kernel_module, "na_raw", None)  # a given (not learned) NA stays as given
+        if self.na_grid and hasattr(blur, "set_na_") and isinstance(na_raw, nn.Parameter) and na_raw.requires_grad:
             record_grid = self._grid_start(blur, model_power, log_by, log_scale, log_noise)
         with torch.enable_grad():
             kernel_params = [
@@ -228,8 +232,13 @@ class SpectralPSFFit:
             "mirrored": False,
             "na_grid": record_grid,
         }
+        depth_raw = getattr(kernel_module, "depth_raw", None)
         if fit_spherical and float(kernel_module.spherical.detach()) * self.aberration_sign < 0:
-            blur.mirror_z_()  # crossed to the other branch: same spectrum, the optics' sign
+            mirror = True  # crossed to the other branch: same spectrum, the optics' sign
+        else:  # a source lies below the coverslip: a negative depth is the mirrored, same-spectrum PSF
+            mirror = isinstance(depth_raw, nn.Parameter) and depth_raw.requires_grad and float(depth_raw) < 0
+        if mirror:
+            blur.mirror_z_()
             record["mirrored"] = True
             record["after"] = self._parameters(blur)
         return record
