@@ -43,6 +43,12 @@ __all__ = ["SpectralPSFFit", "welch_power_spectrum"]  # the latter from bundle.p
 logger = logging.getLogger(__name__)
 
 
+def _learned(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a parameter being learned (not a buffer or a frozen parameter)."""
+    value = getattr(module, name, None)
+    return isinstance(value, nn.Parameter) and value.requires_grad
+
+
 def _fit_scale_noise(
     model_power: torch.Tensor, log_target: torch.Tensor, log_scale: torch.Tensor, log_noise: torch.Tensor, steps: int
 ) -> float:
@@ -205,8 +211,7 @@ class SpectralPSFFit:
 
         start_loss = _fit_scale_noise(model_power(), log_by, log_scale, log_noise, self.steps // 2)
         record_grid = None
-        na_raw = getattr(kernel_module, "na_raw", None)  # a given (not learned) NA stays as given
-        if self.na_grid and hasattr(blur, "set_na_") and isinstance(na_raw, nn.Parameter) and na_raw.requires_grad:
+        if self.na_grid and hasattr(blur, "set_na_") and _learned(kernel_module, "na_raw"):  # a given NA stays
             record_grid = self._grid_start(blur, model_power, log_by, log_scale, log_noise)
         with torch.enable_grad():
             kernel_params = [
@@ -232,12 +237,9 @@ class SpectralPSFFit:
             "mirrored": False,
             "na_grid": record_grid,
         }
-        depth_raw = getattr(kernel_module, "depth_raw", None)
-        if fit_spherical and float(kernel_module.spherical.detach()) * self.aberration_sign < 0:
-            mirror = True  # crossed to the other branch: same spectrum, the optics' sign
-        else:  # a source lies below the coverslip: a negative depth is the mirrored, same-spectrum PSF
-            mirror = isinstance(depth_raw, nn.Parameter) and depth_raw.requires_grad and float(depth_raw) < 0
-        if mirror:
+        # crossed to the other branch (same spectrum): the optics' sign; a source lies below the coverslip
+        crossed = fit_spherical and float(kernel_module.spherical.detach()) * self.aberration_sign < 0
+        if crossed or (_learned(kernel_module, "depth_raw") and float(kernel_module.depth_raw) < 0):
             blur.mirror_z_()
             record["mirrored"] = True
             record["after"] = self._parameters(blur)

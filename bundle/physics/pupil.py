@@ -48,13 +48,7 @@ from bundle.physics.optics import (
 from bundle.physics.zernike import ZernikeKey, noll_to_nm, zernike_radial, zernike_terms
 
 _NA_CAP = 1.0 - 1e-4  # largest NA / n_sample when the NA is capped
-__all__ = [
-    "vectorial_psf_torch",
-    "vectorial_pupil_psf",
-    "noll_to_nm",
-    "zernike_radial",
-]  # the last two: physics.zernike
-
+__all__ = ["vectorial_psf_torch", "vectorial_pupil_psf", "noll_to_nm", "zernike_radial"]  # the last two: physics.zernike
 
 # ----------------------------------------------------------------------------------------------
 # the PSF
@@ -137,8 +131,8 @@ def vectorial_psf_torch(
         depth: source depth below the coverslip in a sample of index ``n_sample``, µm (float or
             tensor; positive into the sample, as ``psfmodels``' ``pz``): adds the Gibson-Lanni
             index-mismatch phase ``k0 depth (n_immersion cos θ − n_sample cos θ_s)``, refocused so the
-            intensity peak stays at the centre voxel (:func:`bundle.physics.index_mismatch.depth_phase`); amplitudes stay those of
-            a homogeneous medium. Against ``psfmodels`` (NA 1.4 capped at water's 1.33, oil 1.515,
+            intensity peak stays at the centre voxel (:func:`bundle.physics.index_mismatch.depth_phase`);
+            amplitudes stay those of a homogeneous medium. Against ``psfmodels`` (NA 1.4 capped at water's 1.33, oil 1.515,
             2 µm deep) 0.998 correlation. Needs ``n_sample >= na`` when non-zero.
         n_sample: refractive index of the sample (mounting medium); only used by ``depth``.
         oversample: sub-pixel samples per lateral axis averaged into a voxel (3 as ``psfmodels``;
@@ -169,9 +163,7 @@ def vectorial_psf_torch(
     terms = zernike_terms(zernike, spherical)
     has_depth = isinstance(depth, torch.Tensor) or _value(depth) != 0.0
     if has_depth and (n_sample is None or not _value(n_sample) >= _value(na) > 0):
-        raise ValueError(
-            f"depth needs n_sample >= na (rays beyond it never leave the sample), got {n_sample}"
-        )
+        raise ValueError(f"depth needs n_sample >= na (rays beyond it never leave the sample), got {n_sample}")
     device = _device_of(na, n_immersion, wavelength, defocus, depth, *terms.values(), device=device)
 
     na_t = _as_tensor(na, device, dtype)
@@ -190,7 +182,7 @@ def vectorial_psf_torch(
         max_arg = 2.0 * math.pi * _value(na_t) / _value(wl_t) * float(radii_np.max())
         max_phase = _value(k) * float(z.detach().abs().max()) * (1.0 - math.cos(_value(alpha)))
         max_phase += sum(4.0 * math.pi * math.sqrt(n + 1) * abs(_value(c)) for n, c in terms.items())
-        max_phase += 2.0 * math.pi / _value(wl_t) * abs(_value(depth)) * (_value(n_t) if has_depth else 0.0)
+        max_phase += 2.0 * math.pi / _value(wl_t) * abs(_value(depth)) * _value(n_t)
         n_theta = _auto_n_rho(max_arg, max_phase)
     t_np, w_np = _gauss_legendre_01(int(n_theta))
     theta = alpha * torch.as_tensor(t_np, device=device, dtype=dtype)  # (P,)
@@ -203,12 +195,8 @@ def vectorial_psf_torch(
         pupil = sum(_as_tensor(c, device, dtype) * zernike_radial(n, rho) for n, c in terms.items())
         phase = phase + 2.0 * math.pi * pupil[None, :]
     if has_depth:
-        phase = (
-            phase
-            + depth_phase(depth, n_t, _as_tensor(n_sample, device, dtype), wl_t, sin_t, cos_t, weight)[
-                None, :
-            ]
-        )
+        n_s = _as_tensor(n_sample, device, dtype)
+        phase = phase + depth_phase(depth, n_t, n_s, wl_t, sin_t, cos_t, weight)[None, :]
     cos_sin = torch.cat([torch.cos(phase), torch.sin(phase)])  # (2Z, P): real, imaginary parts
 
     x = k * radii[:, None] * sin_t[None, :]  # (R, P)

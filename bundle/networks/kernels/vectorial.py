@@ -14,13 +14,12 @@ from torch import nn
 
 from bundle.networks.kernels._scalar import register_scalar, residual_logits
 from bundle.physics.optics import _check_optics, _check_shape, _check_voxel_size
-from bundle.physics.pupil import vectorial_psf_torch
+from bundle.physics.pupil import _NA_CAP, vectorial_psf_torch  # _NA_CAP: largest NA / n of a learned NA
 
 __all__ = ["VectorialPSFKernel", "VECTORIAL_LEARNABLE"]
 
 VECTORIAL_LEARNABLE = ("na", "wavelength", "spherical", "secondary_spherical", "defocus", "depth")
 logger = logging.getLogger(__name__)
-_NA_CAP = 1.0 - 1e-4  # largest NA / n of a learned NA
 
 
 class VectorialPSFKernel(nn.Module):

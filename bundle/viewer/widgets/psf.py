@@ -35,7 +35,8 @@ class PSFWidget(Container):
     folder), added as a layer with its voxel size, with XY/XZ/YZ sections through its peak and the
     parameters (NA, ...) and FWHMs below. *Theoretical PSF*: ``psfmodels``' vectorial PSF or the
     bundle's differentiable vectorial model (both with the sample's refractive index and the depth
-    below the coverslip when given: the aberration of an index mismatch), or Born & Wolf, from the optics; saved as a TIFF with its voxel size for non-blind training (``--psf_file``).
+    below the coverslip when given: the aberration of an index mismatch), or Born & Wolf, from the
+    optics; saved as a TIFF with its voxel size for non-blind training (``--psf_file``).
 
     Args:
         napari_viewer: the viewer (napari passes it).
