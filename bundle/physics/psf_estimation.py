@@ -78,7 +78,7 @@ class SpectralPSFFit:
     and only the other parameters are fitted. A learned source ``depth`` (the index-mismatch
     aberration of :class:`~bundle.networks.kernels.VectorialPSFKernel`) that ends negative is mirrored
     to the same depth below the coverslip. The NA grid runs only when the NA is learned: a given NA
-    (``psf_learn`` without ``"na"``) stays as given.
+    (``psf_learn`` without ``"na"``) stays as given; the depth grid likewise only when the depth is.
 
     Args:
         steps: Adam steps of the joint fit (the scale/noise pre-fit takes ``steps // 2`` more).
@@ -92,6 +92,10 @@ class SpectralPSFFit:
             loss has local minima in the NA: measured on Born & Wolf data, a start at NA 0.9 for a
             true 1.2 stalled at 1.0); 0 to start from the current NA only.
         na_range: ``(low, high)`` fractions of the immersion index spanned by the grid.
+        depth_grid: source depths (µm) tried, after the NA grid, before the gradient fit when the
+            kernel learns its ``depth``; the fit starts from the best of them and the current depth
+            (measured on the vesicle domain, true depth 2 µm: a start at 4 µm stalled at 4.18 µm,
+            correlation 0.983, where a start at 1 µm reached 1.96 µm, 0.996). Empty: current depth only.
 
     Example::
 
@@ -108,6 +112,7 @@ class SpectralPSFFit:
         seed_aberration: float = 0.02,
         na_grid: int = 16,
         na_range: Sequence[float] = (0.3, 0.97),
+        depth_grid: Sequence[float] = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0),
     ) -> None:
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -131,6 +136,9 @@ class SpectralPSFFit:
             raise ValueError(f"na_range must be 0 < low < high < 1 (fractions of the immersion index), got {na_range}")
         self.na_grid = int(na_grid)
         self.na_range = (low, high)
+        self.depth_grid = tuple(float(d) for d in depth_grid)
+        if any(not (math.isfinite(d) and d >= 0) for d in self.depth_grid):
+            raise ValueError(f"depth_grid must hold finite depths >= 0 (µm below the coverslip), got {depth_grid}")
 
     @staticmethod
     def fittable(blur: nn.Module) -> bool:
@@ -213,6 +221,9 @@ class SpectralPSFFit:
         record_grid = None
         if self.na_grid and hasattr(blur, "set_na_") and _learned(kernel_module, "na_raw"):  # a given NA stays
             record_grid = self._grid_start(blur, model_power, log_by, log_scale, log_noise)
+        record_depth = None
+        if self.depth_grid and _learned(kernel_module, "depth_raw"):
+            record_depth = self._grid_start(blur, model_power, log_by, log_scale, log_noise, "depth")
         with torch.enable_grad():
             kernel_params = [
                 p for p in blur.kernel_parameters() if p.requires_grad and (fit_spherical or p is not spherical_raw)
@@ -236,10 +247,11 @@ class SpectralPSFFit:
             "crops": [int(xs.shape[0]), int(ys.shape[0])],
             "mirrored": False,
             "na_grid": record_grid,
+            "depth_grid": record_depth,
         }
         # crossed to the other branch (same spectrum): the optics' sign; a source lies below the coverslip
         crossed = fit_spherical and float(kernel_module.spherical.detach()) * self.aberration_sign < 0
-        if crossed or (_learned(kernel_module, "depth_raw") and float(kernel_module.depth_raw) < 0):
+        if crossed or (_learned(kernel_module, "depth_raw") and float(kernel_module.depth_raw.detach()) < 0):
             blur.mirror_z_()
             record["mirrored"] = True
             record["after"] = self._parameters(blur)
@@ -250,26 +262,35 @@ class SpectralPSFFit:
         params = blur.physical_parameters() if hasattr(blur, "physical_parameters") else {}
         return {k: v for k, v in params.items() if k not in ("gain", "offset")}
 
-    def _grid_start(self, blur, model_power, log_by, log_scale, log_noise) -> dict[str, Any]:  # noqa: ANN001
-        """Try ``na_grid`` NAs (scale and noise floor fitted for each, PSF held) and the current one;
-        leave the layer at the best, with ``log_scale`` / ``log_noise`` at its values."""
-        n_imm = float(blur.n_immersion)
-        low, high = self.na_range
-        current = float(self._parameters(blur)["na"])
-        candidates = [current] + [n_imm * (low + (high - low) * i / max(1, self.na_grid - 1)) for i in range(self.na_grid)]
+    def _grid_start(self, blur, model_power, log_by, log_scale, log_noise, name: str = "na") -> dict[str, Any]:  # noqa: ANN001
+        """Try the grid of ``name`` (``"na"``: ``na_grid`` NAs; ``"depth"``: ``depth_grid``) and the current
+        value (scale and noise floor fitted for each, PSF held); leave the layer at the best, with
+        ``log_scale`` / ``log_noise`` at its values."""
+        current = float(self._parameters(blur)[name])
+        if name == "na":
+            n_imm, (low, high) = float(blur.n_immersion), self.na_range
+            grid = [n_imm * (low + (high - low) * i / max(1, self.na_grid - 1)) for i in range(self.na_grid)]
+            setter = blur.set_na_
+        else:
+            grid, raw = list(self.depth_grid), blur.kernel_module.depth_raw
+
+            def setter(value: float) -> None:
+                with torch.no_grad():
+                    raw.fill_(value)
+
         start = (log_scale.detach().clone(), log_noise.detach().clone())
         results = []
-        for na in candidates:
+        for value in [current, *grid]:
             try:
-                blur.set_na_(na)
+                setter(value)
             except ValueError:  # outside this kernel's bounds
                 continue
             a, s = start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)
             loss = _fit_scale_noise(model_power(), log_by, a, s, self.steps // 2)
-            results.append((loss, na, float(a.detach()), float(s.detach())))
+            results.append((loss, value, float(a.detach()), float(s.detach())))
         best = min(results)
-        blur.set_na_(best[1])
+        setter(best[1])
         with torch.no_grad():
             log_scale.fill_(best[2])
             log_noise.fill_(best[3])
-        return {"start_na": current, "best_na": best[1], "best_loss": best[0], "tried": len(results)}
+        return {f"start_{name}": current, f"best_{name}": best[1], "best_loss": best[0], "tried": len(results)}
