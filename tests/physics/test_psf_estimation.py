@@ -87,16 +87,21 @@ def test_without_a_sign_the_aberration_is_left_alone():
     assert record["after"]["spherical"] == 0.0 and record["after"]["na"] != pytest.approx(1.4, abs=1e-3)
 
 
+def _psf_2um_deep() -> tuple[tuple[int, int, int], dict, torch.Tensor]:
+    """psfmodels' PSF of an oil objective (NA 1.4) imaging 2 µm deep in water: shape, optics, kernel."""
+    from bundle.physics.psf import vectorial_psf
+
+    shape, optics = (21, 15, 15), dict(na=1.4, n_immersion=1.515, wavelength=0.52, n_sample=1.33)
+    return shape, optics, torch.from_numpy(vectorial_psf(shape, depth=2.0, **optics))
+
+
 @pytest.mark.parametrize(("start", "grid"), [(1.0, None), (-1.0, ()), (6.0, None)])
 def test_fit_recovers_the_depth_of_an_index_mismatch_with_the_na_given(start, grid):
     """psfmodels' PSF of an oil objective (NA 1.4) 2 µm deep in water; the kernel learns the depth only, its
     NA stays the objective's (capped at water's index). Measured: 2.11 µm from +1, −1 and (with the depth
     grid) +6 µm, correlation 0.993; a negative depth (the mirrored PSF, same spectrum) ends mirrored below
     the coverslip when no grid moves it first."""
-    from bundle.physics.psf import vectorial_psf
-
-    shape, optics = (21, 15, 15), dict(na=1.4, n_immersion=1.515, wavelength=0.52, n_sample=1.33)
-    true = torch.from_numpy(vectorial_psf(shape, depth=2.0, **optics))
+    shape, optics, true = _psf_2um_deep()
     sharp, blurred = _crops(true)
     kernel = VectorialPSFKernel(shape, depth=start, learn=("depth",), oversample=1, **optics)
     na = kernel.physical_parameters()["na"]
@@ -111,10 +116,7 @@ def test_fit_recovers_the_depth_of_an_index_mismatch_with_the_na_given(start, gr
 def test_without_the_depth_grid_a_far_start_stalls():
     """The reason for the grid: from 6 µm the gradient fit alone stops in a local minimum (measured 4.74 µm,
     correlation 0.978) where the grid-started fit reaches 2.11 µm (previous test)."""
-    from bundle.physics.psf import vectorial_psf
-
-    shape, optics = (21, 15, 15), dict(na=1.4, n_immersion=1.515, wavelength=0.52, n_sample=1.33)
-    true = torch.from_numpy(vectorial_psf(shape, depth=2.0, **optics))
+    shape, optics, true = _psf_2um_deep()
     kernel = VectorialPSFKernel(shape, depth=6.0, learn=("depth",), oversample=1, **optics)
     record = SpectralPSFFit(steps=120, lr=0.05, depth_grid=())(PSFLayer(kernel), *_crops(true))
     assert record["after"]["depth"] > 3.5 and psf_correlation(kernel().detach(), true) < 0.99
