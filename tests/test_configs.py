@@ -51,6 +51,10 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
     elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)
         assert trainer.adversarial_weight == (0.02 if trainer.blind else 0.005)
+        # the blurred cycle is on in blind mode and off in non-blind mode (session 27, measured)
+        # (a config that replaces the blurred cycle's loss turns it on in both)
+        cycle_config = any(c in names for c in ("background_cycle.json", "discrepancy_cycle.json"))
+        assert trainer.blurred_cycle_loss.weight == (1.0 if trainer.blind or cycle_config else 0.0)
     dataset = wf.parser.get_parsed_content("train#dataset")  # no Z flips of blurred crops (session 20, measured)
 
     def flip_axes(domain) -> list:
