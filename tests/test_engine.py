@@ -288,3 +288,18 @@ def test_a_sharp_margin_blurs_the_larger_crop_and_keeps_its_centre():
     with pytest.raises(ValueError, match="smaller than the blurred crop"):
         centre_crop(torch.zeros(1, 1, 8, 8, 8), (8, 16, 16))
 
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_a_zero_blurred_cycle_skips_blurring_g_of_y(weight):
+    """The non-blind default has no blurred cycle: h*G(y) is then not computed (one blur per iteration)."""
+    from bundle.losses import CycleLoss
+
+    trainer = _build("nonblind", loader=_loader(n=1), blurred_cycle_loss=CycleLoss(weight=weight))
+    calls = []
+    trainer.blur.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    trainer.run()
+    out = trainer.state.output[0]
+    assert len(calls) == (1 if weight == 0 else 2)
+    assert (float(out[CycleGANKeys.CYCLE_BLURRED]) == 0.0) == (weight == 0)
+    assert torch.isfinite(torch.as_tensor(out[CycleGANKeys.G_LOSS]))
