@@ -114,10 +114,12 @@ def test_fit_recovers_the_depth_of_an_index_mismatch_with_the_na_given(start, gr
 
 
 def test_without_the_depth_grid_a_far_start_stalls():
-    """The reason for the grid: from 6 µm the gradient fit alone stops in a local minimum (measured 4.74 µm,
-    correlation 0.978) where the grid-started fit reaches 2.11 µm (previous test)."""
+    """The reason for the grid: from 10 µm the gradient fit alone stops in a local minimum (measured 10.63 µm,
+    correlation 0.935) where the grid-started fit reaches 2.11 µm (previous test). Where the basin ends
+    depends on the numerical stack: with one install a 6 µm start stalled at 4.74 µm, with another (session
+    27) it reached 2.15 while 8, 10 and 12 µm stalled at 8.38, 10.63 and 12.88."""
     shape, optics, true = _psf_2um_deep()
-    kernel = VectorialPSFKernel(shape, depth=6.0, learn=("depth",), oversample=1, **optics)
+    kernel = VectorialPSFKernel(shape, depth=10.0, learn=("depth",), oversample=1, **optics)
     record = SpectralPSFFit(steps=120, lr=0.05, depth_grid=())(PSFLayer(kernel), *_crops(true))
     assert record["after"]["depth"] > 3.5 and psf_correlation(kernel().detach(), true) < 0.99
     with pytest.raises(ValueError, match="depth_grid"):
