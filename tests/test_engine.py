@@ -8,7 +8,7 @@ import torch
 from bundle.engine import CycleGANKeys, CycleGANTrainer, discriminator_parameters, generator_param_groups
 from bundle.handlers import ResumableCheckpoint
 from bundle.image_pool import ImagePool
-from bundle.losses import WGANGPLoss
+from bundle.losses import CycleLoss, WGANGPLoss
 from bundle.networks import DeblurUNet, MultiScalePatchDiscriminator, PoissonGaussianNoise, PSFLayer
 
 FEATURES = (4, 4, 8, 8, 16, 4)
@@ -289,12 +289,9 @@ def test_a_sharp_margin_blurs_the_larger_crop_and_keeps_its_centre():
         centre_crop(torch.zeros(1, 1, 8, 8, 8), (8, 16, 16))
 
 
-
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_a_zero_blurred_cycle_skips_blurring_g_of_y(weight):
     """The non-blind default has no blurred cycle: h*G(y) is then not computed (one blur per iteration)."""
-    from bundle.losses import CycleLoss
-
     trainer = _build("nonblind", loader=_loader(n=1), blurred_cycle_loss=CycleLoss(weight=weight))
     calls = []
     trainer.blur.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
