@@ -66,7 +66,7 @@ def test_quick_benchmark_writes_report(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())
-    assert set(data["train"]) == {"blind", "nonblind", "conventional", "blind_reuse", "conventional_reuse"}
+    assert set(data["train"]) == {"blind", "nonblind", "nonblindpaper", "conventional", "blind_reuse", "conventional_reuse"}
     assert data["train"]["blind_reuse"]["allocator"] == "reuse" and data["train"]["blind"]["allocator"] == "system"
     assert all(0 < row["peak_live_bytes"] for row in data["train"].values())
     assert data["psf"]["fixed_cache_max_abs_diff"] < 1e-5
