@@ -887,8 +887,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         + (
             f" The non-blind default skips h*G(y) (its blurred-cycle weight is 0): "
             f"{paper['iteration_s'] - nonblind['iteration_s']:+.3f} s per iteration against the paper's "
-            "non-blind model; G(y) itself is still needed by the adversarial term, so the saving is one FFT "
-            "blur forward and backward."
+            "non-blind model; G(y) itself is still needed by the adversarial term, so it can save at most one "
+            "FFT blur forward and backward."
             if paper is not nonblind
             else ""
         ),
