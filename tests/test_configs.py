@@ -21,6 +21,7 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/paper_recipe.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/sharp_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/discrepancy_cycle.json"],
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/background_cycle.json"],
 ]
@@ -49,6 +50,9 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     assert trainer.sharp_cycle_trains_blur is True  # the paper's coupling, the default
     if "sharp_cycle.json" in names:  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
+    elif "fitted_psf.json" in names:  # blind: the PSF fitted to the spectra, frozen; the non-blind weights (session 30)
+        assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0.005 and trainer.blind
+        assert wf.parser.get_parsed_content("psf_fit") is not None and wf.parser["psf_learning_rate"] == 0.0
     elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)
         assert trainer.adversarial_weight == (0.02 if trainer.blind else 0.005)
         # the blurred cycle is on in blind mode and off in non-blind mode (session 27, measured)
