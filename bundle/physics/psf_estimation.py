@@ -95,7 +95,7 @@ class SpectralPSFFit:
         windowed: compare the data with the Welch spectrum of the sharp crops blurred by the kernel
             (:class:`~bundle.physics.spectra.BlurredSpectrum`: the data's own estimator) rather than with
             ``|H|²`` times the sharp crops' spectrum, whose window smoothing biases the NA up (Born & Wolf
-            microtubule data, true NA 1.4, three seeds: 1.496 without, 1.38-1.40 with). The grid uses it directly;
+            microtubule data, true NA 1.4, three seeds: 1.496 without, 1.37-1.40 with). The grid uses it directly;
             the gradient fit uses ``|H|² P_sharp`` times the ratio of the two, recomputed ``rounds`` times.
         rounds: how often that ratio is recomputed during the gradient fit (``steps`` shared among them).
 
@@ -196,10 +196,14 @@ class SpectralPSFFit:
             model = torch.log(torch.exp(2 * log_scale) * product_power() * correction[0] + torch.exp(log_noise))
             return ((model - log_by) ** 2).mean()
 
+        def model_power() -> torch.Tensor:  # the blurred spectrum the current (held) kernel predicts, per bin
+            with torch.no_grad():
+                return product_power() if blurred_spectrum is None else binned(blurred_spectrum(blur.kernel()))[valid]
+
         def update_correction() -> None:
             if blurred_spectrum is not None:
                 with torch.no_grad():
-                    correction[0] = binned(blurred_spectrum(blur.kernel()))[valid] / product_power().clamp(min=1e-300)
+                    correction[0] = model_power() / product_power().clamp(min=1e-300)
 
         before = self._parameters(blur)
         all_kernel_params = list(blur.kernel_parameters())
@@ -210,12 +214,6 @@ class SpectralPSFFit:
         if fit_spherical and float(kernel_module.spherical.detach()) == 0.0:
             with torch.no_grad():
                 spherical_raw.fill_(math.atanh(self.aberration_sign * self.seed_aberration / kernel_module.aberration_bound))
-        def model_power() -> torch.Tensor:  # the blurred spectrum the current (held) kernel predicts, per bin
-            with torch.no_grad():
-                if blurred_spectrum is not None:
-                    return binned(blurred_spectrum(blur.kernel()))[valid]
-                return product_power()
-
         start_loss = fit_scale_noise(model_power(), log_by, log_scale, log_noise, self.steps // 2)
         record_grid = None
         if self.na_grid and hasattr(blur, "set_na_") and _learned(kernel_module, "na_raw"):  # a given NA stays

@@ -47,7 +47,11 @@ def welch_power_spectrum(volumes: torch.Tensor) -> torch.Tensor:
         ``(D, H, W)`` float64 power spectrum (FFT order, DC at index 0).
     """
     v = spatial_volumes(volumes)
-    window = _hann(v.shape[1:], v.device)
+    return _periodogram(v, _hann(v.shape[1:], v.device))
+
+
+def _periodogram(v: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Mean periodogram of ``(N, D, H, W)`` volumes, each mean-subtracted and windowed (keeps gradients)."""
     v = (v - v.mean(dim=(1, 2, 3), keepdim=True)) * window
     return (torch.fft.fftn(v, dim=(1, 2, 3)).abs() ** 2).mean(dim=0)
 
@@ -108,9 +112,7 @@ class BlurredSpectrum:
         h = kernel.reshape(self.kernel_shape).to(torch.float64)
         y = torch.fft.irfftn(self.x_hat * torch.fft.rfftn(h, s=self.fft_shape), s=self.fft_shape, dim=(1, 2, 3))
         (a, b, c), (d, e, f) = self.starts, self.out_shape
-        y = y[:, a : a + d, b : b + e, c : c + f]
-        y = (y - y.mean(dim=(1, 2, 3), keepdim=True)) * self.window
-        return (torch.fft.fftn(y, dim=(1, 2, 3)).abs() ** 2).mean(dim=0)
+        return _periodogram(y[:, a : a + d, b : b + e, c : c + f], self.window)
 
 
 def fit_scale_noise(
