@@ -61,7 +61,7 @@ def test_fit_recovers_the_na_of_a_born_wolf_psf():
 def test_windowed_fit_removes_the_na_bias_of_the_product_model():
     """Born & Wolf NA 1.4 (immersion 1.515), 12 crops 32³: |H|² times the windowed sharp spectrum reads the
     window's smoothing as a wider transfer (measured: NA 1.489); the blurred crops' own estimator does not
-    (NA 1.385, correlation 0.9998). On the microtubule training data the same: 1.496 against 1.38-1.40."""
+    (NA 1.385, correlation 0.9998). On the microtubule training data the same: 1.496 against 1.37-1.40."""
     true = PSFLayer.build(kernel_size=(15, 15, 15), parameterization="parametric", na=1.4, **OPTICS).kernel().detach()
     sharp, blurred = _crops(true)
     found = {}
