@@ -76,16 +76,20 @@ METHOD_CONFIGS: dict[str, list[str]] = {
     "blind": ["configs/train.json"],
     "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
     "sharp_cycle": ["configs/train.json", "configs/train_nonblind.json", "configs/sharp_cycle.json"],
+    # the blind recipe: the PSF fitted to the unpaired spectra before the first iteration, then frozen, G trained
+    # with the non-blind weights (the domain's PSF model and optics: Domain.psf_configs / psf_args)
+    "blind_fitted": ["configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json"],
 }
 #: Richardson–Lucy with the training data's PSF (``rl``), and with the Born & Wolf PSF of the data's nominal
 #: optics (``rl_born_wolf``: what a user without a measured PSF would assume; the same as ``rl`` on Born & Wolf data)
 CLASSICAL = ("rl", "rl_born_wolf")
 #: relative time per iteration (measured on 2 CPU cores), to start the longest trainings first with --jobs
-RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "nonblind": 1.6, "sharp_cycle": 1.6, "supervised_gan": 1.3,
-                 "supervised": 1.1}  # fmt: skip
-ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "nonblind", "sharp_cycle", "rl", "rl_born_wolf")
+RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "blind_fitted": 1.7, "nonblind": 1.6, "sharp_cycle": 1.6,
+                 "supervised_gan": 1.3, "supervised": 1.1}  # fmt: skip
+ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "blind_fitted", "nonblind", "sharp_cycle", "rl",
+               "rl_born_wolf")  # fmt: skip
 #: methods with a PSF layer (``models/blur.tif``), which ``--refine`` refines; their rows ``<method>_refined``
-REFINABLE = ("blind", "nonblind", "sharp_cycle")
+REFINABLE = ("blind", "blind_fitted", "nonblind", "sharp_cycle")
 REFINED = "_refined"
 LABELS = {
     "input": "input (blurred + noise)",
@@ -93,11 +97,13 @@ LABELS = {
     "supervised_gan": "supervised U-Net, MSE + LS-GAN",
     "conventional": "conventional cycleGAN (two U-Nets)",
     "blind": "proposed, blind (learned PSF)",
+    "blind_fitted": "proposed, blind (PSF fitted to the spectra, frozen)",
     "nonblind": "proposed, non-blind (known PSF)",
     "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
     "rl_born_wolf": "Richardson–Lucy (Born & Wolf PSF of the nominal optics)",
     "blind_refined": "proposed, blind, refined by RL from its output, blended with it (learned PSF)",
+    "blind_fitted_refined": "proposed, blind, refined by RL from its output, blended with it (fitted PSF)",
     "nonblind_refined": "proposed, non-blind, refined by RL from its output, blended with it (known PSF)",
     "sharp_cycle_refined": "sharp cycle only, refined by RL from its output, blended with it (known PSF)",
 }
@@ -140,6 +146,10 @@ class Domain:
         test_psfs: PSF models of the 20 dB test sets (the first is the training data's).
         noise_sweep: also test the training PSF at every noise level of the scale (Fig. 8).
         runs_folder: folder of the trained models under the work dir.
+        psf_configs: config files of the PSF model ``blind_fitted`` fits (after ``train.json``): the kernel
+            family that can describe the domain's optics.
+        psf_args: ``--key value`` of ``blind_fitted``: the optics a user knows (NA, indices, wavelength) and
+            which kernel parameters the fit estimates.
     """
 
     description: str
@@ -148,6 +158,8 @@ class Domain:
     test_psfs: tuple[str, ...]
     noise_sweep: bool
     runs_folder: str
+    psf_configs: tuple[str, ...] = ()
+    psf_args: tuple[str, ...] = ()
 
 
 DOMAINS: dict[str, Domain] = {
@@ -164,6 +176,10 @@ DOMAINS: dict[str, Domain] = {
         simulate={"psf_model": "vectorial", "phantom_model": "vesicles", "na": 1.4, "n_immersion": 1.515,
                   "wavelength": 0.52, "n_sample": 1.33, "psf_depth": 2.0},  # fmt: skip
         test_psfs=("vectorial",), noise_sweep=False, runs_folder="runs_vesicles",
+        # the fit: the vectorial kernel with the optics known, the unknown depth below the coverslip estimated
+        psf_configs=("configs/psf_vectorial.json",),
+        psf_args=("--n_immersion", "1.515", "--wavelength", "0.52", "--n_sample", "1.33", "--psf_init_na", "1.4",
+                  "--psf_learn", "['depth']", "--psf_depth", "1.0"),  # fmt: skip
     ),
 }
 SCORES = ("psnr", "ssim", "dim_recall", "dim_precision")
@@ -375,7 +391,28 @@ class Runner:
 
     # 2. training ---------------------------------------------------------------------------------------
     def config_files(self, method: str) -> list[str]:
-        return ["configs/common.json", *METHOD_CONFIGS[method], *self.scale.config_overrides]
+        files = list(METHOD_CONFIGS[method])
+        if method == "blind_fitted":  # the domain's PSF model, before the fit's settings
+            files[1:1] = self.domain.psf_configs
+        return ["configs/common.json", *files, *self.scale.config_overrides]
+
+    def train_command(self, method: str) -> list[str]:
+        """The bundle command line that trains ``method`` (resumed from its newest checkpoint if any)."""
+        run, s = self.run_dir(method), self.scale
+        return [
+            sys.executable, "-m", "monai.bundle", "run", "training",
+            "--config_file", _config_list(self.config_files(method)),
+            "--dataset_dir", str(self.train_dir),
+            "--ckpt_dir", str(run / "models"),
+            "--output_dir", str(run / "eval"),
+            "--max_epochs", str(s.max_epochs),
+            "--epoch_length", str(s.epoch_length),
+            "--val_interval", str(s.val_interval),
+            "--seed", str(self.seed),
+            "--resume", "true",
+            *s.extra_args,
+            *(self.domain.psf_args if method == "blind_fitted" else ()),
+        ]  # fmt: skip
 
     def train(self, method: str) -> None:
         """Train one learned method through the bundle's command line; skipped when done, resumed when interrupted."""
@@ -389,19 +426,7 @@ class Runner:
                 self.timings[f"train_{method}"] = done.get("seconds", 0.0)
                 return
             logger.info(f"{method}: extending the finished training to {s.max_epochs} epochs")
-        cmd = [
-            sys.executable, "-m", "monai.bundle", "run", "training",
-            "--config_file", _config_list(self.config_files(method)),
-            "--dataset_dir", str(self.train_dir),
-            "--ckpt_dir", str(run / "models"),
-            "--output_dir", str(run / "eval"),
-            "--max_epochs", str(s.max_epochs),
-            "--epoch_length", str(s.epoch_length),
-            "--val_interval", str(s.val_interval),
-            "--seed", str(self.seed),
-            "--resume", "true",
-            *s.extra_args,
-        ]
+        cmd = self.train_command(method)
         run.mkdir(parents=True, exist_ok=True)
         logger.info(f"{method}: training ({' '.join(cmd[1:])})")
         t0 = time.time()
@@ -735,6 +760,7 @@ class Runner:
             "achieved_snr_db": {k: self._achieved_snr(k) for k in self.test_sets()},
             "metrics": metrics,
             "best_validation": self._best_validation(),
+            "psf_correlation": self._psf_correlation(),
             "paper": {k: {m: {"psnr": v[0], "ssim": v[1]} for m, v in d.items()} for k, d in PAPER.items()},
         }
         for method in CLASSICAL:
@@ -760,6 +786,20 @@ class Runner:
         """Average SNR measured on the test set's noisy volumes; None when noise-free (infinite)."""
         v = json.loads((self.test_dir(test_set) / "dataset.json").read_text())["achieved_average_snr_db"]
         return float(v) if v is not None and np.isfinite(v) else None
+
+    def _psf_correlation(self) -> dict[str, float]:
+        """Correlation of each blind model's PSF (``models/blur.tif``) with the training data's true one."""
+        import tifffile
+
+        from bundle.physics.psf import psf_correlation
+
+        true = tifffile.imread(self.train_dir / "psf.tif")
+        out = {}
+        for m in ("blind", "blind_fitted"):
+            f = self.run_dir(m) / "models" / "blur.tif"
+            if m in self.methods and f.is_file():
+                out[m] = round(psf_correlation(tifffile.imread(f), true), 5)
+        return out
 
     def _best_validation(self) -> dict[str, Any]:
         out = {}
@@ -949,6 +989,12 @@ def _report_footer(report: dict[str, Any]) -> list[str]:
                         for m, r in report["refinement"].items())
             + "."
         )  # fmt: skip
+    if report.get("psf_correlation"):
+        lines.append(
+            "Correlation of the blind models' PSF (`models/blur.tif`) with the training data's true PSF: "
+            + ", ".join(f"{m} {v:.3f}" for m, v in report["psf_correlation"].items())
+            + "."
+        )
     if report["best_validation"]:
         lines.append(
             "Best validation PSNR (epoch): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -113,6 +114,12 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
             same = metrics[test_set][m + reproduce.REFINED]["psnr"] == metrics[test_set][m]["psnr"]
             unrefined = tuned["unrefined_test_volumes"].get(test_set)
             assert same == (tuned["iterations"] == 0 or bool(unrefined)), (m, test_set, tuned)
+    # the blind models' PSF against the true one, in the JSON and the report
+    assert set(report["psf_correlation"]) == {"blind", "blind_fitted"}
+    for m, corr in report["psf_correlation"].items():
+        learned = tifffile.imread(out / f"work/runs/{m}/models/blur.tif")
+        assert corr == round(psf_correlation(learned, true), 5) and -1.0 <= corr <= 1.0
+        assert f"{m} {corr:.3f}" in md
     # ~110 s on 2 cores shared with other jobs (--jobs 2 --threads 1); not asserted: it depends on the load
     print(f"tiny reproduce run: {seconds:.0f} s")
 
@@ -164,6 +171,29 @@ def test_vesicles_domain_trains_and_tests_on_its_own_data(tmp_path):
         assert cells[0] == f"{metrics[m]['psnr']:.2f}" and cells[1] == f"{metrics[m]['ssim']:.4f}"
         assert cells[3:] == reproduce._fmt_dim(metrics[m]).split(" | ")
     assert report["figures"] == ["slices_vesicles_vectorial_20dB.png"]
+
+
+def test_blind_fitted_fits_the_domain_psf_model(tmp_path):
+    """``blind_fitted``: the PSF fitted to the spectra, then frozen, with the non-blind weights; on the vesicle
+    domain the vectorial kernel with the optics known and the depth fitted (the configs the command builds)."""
+    from monai.bundle import ConfigParser
+
+    for domain, kernel, learned in (("born_wolf", "BornWolfKernel", None), ("vesicles", "VectorialPSFKernel", ["depth"])):
+        runner = reproduce.Runner("tiny", tmp_path / "out", work_dir=tmp_path / "work", domain=domain)
+        cmd = runner.train_command("blind_fitted")
+        files = runner.config_files("blind_fitted")
+        assert files[-3:] == ["configs/psf_fit.json", "configs/fitted_psf.json", "configs/quick.json"]
+        assert reproduce._config_list(files) == cmd[cmd.index("--config_file") + 1]
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / f) for f in files])
+        args = cmd[cmd.index("--resume") + 2 :]  # the domain's optics, after the scale's arguments
+        for key, value in zip(args[::2], args[1::2], strict=True):
+            parser[key.removeprefix("--")] = value if key != "--psf_learn" else ast.literal_eval(value)
+        assert parser["psf_learning_rate"] == 0 and parser["blurred_cycle_weight"] == 0
+        assert parser["blur"]["kernel"]["_target_"].endswith(kernel)
+        if learned:
+            assert parser["psf_learn"] == learned and float(parser["n_sample"]) == 1.33
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_method_is_refused(tmp_path):
