@@ -24,6 +24,7 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/discrepancy_cycle.json"],
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/background_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json", "configs/recorrupted_cycle.json"],
 ]
 
 
@@ -50,6 +51,9 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     assert trainer.sharp_cycle_trains_blur is True  # the paper's coupling, the default
     if "sharp_cycle.json" in names:  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
+    elif "recorrupted_cycle.json" in names:  # the blurred cycle against a recorrupted copy, squared error
+        assert trainer.blurred_cycle_loss.weight == 2.0 and trainer.blurred_cycle_loss.power == 2
+        assert trainer.blurred_recorruption.noise is trainer.blur_noise and trainer.blurred_recorruption.alpha == 0.5
     elif "fitted_psf.json" in names:  # blind: the PSF fitted to the spectra, frozen; the non-blind weights (session 30)
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0.005 and trainer.blind
         assert wf.parser.get_parsed_content("psf_fit") is not None and wf.parser["psf_learning_rate"] == 0.0

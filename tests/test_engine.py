@@ -300,3 +300,23 @@ def test_a_zero_blurred_cycle_skips_blurring_g_of_y(weight):
     assert len(calls) == (1 if weight == 0 else 2)
     assert (float(out[CycleGANKeys.CYCLE_BLURRED]) == 0.0) == (weight == 0)
     assert torch.isfinite(torch.as_tensor(out[CycleGANKeys.G_LOSS]))
+
+
+def test_recorrupted_blurred_cycle_feeds_g_the_input_and_compares_with_the_target():
+    """``blurred_recorruption``: G's y-cycle input is ``y + αz`` and ``h*G(·)`` is compared with ``y − z/α``."""
+    from bundle.networks import Recorruption
+
+    noise = PoissonGaussianNoise(photons_per_unit=100.0, gaussian_sigma=0.05)
+    loader = _loader(n=1)
+    y = loader[0]["blurred"]
+    trainer = _build("nonblind", loader=loader, blur_noise=noise, blurred_cycle_loss=CycleLoss(weight=1.0, power=2),
+                     blurred_recorruption=Recorruption(noise=noise, alpha=0.5))  # fmt: skip
+    inputs, compared = [], []
+    trainer.g_deblur.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
+    trainer.blurred_cycle_loss.register_forward_hook(lambda module, args, out: compared.append(args[1].detach().clone()))
+    trainer.run()
+    y_in, y_target = inputs[-1], compared[-1]  # G's second call per iteration is the y-cycle
+    assert y_in.shape == y.shape and not torch.equal(y_in, y) and not torch.equal(y_target, y)
+    torch.testing.assert_close(y_in - y, -0.25 * (y_target - y))  # y + αz and y − z/α: the same z
+    assert float((y_in - y).std()) > 0.01
+    assert torch.isfinite(torch.as_tensor(trainer.state.output[0][CycleGANKeys.CYCLE_BLURRED]))

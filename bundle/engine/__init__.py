@@ -12,13 +12,14 @@ baseline uses the same trainer with a second deep U-Net as ``blur``.
 
 Modules: :mod:`~bundle.engine.modes` (the declared training mode, checked against the configs),
 :mod:`~bundle.engine.steps` (batch preparation and the optimiser-step helpers that keep memory low),
-:mod:`~bundle.engine.cyclegan` (:class:`CycleGANTrainer` and its parameter groups) and
+:mod:`~bundle.engine.cyclegan` (:class:`CycleGANTrainer`), :mod:`~bundle.engine.params` (its parameter groups) and
 :mod:`~bundle.engine.supervised_gan` (the supervised LS-GAN baseline). Everything public is importable
 from ``bundle.engine``.
 """
 
-from bundle.engine.cyclegan import CycleGANTrainer, discriminator_parameters, generator_param_groups
+from bundle.engine.cyclegan import CycleGANTrainer
 from bundle.engine.modes import MODES, check_mode
+from bundle.engine.params import discriminator_parameters, generator_param_groups
 from bundle.engine.steps import CycleGANKeys, prepare_unpaired_batch
 from bundle.engine.supervised_gan import SupervisedGANTrainer
 

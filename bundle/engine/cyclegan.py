@@ -1,4 +1,4 @@
-"""The cycleGAN trainer: one Ignite/MONAI ``Trainer`` whose ``_iteration`` is the paper's Algorithm, and its parameter groups."""
+"""The cycleGAN trainer: one Ignite/MONAI ``Trainer`` whose ``_iteration`` is the paper's Algorithm."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ class CycleGANTrainer(Trainer):
             ``adversarial_weight``. That term moves only h (``x`` is real), and it is h's only signal
             that ``h*x`` must look like the real blurred stacks: the sharp cycle alone rewards a
             narrower PSF (less blur to undo), so a small weight lets a learned NA drift upwards.
+        blurred_recorruption: optional module returning ``(input, target)`` copies of ``y`` with
+            independent noise (``bundle.networks.Recorruption``): the y-cycle becomes
+            ``‖target − h*G(input)‖`` (use a squared error), G's adversarial term sees ``G(input)``.
         sharp_cycle_trains_blur: True (the paper): the sharp cycle ``‖x − G(h*x)‖`` moves h as well
             as G. False: G sees ``h*x`` detached, so the sharp cycle trains G alone and h learns only
             from the blurred cycle and its adversarial term, the terms that compare it with real
@@ -95,6 +98,7 @@ class CycleGANTrainer(Trainer):
         blurred_cycle_loss: torch.nn.Module | None = None,
         blur_adversarial_weight: float | None = None,
         sharp_cycle_trains_blur: bool = True,
+        blurred_recorruption: torch.nn.Module | None = None,
         sharp_pool: ImagePool | None = None,
         blurred_pool: ImagePool | None = None,
         epoch_length: int | None = None,
@@ -149,6 +153,7 @@ class CycleGANTrainer(Trainer):
             self.adversarial_weight if blur_adversarial_weight is None else float(blur_adversarial_weight)
         )
         self.sharp_cycle_trains_blur = as_flag(sharp_cycle_trains_blur, "sharp_cycle_trains_blur")
+        self.blurred_recorruption = blurred_recorruption
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
         self.optim_set_to_none = optim_set_to_none
@@ -223,10 +228,11 @@ class CycleGANTrainer(Trainer):
             loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.blur_adversarial_weight * adv_blurred
         self._backward(loss_x)
         del x_cycle
+        off = getattr(self.blurred_cycle_loss, "weight", 1.0) == 0  # non-blind default: h*G(y) not needed
+        y_in, y_target = (y, y) if off or self.blurred_recorruption is None else self.blurred_recorruption(y)
         with self._autocast():
-            gy = self.g_deblur(y)  # G(y): blurred → sharp
-            off = getattr(self.blurred_cycle_loss, "weight", 1.0) == 0  # non-blind default: h*G(y) not needed
-            cycle_blurred = gy.new_zeros((), dtype=torch.float32) if off else self.blurred_cycle_loss(self.blur(gy).float(), y)
+            gy = self.g_deblur(y_in)  # G(y): blurred → sharp
+            cycle_blurred = gy.new_zeros((), dtype=torch.float32) if off else self.blurred_cycle_loss(self.blur(gy).float(), y_target)
             adv_sharp = self.adversarial_loss.generator_loss(self.d_sharp(gy))
             loss_y = cycle_blurred + self.adversarial_weight * adv_sharp
         if adv_blurred is None:
@@ -262,39 +268,3 @@ class CycleGANTrainer(Trainer):
         _release_grads(self.d_optimizer, self.optim_set_to_none)
         k = CycleGANKeys
         return {k.D_LOSS: d_loss.detach(), k.D_SHARP: d_sharp_loss.detach(), k.D_BLURRED: d_blurred_loss.detach()}
-
-
-def generator_param_groups(
-    g_deblur: torch.nn.Module,
-    blur: torch.nn.Module,
-    lr: float = 1e-4,
-    psf_lr: float | None = None,
-    scale_lr: float | None = None,
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups of G and h: the PSF parameters get their own learning rate.
-
-    A parametric PSF has a handful of physical parameters (NA, ...) that move far per unit gradient
-    compared with network weights; the trials used 2e-2 for them against 1e-3 for the networks.
-
-    Args:
-        g_deblur: G.
-        blur: h — a ``PSFLayer`` (with ``kernel_parameters()``/``scale_parameters()``) or any module
-            (the conventional cycleGAN's second U-Net), which then shares ``lr``.
-        lr: learning rate of G (and of a network ``blur``).
-        psf_lr: learning rate of the PSF kernel parameters (default ``lr``).
-        scale_lr: learning rate of the blur path's gain and offset (default ``lr``).
-    """
-    groups: list[dict[str, Any]] = [{"params": [p for p in g_deblur.parameters() if p.requires_grad], "lr": lr}]
-    if hasattr(blur, "kernel_parameters") and hasattr(blur, "scale_parameters"):
-        kernel = [p for p in blur.kernel_parameters() if p.requires_grad]
-        scale = [p for p in blur.scale_parameters() if p.requires_grad]
-        groups.append({"params": kernel, "lr": lr if psf_lr is None else psf_lr})
-        groups.append({"params": scale, "lr": lr if scale_lr is None else scale_lr})
-    else:
-        groups.append({"params": [p for p in blur.parameters() if p.requires_grad], "lr": lr})
-    return [g for g in groups if g["params"]]
-
-
-def discriminator_parameters(*discriminators: torch.nn.Module | None) -> list[torch.nn.Parameter]:
-    """Parameters of the given discriminators, skipping ``None`` (non-blind mode has no ``d_blurred``)."""
-    return [p for d in discriminators if d is not None for p in d.parameters()]

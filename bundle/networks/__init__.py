@@ -10,7 +10,7 @@ from bundle.networks.kernels import (
     FreeKernel,
     VectorialPSFKernel,
 )
-from bundle.networks.noise import PoissonGaussianNoise
+from bundle.networks.noise import PoissonGaussianNoise, Recorruption
 from bundle.networks.psf_layer import PSFLayer
 from bundle.networks.rl_guided import RLGuidedUNet
 
@@ -22,6 +22,7 @@ __all__ = [
     "FreeKernel",
     "MultiScalePatchDiscriminator",
     "PoissonGaussianNoise",
+    "Recorruption",
     "PSFLayer",
     "RLGuidedUNet",
     "VectorialPSFKernel",

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PoissonGaussianNoise"]
+__all__ = ["PoissonGaussianNoise", "Recorruption"]
 
 
 class PoissonGaussianNoise(nn.Module):
@@ -102,3 +102,49 @@ class PoissonGaussianNoise(nn.Module):
             f"photons_per_unit={self.photons_per_unit}, gaussian_sigma={self.gaussian_sigma}, "
             f"black_level={self.black_level}"
         )
+
+
+class Recorruption(nn.Module):
+    """Two copies of a noisy blurred crop whose noises are independent: the blurred cycle without noise fitting.
+
+    The blurred cycle ``‖y − h*G(y)‖`` compares ``h*G(y)`` with a *noisy* stack, so its minimum asks G to
+    explain the noise of ``y`` within the PSF's pass band. Recorrupted-to-recorrupted training (Pang et
+    al., CVPR 2021) draws ``z`` with the noise's variance and splits ``y`` into
+
+        input ``y + alpha · z`` and target ``y − z / alpha``,
+
+    whose noises are uncorrelated (``Cov = σ² − σ² = 0``; independent for Gaussian noise). A squared-error
+    cycle ``‖(y − z/α) − h*G(y + αz)‖²`` then equals, in expectation, ``‖h*s − h*G(y + αz)‖²`` plus a
+    constant (``s`` the noise-free stack): an unbiased data term with no noise to fit. G sees a slightly
+    noisier input (variance ``(1 + α²) σ²``) in that cycle. ``σ²`` comes from the blur path's calibrated
+    noise model at the crop's local mean (a ``smooth``³ box). Written here: MONAI has no recorruption.
+
+    Args:
+        noise: the blur path's noise module (``PoissonGaussianNoise``; its ``variance(v)``).
+        alpha: the split (0.5 in the paper; smaller: input closer to ``y``, target noisier).
+        smooth: side of the box whose mean estimates the noise-free intensity (1: the voxel itself).
+
+    Example::
+
+        >>> y_in, y_target = Recorruption(noise=blur_noise, alpha=0.5)(y)  # (B, 1, D, H, W) each
+        >>> loss = ((blur(g_deblur(y_in)) - y_target) ** 2).mean()
+    """
+
+    def __init__(self, noise: nn.Module, alpha: float = 0.5, smooth: int = 3) -> None:
+        super().__init__()
+        if not callable(getattr(noise, "variance", None)):
+            raise TypeError(f"noise must have a variance(v) method (PoissonGaussianNoise), got {type(noise).__name__}")
+        if not 0 < float(alpha) <= 1 or int(smooth) < 1 or int(smooth) % 2 == 0:
+            raise ValueError(f"alpha must be in (0, 1] and smooth an odd number >= 1, got alpha={alpha}, smooth={smooth}")
+        self.noise, self.alpha, self.smooth = noise, float(alpha), int(smooth)
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: y: ``(B, C, D, H, W)`` noisy blurred crops. Returns: ``(input, target)``, each like ``y``."""
+        with torch.no_grad():
+            k = self.smooth
+            mean = nn.functional.avg_pool3d(y, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 else y
+            z = torch.sqrt(self.noise.variance(mean).clamp(min=0.0)) * torch.randn_like(y)
+        return y + self.alpha * z, y - z / self.alpha
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, smooth={self.smooth}"

@@ -57,3 +57,35 @@ def test_black_level_and_checkpointed_parameters():
     assert other.parameters_dict() == pytest.approx({"photons_per_unit": 20.0, "gaussian_sigma": 0.0, "black_level": 0.2})
     other.set_parameters(float("inf"), 0.01)
     assert other.photons_per_unit is None and other.gaussian_sigma == pytest.approx(0.01)
+
+
+def test_recorruption_gives_input_and_target_with_uncorrelated_noise():
+    """y = s + n; input y + αz, target y − z/α: both unbiased for s, their noises uncorrelated, variances
+    (1 + α²)σ² and (1 + 1/α²)σ² (σ² from the noise model at the local mean)."""
+    from bundle.networks.noise import Recorruption
+
+    torch.manual_seed(0)
+    noise = PoissonGaussianNoise(photons_per_unit=200.0, gaussian_sigma=0.02).train()
+    s = torch.full((4, 1, 32, 32, 32), 0.4)
+    y = noise(s)
+    alpha = 0.5
+    y_in, y_target = Recorruption(noise=noise, alpha=alpha)(y)
+    var = 0.4 / 200.0 + 0.02**2
+    n_in, n_target = (y_in - s).flatten(), (y_target - s).flatten()
+    assert float(n_in.mean()) == pytest.approx(0.0, abs=1e-3) and float(n_target.mean()) == pytest.approx(0.0, abs=2e-3)
+    assert float(n_in.var()) == pytest.approx((1 + alpha**2) * var, rel=0.05)
+    assert float(n_target.var()) == pytest.approx((1 + 1 / alpha**2) * var, rel=0.05)
+    assert abs(float(torch.corrcoef(torch.stack([n_in, n_target]))[0, 1])) < 0.01
+    # the plain copies are perfectly correlated: the noise a blurred cycle against y itself would fit
+    assert float(torch.corrcoef(torch.stack([(y - s).flatten(), (y - s).flatten()]))[0, 1]) > 0.99
+    assert not y_in.requires_grad and y_in.shape == y.shape == y_target.shape
+
+
+def test_recorruption_refuses_bad_arguments():
+    from bundle.networks.noise import Recorruption
+
+    with pytest.raises(TypeError, match="variance"):
+        Recorruption(noise=torch.nn.Identity())
+    for kwargs in ({"alpha": 0.0}, {"alpha": 1.5}, {"smooth": 2}, {"smooth": 0}):
+        with pytest.raises(ValueError, match="alpha must be in"):
+            Recorruption(noise=PoissonGaussianNoise(gaussian_sigma=0.1), **kwargs)
