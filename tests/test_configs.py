@@ -52,7 +52,7 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     if "sharp_cycle.json" in names:  # the blind recipe measured best on domain B: sharp cycle only
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0
     elif "recorrupted_cycle.json" in names:  # the blurred cycle against a recorrupted copy, squared error
-        assert trainer.blurred_cycle_loss.weight == 2.0 and trainer.blurred_cycle_loss.power == 2
+        assert trainer.blurred_cycle_loss.weight == 5.0 and trainer.blurred_cycle_loss.power == 2
         assert trainer.blurred_recorruption.noise is trainer.blur_noise and trainer.blurred_recorruption.alpha == 0.5
     elif "fitted_psf.json" in names:  # blind: the PSF fitted to the spectra, frozen; the non-blind weights (session 30)
         assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0.005 and trainer.blind
