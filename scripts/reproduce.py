@@ -14,7 +14,7 @@ Steps (each skipped when its result is already on disk, so an interrupted run re
 3. choose Richardson–Lucy's iteration count on the validation volume (never on test), for RL with the
    data's true PSF (``rl``) and with the Born & Wolf PSF of the data's nominal optics (``rl_born_wolf``:
    the PSF a user without a measured one would compute; the blind targets compare with it);
-4. with ``--refine``: for each model with a PSF layer (blind, non-blind, sharp cycle) choose the
+4. with ``--refine``: for each model with a PSF layer (the blind ones, non-blind, sharp cycle) choose the
    refinement of its output — Richardson–Lucy started from it through its ``models/blur.tif`` — on the
    validation volumes (``scripts/tune_refinement.py``: iterations, TV weight and the blend with G's
    output, written to ``models/refinement.json``); its rows ``<method>_refined`` are scored beside the method's own;
@@ -31,7 +31,9 @@ puncta, psfmodels' vectorial PSF with the spherical aberration of an oil-to-wate
 Table II-style table). Every table scores PSNR, SSIM and the dim-structure recall and precision
 (:func:`bundle.metrics.dim_structure`). ``sharp_cycle`` is the baseline that tells what the unpaired
 terms add: the non-blind model with the blurred cycle and the adversarial losses off, i.e. trained on
-the sharp cycle's synthetic pairs alone (h*x + noise -> x, CARE-style).
+the sharp cycle's synthetic pairs alone (h*x + noise -> x, CARE-style). ``blind_fitted`` is the blind
+recipe: the PSF fitted to the unpaired power spectra before the first iteration and frozen, G trained with
+the non-blind weights; the report gives each blind model's PSF correlation with the true one.
 
 Scales: ``tiny`` (a test: a few iterations, minutes), ``small`` (2 CPU cores, about an hour),
 ``paper`` (the paper's sizes: 128×256×512 volumes, 18/1/1, 64³ crops, lr 1e-4, full-size networks;
