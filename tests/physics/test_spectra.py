@@ -4,11 +4,29 @@ import pytest
 import torch
 
 from bundle.ops import fft_convolve
-from bundle.physics.spectra import BlurredSpectrum, CylindricalBins, welch_power_spectrum
+from bundle.physics.spectra import BlurredSpectrum, CylindricalBins, _fast_size, welch_power_spectrum
 
 
 def _blurred(volumes: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return fft_convolve(volumes[:, None].float(), kernel.float(), pad_mode="zeros")[:, 0].double()
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 12), (2, 7, 9, 11), (1, 5, 6, 1), (1, 4, 4, 2)])
+def test_welch_spectrum_is_the_full_periodogram(shape):
+    """The half spectrum mirrored (real input) equals ``|fftn|²`` of the windowed crops, odd and even sizes."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(*shape, generator=g, dtype=torch.float64)
+    window = torch.ones(shape[1:], dtype=torch.float64)
+    for axis, n in enumerate(shape[1:]):
+        w = torch.hann_window(n, periodic=False, dtype=torch.float64) if n > 2 else torch.ones(n, dtype=torch.float64)
+        window = window * w.reshape([n if a == axis else 1 for a in range(3)])
+    v = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * window
+    expected = (torch.fft.fftn(v, dim=(1, 2, 3)).abs() ** 2).mean(dim=0)
+    torch.testing.assert_close(welch_power_spectrum(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_size_is_the_next_5_smooth_size():
+    assert [_fast_size(n) for n in (1, 7, 46, 78, 81, 97)] == [1, 8, 48, 80, 81, 100]
 
 
 def test_blurred_spectrum_is_the_welch_spectrum_of_the_blurred_crops():
