@@ -31,9 +31,11 @@ puncta, psfmodels' vectorial PSF with the spherical aberration of an oil-to-wate
 Table II-style table). Every table scores PSNR, SSIM and the dim-structure recall and precision
 (:func:`bundle.metrics.dim_structure`). ``sharp_cycle`` is the baseline that tells what the unpaired
 terms add: the non-blind model with the blurred cycle and the adversarial losses off, i.e. trained on
-the sharp cycle's synthetic pairs alone (h*x + noise -> x, CARE-style). ``blind_fitted`` is the blind
-recipe: the PSF fitted to the unpaired power spectra before the first iteration and frozen, G trained with
-the non-blind weights; the report gives each blind model's PSF correlation with the true one.
+the sharp cycle's synthetic pairs alone (h*x + noise -> x, CARE-style). ``blind`` is the blind default
+(``configs/train.json``): the PSF fitted to the unpaired power spectra before the first iteration and frozen,
+G trained with the non-blind weights; ``blind_learned`` learns the PSF with G from NA 1.0 instead
+(``configs/learned_psf.json``, the blind default until session 32); the report gives each blind model's PSF
+correlation with the true one.
 
 Scales: ``tiny`` (a test: a few iterations, minutes), ``small`` (2 CPU cores, about an hour),
 ``paper`` (the paper's sizes: 128×256×512 volumes, 18/1/1, 64³ crops, lr 1e-4, full-size networks;
@@ -75,37 +77,38 @@ METHOD_CONFIGS: dict[str, list[str]] = {
     "supervised": ["configs/train.json", "configs/train_supervised.json"],
     "supervised_gan": ["configs/train.json", "configs/train_supervised.json", "configs/train_supervised_gan.json"],
     "conventional": ["configs/train.json", "configs/train_conventional.json"],
+    # the blind default: the PSF fitted to the unpaired spectra before the first iteration, then frozen, G trained
+    # with the non-blind weights (the domain's PSF model and optics: Domain.psf_configs / psf_args)
     "blind": ["configs/train.json"],
+    # the PSF learned with G (Born & Wolf kernel from NA 1.0, blurred cycle 1, adversarial 0.02)
+    "blind_learned": ["configs/train.json", "configs/learned_psf.json"],
     "nonblind": ["configs/train.json", "configs/train_nonblind.json"],
     "sharp_cycle": ["configs/train.json", "configs/train_nonblind.json", "configs/sharp_cycle.json"],
-    # the blind recipe: the PSF fitted to the unpaired spectra before the first iteration, then frozen, G trained
-    # with the non-blind weights (the domain's PSF model and optics: Domain.psf_configs / psf_args)
-    "blind_fitted": ["configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json"],
 }
 #: Richardson–Lucy with the training data's PSF (``rl``), and with the Born & Wolf PSF of the data's nominal
 #: optics (``rl_born_wolf``: what a user without a measured PSF would assume; the same as ``rl`` on Born & Wolf data)
 CLASSICAL = ("rl", "rl_born_wolf")
 #: relative time per iteration (measured on 2 CPU cores), to start the longest trainings first with --jobs
-RELATIVE_COST = {"conventional": 2.4, "blind": 2.0, "blind_fitted": 1.7, "nonblind": 1.6, "sharp_cycle": 1.6,
+RELATIVE_COST = {"conventional": 2.4, "blind_learned": 2.0, "blind": 1.7, "nonblind": 1.6, "sharp_cycle": 1.6,
                  "supervised_gan": 1.3, "supervised": 1.1}  # fmt: skip
-ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "blind_fitted", "nonblind", "sharp_cycle", "rl",
+ALL_METHODS = ("supervised", "supervised_gan", "conventional", "blind", "blind_learned", "nonblind", "sharp_cycle", "rl",
                "rl_born_wolf")  # fmt: skip
 #: methods with a PSF layer (``models/blur.tif``), which ``--refine`` refines; their rows ``<method>_refined``
-REFINABLE = ("blind", "blind_fitted", "nonblind", "sharp_cycle")
+REFINABLE = ("blind", "blind_learned", "nonblind", "sharp_cycle")
 REFINED = "_refined"
 LABELS = {
     "input": "input (blurred + noise)",
     "supervised": "supervised U-Net, MSE",
     "supervised_gan": "supervised U-Net, MSE + LS-GAN",
     "conventional": "conventional cycleGAN (two U-Nets)",
-    "blind": "proposed, blind (learned PSF)",
-    "blind_fitted": "proposed, blind (PSF fitted to the spectra, frozen)",
+    "blind": "proposed, blind (PSF fitted to the spectra, frozen)",
+    "blind_learned": "proposed, blind (PSF learned with G)",
     "nonblind": "proposed, non-blind (known PSF)",
     "sharp_cycle": "sharp cycle only (known PSF; unpaired terms off)",
     "rl": "Richardson–Lucy (known PSF)",
     "rl_born_wolf": "Richardson–Lucy (Born & Wolf PSF of the nominal optics)",
-    "blind_refined": "proposed, blind, refined by RL from its output, blended with it (learned PSF)",
-    "blind_fitted_refined": "proposed, blind, refined by RL from its output, blended with it (fitted PSF)",
+    "blind_refined": "proposed, blind, refined by RL from its output, blended with it (fitted PSF)",
+    "blind_learned_refined": "proposed, blind, refined by RL from its output, blended with it (learned PSF)",
     "nonblind_refined": "proposed, non-blind, refined by RL from its output, blended with it (known PSF)",
     "sharp_cycle_refined": "sharp cycle only, refined by RL from its output, blended with it (known PSF)",
 }
@@ -148,9 +151,9 @@ class Domain:
         test_psfs: PSF models of the 20 dB test sets (the first is the training data's).
         noise_sweep: also test the training PSF at every noise level of the scale (Fig. 8).
         runs_folder: folder of the trained models under the work dir.
-        psf_configs: config files of the PSF model ``blind_fitted`` fits (after ``train.json``): the kernel
+        psf_configs: config files of the PSF model ``blind`` fits (after ``train.json``): the kernel
             family that can describe the domain's optics.
-        psf_args: ``--key value`` of ``blind_fitted``: the optics a user knows (NA, indices, wavelength) and
+        psf_args: ``--key value`` of ``blind``: the optics a user knows (NA, indices, wavelength) and
             which kernel parameters the fit estimates.
     """
 
@@ -394,7 +397,7 @@ class Runner:
     # 2. training ---------------------------------------------------------------------------------------
     def config_files(self, method: str) -> list[str]:
         files = list(METHOD_CONFIGS[method])
-        if method == "blind_fitted":  # the domain's PSF model, before the fit's settings
+        if method == "blind":  # the domain's PSF model
             files[1:1] = self.domain.psf_configs
         return ["configs/common.json", *files, *self.scale.config_overrides]
 
@@ -413,7 +416,7 @@ class Runner:
             "--seed", str(self.seed),
             "--resume", "true",
             *s.extra_args,
-            *(self.domain.psf_args if method == "blind_fitted" else ()),
+            *(self.domain.psf_args if method == "blind" else ()),
         ]  # fmt: skip
 
     def train(self, method: str) -> None:
@@ -797,7 +800,7 @@ class Runner:
 
         true = tifffile.imread(self.train_dir / "psf.tif")
         out = {}
-        for m in ("blind", "blind_fitted"):
+        for m in ("blind", "blind_learned"):
             f = self.run_dir(m) / "models" / "blur.tif"
             if m in self.methods and f.is_file():
                 out[m] = round(psf_correlation(tifffile.imread(f), true), 5)

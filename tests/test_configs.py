@@ -9,6 +9,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import ID_SEP_KEY
 
+from bundle.physics.psf_estimation import SpectralPSFFit
+
 from conftest import ROOT, run_bundle
 
 TRAIN_VARIANTS = [
@@ -19,12 +21,13 @@ TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/quick.json"],
     # the trainer (with its handlers) is built below: paper_recipe's ema_momentum 1 failed there
     ["configs/common.json", "configs/train.json", "configs/paper_recipe.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/sharp_cycle.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json", "configs/discrepancy_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/sharp_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/learned_psf.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/learned_psf.json", "configs/quick.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/discrepancy_cycle.json"],
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/background_cycle.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_fit.json", "configs/fitted_psf.json", "configs/recorrupted_cycle.json"],
+    ["configs/common.json", "configs/train.json", "configs/recorrupted_cycle.json"],
 ]
 
 
@@ -54,15 +57,18 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
     elif "recorrupted_cycle.json" in names:  # the blurred cycle against a recorrupted copy, squared error
         assert trainer.blurred_cycle_loss.weight == 5.0 and trainer.blurred_cycle_loss.power == 2
         assert trainer.blurred_recorruption.noise is trainer.blur_noise and trainer.blurred_recorruption.alpha == 0.5
-    elif "fitted_psf.json" in names:  # blind: the PSF fitted to the spectra, frozen; the non-blind weights (session 30)
-        assert trainer.blurred_cycle_loss.weight == 0 and trainer.adversarial_weight == 0.005 and trainer.blind
-        assert wf.parser.get_parsed_content("psf_fit") is not None and wf.parser["psf_learning_rate"] == 0.0
+    elif "learned_psf.json" in names:  # the PSF learned with G from its start (the blind default until session 32)
+        assert trainer.blurred_cycle_loss.weight == 1.0 and trainer.adversarial_weight == 0.02 and trainer.blind
+        assert wf.parser.get_parsed_content("psf_fit") is None and wf.parser["psf_learning_rate"] == 0.02
     elif "paper_recipe.json" not in names:  # per-mode defaults, each measured (docs/results.md)
-        assert trainer.adversarial_weight == (0.02 if trainer.blind else 0.005)
-        # the blurred cycle is on in blind mode and off in non-blind mode (session 27, measured)
-        # (a config that replaces the blurred cycle's loss turns it on in both)
+        # both modes: adversarial 0.005, no blurred cycle (non-blind since session 27, blind since session 32);
+        # a config that replaces the blurred cycle's loss turns it on
+        assert trainer.adversarial_weight == 0.005
         cycle_config = any(c in names for c in ("background_cycle.json", "discrepancy_cycle.json"))
-        assert trainer.blurred_cycle_loss.weight == (1.0 if trainer.blind or cycle_config else 0.0)
+        assert trainer.blurred_cycle_loss.weight == (1.0 if cycle_config else 0.0)
+        if trainer.blind:  # the PSF fitted to the unpaired spectra before the first iteration, then frozen
+            assert isinstance(wf.parser.get_parsed_content("psf_fit"), SpectralPSFFit)
+            assert wf.parser["psf_learning_rate"] == 0.0
     dataset = wf.parser.get_parsed_content("train#dataset")  # no Z flips of blurred crops (session 20, measured)
 
     def flip_axes(domain) -> list:
@@ -89,6 +95,10 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         (["configs/train.json"], {"mode": "conventional"}, "add configs/train_conventional.json"),
         (["configs/train.json"], {"mode": "supervised"}, "add configs/train_supervised.json"),
         (["configs/train.json"], {"mode": "nonblnd"}, "is not one of"),
+        # blind with a free-form kernel: not fitted to the spectra, and the default learning rate 0 would freeze it
+        (["configs/train.json", "configs/psf_constrained.json"], {}, "add configs/learned_psf.json after train.json"),
+        (["configs/train.json", "configs/psf_free.json"], {}, "FreeKernel has no physical parameters"),
+        (["configs/train.json"], {"psf_fit": None}, "psf_fit is null and psf_learning_rate is 0"),
     ],
 )
 def test_a_declared_mode_that_the_configs_do_not_build_is_refused(files, overrides, message, tiny_dataset):
@@ -107,7 +117,8 @@ def test_a_declared_mode_that_the_configs_do_not_build_is_refused(files, overrid
 
 
 @pytest.mark.parametrize("extra", [[], ["configs/train_nonblind.json"], ["configs/train_conventional.json"],
-                                   ["configs/train_supervised.json"], ["configs/train_supervised.json", "configs/train_supervised_gan.json"]])  # fmt: skip
+                                   ["configs/train_supervised.json"], ["configs/train_supervised.json", "configs/train_supervised_gan.json"],
+                                   ["configs/learned_psf.json", "configs/psf_constrained.json"], ["configs/learned_psf.json", "configs/psf_free.json"]])  # fmt: skip
 def test_every_shipped_mode_passes_its_own_check(extra, tiny_dataset):
     wf = ConfigWorkflow(
         config_file=[str(ROOT / f) for f in ["configs/common.json", "configs/train.json", *extra]], logging_file=False,

@@ -82,7 +82,7 @@ def test_every_shown_override_is_a_config_id(doc, run_id, files, overrides):
 GROUPS = [
     ["configs/common.json", "configs/train.json", "configs/train_nonblind.json", "configs/rl_guided.json", "configs/quick.json"],
     ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/paper_recipe.json"],
-    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/psf_fit.json"],
+    ["configs/common.json", "configs/train.json", "configs/psf_vectorial.json", "configs/learned_psf.json"],
     ["configs/common.json", "configs/train.json", "configs/train_supervised.json", "configs/train_supervised_gan.json"],
     ["configs/common.json", "configs/train.json", "configs/train_conventional.json", "configs/multi_gpu_train.json"],
     ["configs/common.json", "configs/inference.json", "configs/inference_rl.json", "configs/evaluate.json"],
@@ -130,7 +130,10 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
         try:
             values[key] = json.loads(value)
         except ValueError:
-            pass  # a string
+            try:  # a Python literal, as the command line (fire) reads it: "['depth']"
+                values[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a string
     # paths of the example onto tiny data; sizes shrunk
     for key in ("input", "ground_truth_dir", "dataset_dir", "train#dataset#sharp_dir", "train#dataset#blurred_dir"):
         values.pop(key, None)
@@ -161,6 +164,7 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
     wf.run()
     out = tmp_path / ("sim" if run_id == "simulate" else "out")
     assert out.is_dir() and any(out.rglob("*")), f"{doc}: {run_id} wrote nothing"
-    if any(f.endswith("psf_fit.json") for f in files):  # the PSF was fitted before training, and recorded
+    if run_id == "training" and wf.parser["mode"] == "blind" and wf.parser["psf_fit"] is not None:
+        # the blind default: the PSF was fitted before training, and recorded
         record = json.loads((out / "calibration.json").read_text())
         assert record["psf_fit"]["loss_after"] <= record["psf_fit"]["loss_before"], record["psf_fit"]

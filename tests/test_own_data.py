@@ -117,7 +117,7 @@ def test_own_data_command_runs_on_a_folder_of_blurred_stacks_alone(tiny_dataset,
     for f in [*sorted((tiny_dataset / "train/blurred").glob("*.tif")), *sorted((tiny_dataset / "val/blurred").glob("*.tif"))]:
         shutil.copy(f, stacks / f"{f.parent.parent.name}_{f.name}")
     res = run_bundle(
-        "training", "['configs/common.json','configs/train.json','configs/quick.json','configs/own_data.json']",
+        "training", "['configs/common.json','configs/train.json','configs/learned_psf.json','configs/quick.json','configs/own_data.json']",
         "--blurred_dir", str(stacks), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
         "--voxel_size", "[0.2,0.1,0.1]", "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1",
         "--psf_kernel_size", "[15,15,15]", "--na", "1.4", "--n_immersion", "1.515", "--wavelength", "0.52",
@@ -190,7 +190,7 @@ def test_own_data_command_runs_on_a_real_widefield_stack(tmp_path):
     (tmp_path / "stack").mkdir()
     source, voxel = _real_widefield_stack(tmp_path / "stack")
     run_bundle(
-        "training", "['configs/common.json','configs/train.json','configs/psf_vectorial.json','configs/quick.json','configs/own_data.json']",
+        "training", "['configs/common.json','configs/train.json','configs/learned_psf.json','configs/psf_vectorial.json','configs/quick.json','configs/own_data.json']",
         "--blurred_dir", str(tmp_path / "stack"), "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
         "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1", "--patch_size", "[16,64,64]",
         "--psf_kernel_size", "[15,31,31]", "--na", "1.35", "--n_immersion", "1.515", "--wavelength", "0.525", "--held_out", "0.25",
@@ -213,7 +213,7 @@ def test_simulated_validation_at_the_users_optics_is_one_config_away(tiny_datase
     """own_data.json + val_simulated.json: pairs simulated at the optics keys, the model chosen on PSNR."""
     res = run_bundle(
         "training",
-        "['configs/common.json','configs/train.json','configs/quick.json','configs/own_data.json','configs/val_simulated.json']",
+        "['configs/common.json','configs/train.json','configs/learned_psf.json','configs/quick.json','configs/own_data.json','configs/val_simulated.json']",
         "--blurred_dir", str(tiny_dataset / "train/blurred"), "--output_dir", str(tmp_path / "eval"),
         "--ckpt_dir", str(tmp_path / "models"), "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1",
         "--psf_kernel_size", "[15,15,15]", "--val_simulated_shape", "[16,64,64]", "--na", "1.3",

@@ -115,7 +115,7 @@ def test_tiny_run_writes_tables_matching_the_json(tiny_run):
             unrefined = tuned["unrefined_test_volumes"].get(test_set)
             assert same == (tuned["iterations"] == 0 or bool(unrefined)), (m, test_set, tuned)
     # the blind models' PSF against the true one, in the JSON and the report
-    assert set(report["psf_correlation"]) == {"blind", "blind_fitted"}
+    assert set(report["psf_correlation"]) == {"blind", "blind_learned"}
     for m, corr in report["psf_correlation"].items():
         learned = tifffile.imread(out / f"work/runs/{m}/models/blur.tif")
         assert corr == round(psf_correlation(learned, true), 5) and -1.0 <= corr <= 1.0
@@ -173,16 +173,17 @@ def test_vesicles_domain_trains_and_tests_on_its_own_data(tmp_path):
     assert report["figures"] == ["slices_vesicles_vectorial_20dB.png"]
 
 
-def test_blind_fitted_fits_the_domain_psf_model(tmp_path):
-    """``blind_fitted``: the PSF fitted to the spectra, then frozen, with the non-blind weights; on the vesicle
-    domain the vectorial kernel with the optics known and the depth fitted (the configs the command builds)."""
+def test_blind_fits_the_domain_psf_model(tmp_path):
+    """``blind``: the PSF fitted to the spectra, then frozen, with the non-blind weights; on the vesicle
+    domain the vectorial kernel with the optics known and the depth fitted (the configs the command builds).
+    ``blind_learned`` learns a Born & Wolf PSF with G on either domain."""
     from monai.bundle import ConfigParser
 
     for domain, kernel, learned in (("born_wolf", "BornWolfKernel", None), ("vesicles", "VectorialPSFKernel", ["depth"])):
         runner = reproduce.Runner("tiny", tmp_path / "out", work_dir=tmp_path / "work", domain=domain)
-        cmd = runner.train_command("blind_fitted")
-        files = runner.config_files("blind_fitted")
-        assert files[-3:] == ["configs/psf_fit.json", "configs/fitted_psf.json", "configs/quick.json"]
+        cmd = runner.train_command("blind")
+        files = runner.config_files("blind")
+        assert files[:2] == ["configs/common.json", "configs/train.json"] and files[-1] == "configs/quick.json"
         assert reproduce._config_list(files) == cmd[cmd.index("--config_file") + 1]
         parser = ConfigParser()
         parser.read_config([str(ROOT / f) for f in files])
@@ -190,9 +191,17 @@ def test_blind_fitted_fits_the_domain_psf_model(tmp_path):
         for key, value in zip(args[::2], args[1::2], strict=True):
             parser[key.removeprefix("--")] = value if key != "--psf_learn" else ast.literal_eval(value)
         assert parser["psf_learning_rate"] == 0 and parser["blurred_cycle_weight"] == 0
+        assert parser["psf_fit"]["_target_"].endswith("SpectralPSFFit")
         assert parser["blur"]["kernel"]["_target_"].endswith(kernel)
         if learned:
             assert parser["psf_learn"] == learned and float(parser["n_sample"]) == 1.33
+        learned_files = runner.config_files("blind_learned")
+        assert learned_files[1:3] == ["configs/train.json", "configs/learned_psf.json"]
+        assert "--psf_learn" not in runner.train_command("blind_learned")
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / f) for f in learned_files])
+        assert parser["psf_fit"] is None and parser["psf_learning_rate"] > 0
+        assert parser["blur"]["kernel"]["_target_"].endswith("BornWolfKernel")
     assert not (tmp_path / "out").exists()
 
 
@@ -229,4 +238,4 @@ def test_seeds_run_one_campaign_each_and_report_mean_and_sd(tmp_path, monkeypatc
     assert cell["mean"] == pytest.approx(31.1666667) and cell["sd"] == pytest.approx(1.2583057, rel=1e-6)  # sample sd
     md = (tmp_path / "out/seeds.md").read_text()
     # dim recall aggregated like PSNR; a NaN precision (no dim voxels) is left out, here of every seed
-    assert "| proposed, blind (learned PSF) | 31.17 ± 1.26 | 0.9100 ± 0.0100 | 0.800 ± 0.100 | – | 30.00, 31.00, 32.50 |" in md
+    assert "| proposed, blind (PSF fitted to the spectra, frozen) | 31.17 ± 1.26 | 0.9100 ± 0.0100 | 0.800 ± 0.100 | – | 30.00, 31.00, 32.50 |" in md
