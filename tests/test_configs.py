@@ -69,6 +69,8 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         if trainer.blind:  # the PSF fitted to the unpaired spectra before the first iteration, then frozen
             assert isinstance(wf.parser.get_parsed_content("psf_fit"), SpectralPSFFit)
             assert wf.parser["psf_learning_rate"] == 0.0
+        else:  # a fixed PSF: no fit, and no second cache of the training volumes for it
+            assert wf.parser["psf_fit"] is None and wf.parser["psf_fit_dataset"] is None
     dataset = wf.parser.get_parsed_content("train#dataset")  # no Z flips of blurred crops (session 20, measured)
 
     def flip_axes(domain) -> list:
