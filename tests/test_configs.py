@@ -262,6 +262,7 @@ def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path
         "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
         "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]",
         "--patch_size", "[32,32,32]", "--tracking", str(ROOT / "configs/tracking/mlflow.json"),
+        "--psf_fit#n_samples", "16", "--psf_fit#steps", "60",  # the blind default's PSF fit, on fewer crops
     )
     with sqlite3.connect(tmp_path / "eval/mlruns.db") as con:
         metrics = {row[0] for row in con.execute("select distinct key from metrics")}

@@ -51,6 +51,8 @@ def test_torchrun_two_processes(tiny_dataset, tmp_path):
                 "ckpt_dir": f"$'{out}/models_rank' + str(dist.get_rank())",
                 "output_dir": f"$'{out}/eval_rank' + str(dist.get_rank())",
                 "psf_kernel_size": [15, 15, 15],
+                "psf_fit#n_samples": 16,  # the blind default's PSF fit, on fewer crops
+                "psf_fit#steps": 60,
                 "epoch_length": 1,
                 "max_epochs": 2,
                 "val_interval": 2,

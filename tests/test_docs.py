@@ -143,6 +143,8 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
                       n_val=1, n_test=1, psf_shape=[7, 7, 7])  # fmt: skip
     elif run_id == "training":
         values.update(TINY_TRAINING)
+        if _ids(files)["psf_fit"] is not None and "psf_fit" not in values:  # the blind default's fit, on fewer crops
+            values.update({"psf_fit#n_samples": 16, "psf_fit#steps": 60})
         if "train#dataset#sharp_dir" in overrides:  # the user guide's own-data example
             values["train#dataset#sharp_dir"] = str(tiny_dataset / "train/sharp")
             values["train#dataset#blurred_dir"] = str(tiny_dataset / "train/blurred")
