@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from scipy.fft import next_fast_len
 
 __all__ = ["BlurredSpectrum", "CylindricalBins", "dft_matrix", "fit_scale_noise", "spatial_volumes", "transfer_power", "welch_power_spectrum"]
 
@@ -84,20 +85,6 @@ def transfer_power(h: torch.Tensor, shape: Sequence[int], mats: Sequence[torch.T
     return spectrum.abs() ** 2
 
 
-def _fast_size(n: int) -> int:
-    """The smallest size >= ``n`` whose prime factors are 2, 3 and 5 (FFTs of such sizes are fast; a
-    larger circular size still wraps nothing into the kept centre)."""
-    size = max(int(n), 1)
-    while True:
-        m = size
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return size
-        size += 1
-
-
 class BlurredSpectrum:
     """Welch spectrum of sharp crops blurred by a kernel: the blurred domain's spectrum as the data's
     own estimator sees it.
@@ -128,7 +115,7 @@ class BlurredSpectrum:
         # centre start t = (n - o) // 2 + k // 2; the linear result (length n + k - 1) wraps to i - size
         self.starts = [(n - o) // 2 + k // 2 for n, o, k in zip(xs.shape[1:], self.out_shape, self.kernel_shape, strict=True)]
         self.fft_shape = [
-            _fast_size(max(n + k - 1 - t, t + o))
+            next_fast_len(max(n + k - 1 - t, t + o), real=True)  # 5-smooth: fast; larger still wraps nothing in
             for n, o, k, t in zip(xs.shape[1:], self.out_shape, self.kernel_shape, self.starts, strict=True)
         ]
         self.x_hat = torch.fft.rfftn(xs, s=self.fft_shape, dim=(1, 2, 3))

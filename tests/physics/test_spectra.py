@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bundle.ops import fft_convolve
-from bundle.physics.spectra import BlurredSpectrum, CylindricalBins, _fast_size, welch_power_spectrum
+from bundle.physics.spectra import BlurredSpectrum, CylindricalBins, welch_power_spectrum
 
 
 def _blurred(volumes: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -25,8 +25,10 @@ def test_welch_spectrum_is_the_full_periodogram(shape):
     torch.testing.assert_close(welch_power_spectrum(x), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_fast_size_is_the_next_5_smooth_size():
-    assert [_fast_size(n) for n in (1, 7, 46, 78, 81, 97)] == [1, 8, 48, 80, 81, 100]
+def test_blurred_spectrum_pads_to_fast_fft_sizes():
+    """The circular size is padded to a 5-smooth size (39 -> 40, 71 -> 72 for the fit's crops and a 15³ kernel)."""
+    spectrum = BlurredSpectrum(torch.rand(2, 32, 64, 64, dtype=torch.float64), (32, 64, 64), (15, 15, 15))
+    assert spectrum.fft_shape == [40, 72, 72]
 
 
 def test_blurred_spectrum_is_the_welch_spectrum_of_the_blurred_crops():
