@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bundle.flags import as_flag
+from bundle.physics.psf_grid import grid_start
 from bundle.physics.spectra import (
     BlurredSpectrum,
     CylindricalBins,
@@ -280,34 +281,12 @@ class SpectralPSFFit:
         return {k: v for k, v in params.items() if k not in ("gain", "offset")}
 
     def _grid_start(self, blur, model_power, log_by, log_scale, log_noise, name: str = "na") -> dict[str, Any]:  # noqa: ANN001
-        """Try the grid of ``name`` (``"na"``: ``na_grid`` NAs; ``"depth"``: ``depth_grid``) and the current
-        value (scale and noise floor fitted for each, PSF held); leave the layer at the best, with
-        ``log_scale`` / ``log_noise`` at its values."""
-        current = float(self._parameters(blur)[name])
+        """Try the grid of ``name`` (``"na"``: ``na_grid`` NAs over ``na_range`` × the immersion index;
+        ``"depth"``: ``depth_grid``) and the current value: :func:`~bundle.physics.psf_grid.grid_start`."""
         if name == "na":
             n_imm, (low, high) = float(blur.n_immersion), self.na_range
             grid = [n_imm * (low + (high - low) * i / max(1, self.na_grid - 1)) for i in range(self.na_grid)]
-            setter = blur.set_na_
         else:
-            grid, raw = list(self.depth_grid), blur.kernel_module.depth_raw
-
-            def setter(value: float) -> None:
-                with torch.no_grad():
-                    raw.fill_(value)
-
-        start = (log_scale.detach().clone(), log_noise.detach().clone())
-        results = []
-        for value in [current, *grid]:
-            try:
-                setter(value)
-            except ValueError:  # outside this kernel's bounds
-                continue
-            a, s = start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)
-            loss = fit_scale_noise(model_power(), log_by, a, s, self.steps // 2)
-            results.append((loss, value, float(a.detach()), float(s.detach())))
-        best = min(results)
-        setter(best[1])
-        with torch.no_grad():
-            log_scale.fill_(best[2])
-            log_noise.fill_(best[3])
-        return {f"start_{name}": current, f"best_{name}": best[1], "best_loss": best[0], "tried": len(results)}
+            grid = list(self.depth_grid)
+        current = float(self._parameters(blur)[name])
+        return grid_start(blur, name, current, grid, model_power, log_by, log_scale, log_noise, self.steps // 2)
