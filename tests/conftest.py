@@ -58,6 +58,9 @@ QUICK_NONBLIND = "['configs/common.json','configs/train.json','configs/train_non
 # A wall-clock limit only catches a hung subprocess: it must be far above any test's idle time (the longest
 # subprocesses take 2-3 minutes on one thread of a busy CI worker) so a busy machine never fails a test.
 SUBPROCESS_TIMEOUT = 3600
+# the blind default fits the PSF to the spectra before training: on fewer crops in the tiny trainings not about it
+CHEAP_PSF_FIT = {"psf_fit#n_samples": 16, "psf_fit#steps": 60}
+CHEAP_PSF_FIT_ARGS = tuple(a for key, value in CHEAP_PSF_FIT.items() for a in (f"--{key}", str(value)))
 # x 25 iterations; tests/test_training.py needs a validation gain of +1 dB: measured +1.35 dB at 50 iterations
 # and +6.25 at 100 (default sharp margin, 2026-12-02)
 QUICK_EPOCHS = 4

@@ -11,7 +11,7 @@ from monai.bundle.utils import ID_SEP_KEY
 
 from bundle.physics.psf_estimation import SpectralPSFFit
 
-from conftest import ROOT, run_bundle
+from conftest import CHEAP_PSF_FIT_ARGS, ROOT, run_bundle
 
 TRAIN_VARIANTS = [
     ["configs/common.json", "configs/train.json"],
@@ -262,7 +262,7 @@ def test_mlflow_tracking_settings_log_what_a_reader_needs(tiny_dataset, tmp_path
         "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
         "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]",
         "--patch_size", "[32,32,32]", "--tracking", str(ROOT / "configs/tracking/mlflow.json"),
-        "--psf_fit#n_samples", "16", "--psf_fit#steps", "60",  # the blind default's PSF fit, on fewer crops
+        *CHEAP_PSF_FIT_ARGS,
     )
     with sqlite3.connect(tmp_path / "eval/mlruns.db") as con:
         metrics = {row[0] for row in con.execute("select distinct key from metrics")}

@@ -15,7 +15,7 @@ from bundle.distributed import ddp, rank_handlers, state_hash, unwrap
 from bundle.handlers import BlurCalibration, ResumableCheckpoint
 from bundle.networks import PSFLayer
 
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import CHEAP_PSF_FIT, SUBPROCESS_TIMEOUT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["configs/common.json", "configs/train.json", "configs/quick.json", "configs/multi_gpu_train.json"]
@@ -51,8 +51,7 @@ def test_torchrun_two_processes(tiny_dataset, tmp_path):
                 "ckpt_dir": f"$'{out}/models_rank' + str(dist.get_rank())",
                 "output_dir": f"$'{out}/eval_rank' + str(dist.get_rank())",
                 "psf_kernel_size": [15, 15, 15],
-                "psf_fit#n_samples": 16,  # the blind default's PSF fit, on fewer crops
-                "psf_fit#steps": 60,
+                **CHEAP_PSF_FIT,
                 "epoch_length": 1,
                 "max_epochs": 2,
                 "val_interval": 2,

@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle.networks import DeblurUNet
 
-from conftest import ROOT
+from conftest import CHEAP_PSF_FIT, ROOT
 
 DOCS = ("README.md", "docs/user_guide.md")
 # command-line arguments of `monai.bundle run` that are not config ids
@@ -144,7 +144,7 @@ def test_every_shown_command_builds_and_runs(doc, run_id, files, overrides, tiny
     elif run_id == "training":
         values.update(TINY_TRAINING)
         if _ids(files)["psf_fit"] is not None and "psf_fit" not in values:  # the blind default's fit, on fewer crops
-            values.update({"psf_fit#n_samples": 16, "psf_fit#steps": 60})
+            values.update(CHEAP_PSF_FIT)
         if "train#dataset#sharp_dir" in overrides:  # the user guide's own-data example
             values["train#dataset#sharp_dir"] = str(tiny_dataset / "train/sharp")
             values["train#dataset#blurred_dir"] = str(tiny_dataset / "train/blurred")

@@ -14,11 +14,9 @@ import pytest
 import tifffile
 import torch
 
-from conftest import QUICK_NONBLIND, ROOT, SUBPROCESS_TIMEOUT, run_bundle
+from conftest import CHEAP_PSF_FIT, CHEAP_PSF_FIT_ARGS, QUICK_NONBLIND, ROOT, SUBPROCESS_TIMEOUT, run_bundle
 
 QUICK_BLIND = "['configs/common.json','configs/train.json','configs/quick.json']"
-# the blind default fits the PSF to the spectra before training: on fewer crops in the tests that are not about it
-CHEAP_FIT = ("--psf_fit#n_samples", "16", "--psf_fit#steps", "60")
 
 
 @pytest.mark.slow
@@ -57,7 +55,7 @@ def test_blind_training_keeps_a_valid_psf(tiny_dataset, tmp_path, parameterizati
         "training", QUICK_BLIND.replace("]", kernel_config + "]"),
         "--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
         "--max_epochs", "2", "--epoch_length", "3", "--val_interval", "1",
-        "--psf_kernel_size", "[15,15,15]", *(CHEAP_FIT if parameterization == "parametric" else ()),
+        "--psf_kernel_size", "[15,15,15]", *(CHEAP_PSF_FIT_ARGS if parameterization == "parametric" else ()),
     )
     for path in (tmp_path / "models/blur.tif", tmp_path / "eval/psf/psf_latest.tif"):
         psf = tifffile.imread(path)
@@ -113,7 +111,7 @@ def test_a_killed_run_resumes_exactly(tiny_dataset, tmp_path):
         return {"bundle_root": str(ROOT), "dataset_dir": str(tiny_dataset), "ckpt_dir": str(tmp_path / name / "models"),
                 "output_dir": str(tmp_path / name / "eval"), "max_epochs": epochs, "epoch_length": length,
                 "val_interval": 1, "psf_kernel_size": [15, 15, 15], "progress": False,
-                "psf_fit#n_samples": 16, "psf_fit#steps": 60, **extra}  # fmt: skip
+                **CHEAP_PSF_FIT, **extra}  # fmt: skip
 
     _train(files, overrides("whole"))
     kill_at = int(np.random.default_rng(20261130).integers(length + 1, epochs * length))  # after the first save
@@ -216,7 +214,7 @@ def test_training_without_validation_folders_writes_the_last_model_and_says_so(t
     res = run_bundle(
         "training", QUICK_BLIND,
         "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
-        "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]", *CHEAP_FIT,
+        "--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", "--psf_kernel_size", "[15,15,15]", *CHEAP_PSF_FIT_ARGS,
     )  # fmt: skip
     log = res.stdout + res.stderr
     assert "no validation folder" in log and "no validation data" in log

@@ -59,7 +59,7 @@ def check_mode(
     if mode == "blind" and psf_learning_rate is not None and float(psf_learning_rate) <= 0:
         fitted = psf_fit is not None and psf_fit.fittable(blur)
         if not fitted:
-            kernel = type(getattr(blur, "kernel_module", None) or blur).__name__
+            kernel = type(getattr(blur, "kernel_module", blur)).__name__
             why = "psf_fit is null" if psf_fit is None else f"{kernel} has no physical parameters to fit to the spectra"
             raise ValueError(
                 f"blind mode would keep the PSF at its start: {why} and psf_learning_rate is 0; add "

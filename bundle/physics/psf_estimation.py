@@ -238,7 +238,7 @@ class SpectralPSFFit:
             opt = torch.optim.Adam([{"params": kernel_params, "lr": self.lr}, {"params": [log_scale, log_noise], "lr": self.lr}])
             rounds = self.rounds if blurred_spectrum is not None else 1
             for step in range(self.steps):
-                if step % max(1, self.steps // rounds) == 0:
+                if step and step % max(1, self.steps // rounds) == 0:  # step 0: updated just above
                     update_correction()
                 opt.zero_grad()
                 loss = loss_fn()
