@@ -72,6 +72,10 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         else:  # a fixed PSF: no fit, and no second cache of the training volumes for it
             assert wf.parser["psf_fit"] is None and wf.parser["psf_fit_dataset"] is None
     dataset = wf.parser.get_parsed_content("train#dataset")  # no Z flips of blurred crops (session 20, measured)
+    if wf.parser["psf_fit_dataset"] is not None:  # the fit's larger crops come from the training cache
+        fit_dataset = wf.parser.get_parsed_content("psf_fit_dataset")
+        assert fit_dataset.sharp.volumes is dataset.sharp.volumes and fit_dataset.blurred.volumes is dataset.blurred.volumes
+        assert fit_dataset.sharp.patch_size == tuple(wf.parser.get_parsed_content("psf_fit_patch_size"))
 
     def flip_axes(domain) -> list:
         return sorted(t.flipper.spatial_axis for t in domain.transform.transforms if type(t).__name__ == "RandFlipd")

@@ -4,7 +4,15 @@ import tifffile
 import torch
 from monai.utils import set_determinism
 
-from bundle.data import list_volumes, paired_datalist, paired_dataset, paired_transforms, unpaired_dataset
+from bundle.data import (
+    UnpairedDataset,
+    list_volumes,
+    paired_datalist,
+    paired_dataset,
+    paired_transforms,
+    recropped_dataset,
+    unpaired_dataset,
+)
 
 
 def test_list_volumes_folder_glob_file_and_errors(tiny_dataset, tmp_path):
@@ -42,6 +50,22 @@ def test_unpaired_dataset(tiny_dataset, patch):
     crops = torch.stack([ds[i]["sharp"] for i in range(6)])
     assert not torch.allclose(crops[0], crops[1])  # random crops differ
     set_determinism(seed=None)
+
+
+def test_recropped_dataset_shares_the_cache_and_crops_anew(tiny_dataset):
+    """The PSF fit's crops: same cached volumes (loaded once), the new size in both domains, no sharp margin,
+    and drawing crops leaves the cached volumes as they were."""
+    ds = unpaired_dataset(str(tiny_dataset / "train/sharp"), str(tiny_dataset / "train/blurred"), length=3,
+                          patch_size=(16, 16, 16), sharp_margin=(0, 4, 4))
+    fit = recropped_dataset(ds, length=5, patch_size=(16, 32, 32))
+    assert len(fit) == 5 and fit.sharp.volumes is ds.sharp.volumes and fit.blurred.volumes is ds.blurred.volumes
+    cached = ds.sharp.volumes[0]["image"].clone()
+    item = fit[0]
+    assert tuple(item["sharp"].shape) == (1, 16, 32, 32) == tuple(item["blurred"].shape)
+    assert tuple(ds[0]["sharp"].shape) == (1, 16, 24, 24)  # the training crops keep their size and margin
+    assert torch.equal(ds.sharp.volumes[0]["image"], cached)
+    with pytest.raises(TypeError, match="unpaired_dataset"):
+        recropped_dataset(UnpairedDataset(ds.sharp.volumes, ds.blurred.volumes), length=1, patch_size=(8, 8, 8))
 
 
 def test_volumes_smaller_than_the_patch_are_padded(tiny_dataset):

@@ -9,7 +9,14 @@ intensity scale per domain); everything public is importable from
 ``bundle.data``.
 """
 
-from bundle.data.datasets import UnpairedDataset, paired_dataset, paired_train_transforms, unpaired_dataset
+from bundle.data.datasets import (
+    DomainCrops,
+    UnpairedDataset,
+    paired_dataset,
+    paired_train_transforms,
+    recropped_dataset,
+    unpaired_dataset,
+)
 from bundle.data.intensity import domain_intensity_range
 from bundle.data.lists import VOLUME_EXTENSIONS, list_volumes, paired_datalist, validation_datalist
 from bundle.data.transforms import (
@@ -30,6 +37,8 @@ __all__ = [
     "train_transforms",
     "UnpairedDataset",
     "unpaired_dataset",
+    "DomainCrops",
+    "recropped_dataset",
     "paired_train_transforms",
     "paired_dataset",
     "validation_datalist",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 
 import torch
-from monai.data import CacheDataset, Dataset
+from monai.data import CacheDataset
 from monai.transforms import Compose
 
 from bundle.data.lists import list_volumes, paired_datalist
-from bundle.data.transforms import augment_transforms, normalize_transforms, train_transforms
+from bundle.data.transforms import augment_transforms, normalize_transforms
 
 
 def _first(item: dict | list) -> dict:
@@ -43,6 +44,74 @@ class UnpairedDataset(torch.utils.data.Dataset):
         i = int(torch.randint(len(self.sharp), ()))  # type: ignore[arg-type]
         j = int(torch.randint(len(self.blurred), ()))  # type: ignore[arg-type]
         return {"sharp": _first(self.sharp[i])["image"], "blurred": _first(self.blurred[j])["image"]}
+
+
+class DomainCrops(torch.utils.data.Dataset):
+    """Random crops of one domain's cached, normalised volumes: items ``{"image": (1, *patch_size)}``.
+
+    Written here because MONAI's ``CacheDataset`` caches the deterministic prefix of one pipeline:
+    the PSF fit's larger crops of the same volumes would load and normalise every volume a second
+    time. This dataset keeps the cache apart from the crops, and :meth:`with_patch_size` hands it to
+    another crop size. Each item crops a copy of the cached volume (as ``CacheDataset`` does).
+
+    Args:
+        volumes: the normalised volumes, items ``{"image": (1, D, H, W)}`` (a ``CacheDataset``).
+        patch_size: crop size ``(D, H, W)``, margins included.
+        rotate_axes: spatial axes of the random 90° rotations.
+        background_share: ``None`` for uniform crops, else foreground-weighted (:func:`augment_transforms`).
+        flip_axes: spatial axes of the random flips.
+    """
+
+    def __init__(
+        self,
+        volumes: torch.utils.data.Dataset,
+        patch_size: Sequence[int],
+        rotate_axes: Sequence[int] = (1, 2),
+        background_share: float | None = None,
+        flip_axes: Sequence[int] = (0, 1, 2),
+    ) -> None:
+        self.volumes = volumes
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.options = {"rotate_axes": tuple(rotate_axes), "background_share": background_share, "flip_axes": tuple(flip_axes)}
+        self.transform = Compose(
+            augment_transforms(
+                ("image",), self.patch_size, self.options["rotate_axes"],
+                background_share=background_share, flip_axes=self.options["flip_axes"],
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.volumes)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict | list:
+        return self.transform(deepcopy(self.volumes[index]))
+
+    def with_patch_size(self, patch_size: Sequence[int]) -> DomainCrops:
+        """The same cached volumes and augmentation, crops of ``patch_size``."""
+        return DomainCrops(self.volumes, patch_size, **self.options)
+
+
+def recropped_dataset(dataset: UnpairedDataset, length: int, patch_size: Sequence[int]) -> UnpairedDataset:
+    """``dataset``'s cached volumes with other crops: ``length`` items of ``patch_size`` in both domains.
+
+    The blind PSF fit (``psf_fit_dataset`` in ``configs/train.json``) takes its larger crops from the
+    training dataset this way instead of loading the volumes again. The sharp domain's margin
+    (``sharp_margin``) is not added: the fit blurs its crops with their own padding.
+
+    Args:
+        dataset: built by :func:`unpaired_dataset`.
+        length: items per pass.
+        patch_size: crop size ``(D, H, W)`` of both domains.
+    """
+    domains = (dataset.sharp, dataset.blurred)
+    if not all(isinstance(d, DomainCrops) for d in domains):
+        raise TypeError(
+            "recropped_dataset needs a dataset built by bundle.data.unpaired_dataset (its domains crop cached "
+            f"volumes); got domains {type(dataset.sharp).__name__} and {type(dataset.blurred).__name__}"
+        )
+    return UnpairedDataset(
+        dataset.sharp.with_patch_size(patch_size), dataset.blurred.with_patch_size(patch_size), length=length  # type: ignore[union-attr]
+    )
 
 
 def unpaired_dataset(
@@ -98,21 +167,13 @@ def unpaired_dataset(
         intensity_range: Sequence[float] | None,
         margin: Sequence[int] | None = None,
         flip_axes: Sequence[int] = (0, 1, 2),
-    ) -> Dataset:
+    ) -> DomainCrops:
         size = [int(p) + 2 * int(m) for p, m in zip(patch_size, margin or [0] * len(patch_size), strict=True)]
-        transform = train_transforms(
-            size,
-            percentiles,
-            True,
-            rotate_axes,
-            background_share=background_share,
-            voxel_size=voxel_size,
-            intensity_range=intensity_range,
-            flip_axes=flip_axes,
+        normalize = Compose(normalize_transforms(("image",), percentiles, True, voxel_size, intensity_range))
+        volumes = CacheDataset(
+            [{"image": f} for f in files], normalize, cache_rate=cache_rate, num_workers=num_workers, progress=False
         )
-        return CacheDataset(
-            [{"image": f} for f in files], transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
-        )
+        return DomainCrops(volumes, size, rotate_axes, background_share=background_share, flip_axes=flip_axes)
 
     return UnpairedDataset(
         domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin),
