@@ -73,12 +73,7 @@ class DomainCrops(torch.utils.data.Dataset):
         self.volumes = volumes
         self.patch_size = tuple(int(p) for p in patch_size)
         self.options = {"rotate_axes": tuple(rotate_axes), "background_share": background_share, "flip_axes": tuple(flip_axes)}
-        self.transform = Compose(
-            augment_transforms(
-                ("image",), self.patch_size, self.options["rotate_axes"],
-                background_share=background_share, flip_axes=self.options["flip_axes"],
-            )
-        )
+        self.transform = Compose(augment_transforms(("image",), self.patch_size, **self.options))
 
     def __len__(self) -> int:
         return len(self.volumes)  # type: ignore[arg-type]
