@@ -13,7 +13,13 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from bundle.handlers import BestModelSaver, ResumableCheckpoint, ValidationHistory, load_training_checkpoint
+from bundle.handlers import (
+    BestModelSaver,
+    ModelWithoutValidation,
+    ResumableCheckpoint,
+    ValidationHistory,
+    load_training_checkpoint,
+)
 
 
 class _WritesMarker:
@@ -112,6 +118,23 @@ def test_fresh_run_never_keeps_an_earlier_model_silently(tmp_path):
     resumed.attach(Engine(lambda e, b: None))
     _validate(resumed, 2, 20.0)
     assert json.loads((tmp_path / "model.json").read_text())["score"] == pytest.approx(21.48)
+
+
+@pytest.mark.parametrize("score, below", [(24.47, True), (24.54, True), (24.76, False)])
+def test_a_model_no_better_than_its_input_ends_with_a_warning(tmp_path, caplog, score, below):
+    saver = BestModelSaver(str(tmp_path), torch.nn.Linear(2, 1))
+    validator = Engine(lambda e, b: None)
+    validator.data_loader = [0]  # validation data present
+    validator.state.epoch = 36
+    validator.state.metrics = {"val_psnr": score, "val_input_psnr": 24.54, "val_ssim": 0.8}
+    validator.state.key_metric_name = "val_psnr"
+    saver(validator)
+    with caplog.at_level("WARNING", logger="bundle.handlers.selection"):
+        ModelWithoutValidation(saver, validator).completed(Engine(lambda e, b: None))
+    record = json.loads((tmp_path / "model.json").read_text())
+    assert record.get("below_input", False) is below and record["score"] == pytest.approx(score)
+    assert ("no better on validation than the unprocessed input (24.5400)" in caplog.text) is below
+    assert (tmp_path / "model.pt").is_file()
 
 
 def test_validation_history_fresh_and_resumed(tmp_path):

@@ -114,7 +114,11 @@ class ModelWithoutValidation:
     there are none, and MONAI's evaluator then skips its runs), so :class:`BestModelSaver` is never
     called. A model is never silently kept or silently missing: this handler logs a warning when
     training starts and, when training completes with nothing saved, writes the current weights
-    (the EMA generator of the saver) with a record that says why.
+    (the EMA generator of the saver) with a record that says why. Nor is it silently worse than doing
+    nothing: when the model of record scored no better on validation than the unprocessed input
+    (``val_x`` against ``val_input_x`` in its record), training ends with a warning and the record gets
+    ``"below_input": true`` (measured with sharp volumes of another structure than the stacks,
+    ``docs/results.md`` session 35: the default never rose above the input there).
 
     Args:
         saver: the validation's :class:`BestModelSaver` (``@validate#handlers#1``).
@@ -144,8 +148,25 @@ class ModelWithoutValidation:
             )
 
     def completed(self, engine: Engine) -> None:
+        self._check_against_input()
         if self._no_data() and not getattr(self.saver, "written", False):
             record = {"metric": None, "score": None, "epoch": engine.state.epoch, "metrics": {},
                       "note": "no validation data: the weights at the end of training"}  # fmt: skip
             self.saver.write(record)
             logger.warning(f"no validation data: saved the last model to {self.saver.save_dir / self.saver.filename}")
+
+    def _check_against_input(self) -> None:
+        path = self.saver.record_path
+        if not getattr(self.saver, "written", False) or not path.is_file():
+            return
+        record = json.loads(path.read_text())
+        name, score = record.get("metric"), record.get("score")
+        baseline = (record.get("metrics") or {}).get(str(name).replace("val_", "val_input_", 1))
+        if score is None or baseline is None or score > baseline:
+            return
+        _atomic_json({**record, "below_input": True}, path)
+        logger.warning(
+            f"{path}: the model of record ({name} {score:.4f}, epoch {record.get('epoch')}) is no better on validation "
+            f"than the unprocessed input ({baseline:.4f}). Check that the sharp volumes show the stacks' kind of structure "
+            "(docs/user_guide.md, section 5) and compare with Richardson-Lucy before using it"
+        )
