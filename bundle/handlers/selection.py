@@ -148,16 +148,17 @@ class ModelWithoutValidation:
             )
 
     def completed(self, engine: Engine) -> None:
-        self._check_against_input()
         if self._no_data() and not getattr(self.saver, "written", False):
             record = {"metric": None, "score": None, "epoch": engine.state.epoch, "metrics": {},
                       "note": "no validation data: the weights at the end of training"}  # fmt: skip
             self.saver.write(record)
             logger.warning(f"no validation data: saved the last model to {self.saver.save_dir / self.saver.filename}")
+        self._check_against_input()
 
     def _check_against_input(self) -> None:
+        """The record on disk, not this run's writes: a resumed run's model of record may be an earlier one."""
         path = self.saver.record_path
-        if not getattr(self.saver, "written", False) or not path.is_file():
+        if not path.is_file():
             return
         record = json.loads(path.read_text())
         name, score = record.get("metric"), record.get("score")
