@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Copy a simulated dataset and add a smooth autofluorescence background to its blurred volumes.
+"""Copy a simulated dataset and add a smooth background (and, optionally, camera hot pixels) to its blurred volumes.
 
 Real widefield stacks hold light the blur path ``h * x`` cannot produce from the sharp domain:
 autofluorescence and out-of-focus haze, smooth over microns. This makes such a dataset from one
@@ -11,7 +11,11 @@ parameters): every blurred volume (training, validation, test) is re-drawn from 
 with the volume's own ``photons`` and ``sigma`` (so the camera and the photon budget of the signal
 are unchanged; the background adds its own shot noise) and ``b`` a smooth random field: uniform noise
 low-pass filtered by a Gaussian of ``--length`` voxels, mapped to ``[0.2, 1]`` and scaled by
-``--amplitude`` × ``max(h * x)``. The sharp domain, the ground truths and the PSF are copied
+``--amplitude`` × ``max(h * x)``. With ``--hot_fraction`` > 0, ``b`` also holds the camera's hot
+pixels: a share ``--hot_fraction`` of the camera's ``(Y, X)`` pixels, each with a dark offset drawn
+log-uniformly in ``--hot_range`` × ``max(h * x)`` and the same in every plane of the stack (one camera
+pixel records every plane), so each is a one-voxel line along Z — what an sCMOS camera's hot pixels
+make and what no ``h * x`` can (``--amplitude 0 --hot_fraction 0.003`` adds hot pixels only). The sharp domain, the ground truths and the PSF are copied
 unchanged, so the truth to score against has no background. The copy is written to a temporary
 folder and renamed into place; an existing output is never replaced and the input is never written.
 
@@ -48,6 +52,17 @@ def smooth_background(shape: Sequence[int], length: Sequence[float], rng: np.ran
     return 0.2 + 0.8 * unit
 
 
+def hot_pixels(shape: Sequence[int], fraction: float, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    """Dark offsets of a camera's hot pixels, ``(Z, Y, X)`` float64: ``round(fraction * Y * X)`` distinct
+    ``(Y, X)`` pixels, each with an offset log-uniform in ``[low, high]``, constant along Z; 0 elsewhere."""
+    z, y, x = (int(v) for v in shape)
+    count = int(round(fraction * y * x))
+    plane = np.zeros(y * x)
+    where = rng.choice(y * x, size=count, replace=False)
+    plane[where] = np.exp(rng.uniform(np.log(low), np.log(high), size=count))
+    return np.broadcast_to(plane.reshape(1, y, x), (z, y, x)).copy()
+
+
 def add_background(
     dataset_dir: str | Path,
     output: str | Path,
@@ -55,6 +70,8 @@ def add_background(
     length: Sequence[float] = (8.0, 24.0, 24.0),
     seed: int = 77,
     progress: bool = True,
+    hot_fraction: float = 0.0,
+    hot_range: Sequence[float] = (0.05, 0.5),
 ) -> dict:
     """Write the copy (see the module docstring); returns its manifest (also ``<output>/dataset.json``)."""
     from bundle.io import load_volume, save_volume
@@ -68,6 +85,8 @@ def add_background(
         raise FileExistsError(f"{dst}: exists; choose a new output folder (nothing is replaced)")
     if not amplitude >= 0:
         raise ValueError(f"--amplitude must be >= 0, got {amplitude}")
+    if not 0 <= hot_fraction < 1 or not 0 < hot_range[0] <= hot_range[1]:
+        raise ValueError(f"--hot_fraction must be in [0, 1) and --hot_range 0 < low <= high, got {hot_fraction}, {list(hot_range)}")
     manifest = json.loads(manifest_file.read_text())
     records = [r for r in manifest["volumes"] if "blurred" in r]
     missing = [r["blurred"] for r in records if not (r.get("noise") or {}).get("photons_per_unit")]
@@ -83,16 +102,21 @@ def add_background(
             truth, meta = load_volume(src / rec["ground_truth"])
             clean = blur(truth.astype(np.float32), psf.astype(np.float32)).astype(np.float64)
             background = amplitude * float(clean.max()) * smooth_background(clean.shape, length, rng)
+            hot = float(clean.max()) * hot_pixels(clean.shape, hot_fraction, *hot_range, rng) if hot_fraction else 0.0
+            background = background + hot
             photons, sigma = rec["noise"]["photons_per_unit"], rec["noise"]["gaussian_sigma"]
             gauss = np.maximum(clean + background + sigma * rng.standard_normal(clean.shape), 0.0)
             noisy = (rng.poisson(photons * gauss) / photons).astype(np.float32)
             save_volume(tmp / rec["blurred"], noisy, voxel_size=meta["voxel_size"], dtype=np.float32)
             noise_power = float(np.mean((noisy - clean - background) ** 2))
             rec["background"] = {"mean": float(background.mean()), "signal_mean": float(clean.mean()),
-                                 "signal_snr_db": float(10 * np.log10(np.mean(clean**2) / noise_power))}  # fmt: skip
-        manifest["description"] += f"; blurred volumes + a smooth background ({amplitude} x max(h*x), scripts/add_background.py)"
+                                 "signal_snr_db": float(10 * np.log10(np.mean(clean**2) / noise_power)),
+                                 "hot_pixels": int(np.count_nonzero(np.asarray(hot)[0])) if hot_fraction else 0}  # fmt: skip
+        hot_text = f", hot pixels ({hot_fraction} of the camera, {list(hot_range)} x max(h*x))" if hot_fraction else ""
+        manifest["description"] += f"; blurred volumes + a smooth background ({amplitude} x max(h*x){hot_text}, scripts/add_background.py)"
         manifest["background"] = {"source": str(src.resolve()), "amplitude": float(amplitude),
-                                  "length_voxels": [float(v) for v in length], "seed": int(seed)}  # fmt: skip
+                                  "length_voxels": [float(v) for v in length], "seed": int(seed),
+                                  "hot_fraction": float(hot_fraction), "hot_range": [float(v) for v in hot_range]}  # fmt: skip
         (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2))
         tmp.rename(dst)
     except BaseException:
@@ -109,9 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--length", type=float, nargs=3, default=(8.0, 24.0, 24.0), metavar=("Z", "Y", "X"),
                         help="smoothness: Gaussian low-pass sigma in voxels (default 8 24 24)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=77, help="seed of the background fields and the noise")
+    parser.add_argument("--hot_fraction", type=float, default=0.0,
+                        help="share of the camera's pixels that are hot, one-voxel lines along Z (default 0: none)")  # fmt: skip
+    parser.add_argument("--hot_range", type=float, nargs=2, default=(0.05, 0.5), metavar=("LOW", "HIGH"),
+                        help="hot pixels' dark offsets, log-uniform, as fractions of max(h*x) (default 0.05 0.5)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        manifest = add_background(args.dataset_dir, args.output, args.amplitude, args.length, args.seed)
+        manifest = add_background(args.dataset_dir, args.output, args.amplitude, args.length, args.seed,
+                                  hot_fraction=args.hot_fraction, hot_range=args.hot_range)  # fmt: skip
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -60,3 +60,31 @@ def test_refuses_an_existing_output_and_a_folder_without_manifest(tiny_dataset, 
     with pytest.raises(FileNotFoundError, match="no manifest"):
         ab.add_background(tmp_path / "taken", tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_hot_pixels_are_lines_along_z_with_offsets_in_range():
+    rng = np.random.default_rng(3)
+    hot = ab.hot_pixels((8, 32, 40), 0.01, 0.1, 1.0, rng)
+    plane = hot[0]
+    assert np.count_nonzero(plane) == round(0.01 * 32 * 40)
+    assert (hot == plane[None]).all()  # one camera pixel records every plane: constant along Z
+    values = plane[plane > 0]
+    assert values.min() >= 0.1 and values.max() <= 1.0 and values.std() > 0
+
+
+def test_hot_pixels_only_copy(tiny_dataset, tmp_path):
+    out = tmp_path / "hot"
+    manifest = ab.add_background(tiny_dataset, out, amplitude=0.0, seed=2, progress=False, hot_fraction=0.02, hot_range=(0.5, 1.0))
+    for rec in (r for r in manifest["volumes"] if "blurred" in r):
+        old, new = (tifffile.imread(root / rec["blurred"]).astype(np.float64) for root in (tiny_dataset, out))
+        _, y, x = new.shape
+        assert rec["background"]["hot_pixels"] == round(0.02 * y * x) > 0
+        # a hot pixel's (Y, X) column is bright in every plane: over Z the median difference to the copy without
+        # hot pixels (another noise draw) is >= 0.5 max(h*x) there and about 0 in every other column
+        lifted = np.median(new - old, axis=0) > 0.25 * np.percentile(old, 99.9)
+        assert int(lifted.sum()) == rec["background"]["hot_pixels"]
+    saved = json.loads((out / "dataset.json").read_text())
+    assert saved["background"]["hot_fraction"] == 0.02 and "hot pixels" in saved["description"]
+    with pytest.raises(ValueError, match="hot_fraction"):
+        ab.add_background(tiny_dataset, tmp_path / "bad", amplitude=0.0, hot_fraction=1.5, progress=False)
+    assert not (tmp_path / "bad").exists()
