@@ -5,10 +5,11 @@ item pairs a random crop of a random X volume with a random crop of a random Y v
 independently. Modules: :mod:`~bundle.data.lists` (volume lists, image/label pairs),
 :mod:`~bundle.data.transforms` (normalisation, augmentation, training crops),
 :mod:`~bundle.data.datasets` (unpaired and paired datasets), :mod:`~bundle.data.intensity` (one
-intensity scale per domain); everything public is importable from
+intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels); everything public is importable from
 ``bundle.data``.
 """
 
+from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels
 from bundle.data.datasets import (
     DomainCrops,
     UnpairedDataset,
@@ -44,4 +45,7 @@ __all__ = [
     "validation_datalist",
     "domain_intensity_range",
     "check_intensity_range",
+    "find_hot_pixels",
+    "correct_hot_pixels",
+    "CorrectHotPixelsd",
 ]

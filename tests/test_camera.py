@@ -1,0 +1,116 @@
+"""bundle.data.camera and scripts/correct_hot_pixels.py: a camera's hot pixels found and replaced."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.data import MetaTensor
+
+from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels, hot_pixel_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import correct_hot_pixels as chp  # noqa: E402
+
+
+def _blurred(tiny_dataset) -> list[Path]:
+    return sorted(tiny_dataset.rglob("blurred/*.tif"))
+
+
+def _with_hot_pixels(clean: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``clean`` plus ``count`` hot columns (offsets 0.1-1 x its maximum, the same in every plane), and their mask."""
+    rng = np.random.default_rng(seed)
+    _, y, x = clean.shape
+    mask = np.zeros((y, x), dtype=bool)
+    mask.flat[rng.choice(y * x, size=count, replace=False)] = True
+    offsets = np.zeros((y, x))
+    offsets[mask] = rng.uniform(0.1, 1.0, size=count) * clean.max()
+    return clean + offsets[None], mask
+
+
+def test_no_hot_pixels_found_in_simulated_stacks(tiny_dataset):
+    files = _blurred(tiny_dataset)
+    assert len(files) == 4
+    masks = [find_hot_pixels(tifffile.imread(f)) for f in files]
+    assert hot_pixel_summary(masks) == {"volumes": 4, "hot_pixels": 0, "share": 0.0}
+
+
+def test_hot_pixels_found_exactly_and_replaced(tiny_dataset):
+    for i, f in enumerate(_blurred(tiny_dataset)):
+        clean = tifffile.imread(f).astype(np.float64)
+        stack, truth = _with_hot_pixels(clean, 30, seed=i)
+        fixed, mask = correct_hot_pixels(stack)
+        assert (mask == truth).all()
+        assert (fixed[:, ~mask] == stack[:, ~mask]).all()  # nothing else touched
+        excess_before = np.abs(stack[:, mask] - clean[:, mask]).mean()
+        excess_after = np.abs(fixed[:, mask] - clean[:, mask]).mean()
+        assert excess_after < 0.1 * excess_before
+        assert fixed.dtype == np.float64 and np.shares_memory(fixed, stack) is False
+
+
+def test_structure_in_a_few_planes_is_not_a_hot_pixel():
+    rng = np.random.default_rng(0)
+    stack = 0.1 + 0.01 * rng.standard_normal((16, 32, 32))
+    stack[6:9, 10, 10] += 1.0  # a bright one-voxel-wide object in three planes
+    stack[:, 20, 20] += 1.0  # a hot pixel: every plane
+    mask = find_hot_pixels(stack)
+    assert mask[20, 20] and not mask[10, 10] and mask.sum() == 1
+
+
+def test_bad_shapes_and_settings():
+    with pytest.raises(ValueError, match="expects a \\(Z, Y, X\\) stack"):
+        find_hot_pixels(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="quantile"):
+        find_hot_pixels(np.zeros((4, 8, 8)), quantile=0.9)
+    two_planes = np.zeros((2, 8, 8))
+    two_planes[:, 3, 3] = 1.0
+    assert not find_hot_pixels(two_planes).any()  # too few planes to tell: nothing found
+    flat = np.zeros((5, 8, 8))
+    flat[:, 2, 5] = 1.0  # noise-free: the excess in every plane still counts
+    assert find_hot_pixels(flat).sum() == 1
+
+
+def test_dictionary_transform_keeps_metadata_and_stores_the_mask():
+    rng = np.random.default_rng(1)
+    clean = 0.2 + 0.003 * rng.standard_normal((12, 24, 24))  # the weakest offset, 0.1 x max, is ~8 sigma
+    stack, truth = _with_hot_pixels(clean, 5, seed=2)
+    image = MetaTensor(torch.as_tensor(stack[None], dtype=torch.float32), meta={"filename_or_obj": "a.tif"})
+    out = CorrectHotPixelsd(keys="image", mask_key_postfix="_hot")({"image": image, "other": 1})
+    assert isinstance(out["image"], MetaTensor) and out["image"].meta["filename_or_obj"] == "a.tif"
+    assert out["image"].shape == (1, 12, 24, 24) and out["image"].dtype == torch.float32
+    assert (out["image_hot"] == truth).all() and out["other"] == 1
+    assert float(out["image"][0][:, truth].mean()) < 0.205 < 0.22 < float(image[0][:, truth].mean())
+    with pytest.raises(ValueError, match="2 channels"):
+        CorrectHotPixelsd(keys="image")({"image": np.zeros((2, 4, 8, 8))})
+
+
+def test_script_writes_corrected_copies_and_never_an_input(tiny_dataset, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    truths = {}
+    for i, f in enumerate(_blurred(tiny_dataset)[:2]):
+        stack, truths[f"v{i}.tif"] = _with_hot_pixels(tifffile.imread(f).astype(np.float32), 12, seed=10 + i)
+        tifffile.imwrite(src / f"v{i}.tif", stack.astype(np.float32))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "out"
+    assert chp.main(["--input", str(src), "--output", str(out)]) == 0
+    assert "24 hot pixels" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    summary = json.loads((out / "hot_pixels.json").read_text())
+    for name, truth in truths.items():
+        assert summary["files"][name]["hot_pixels"] == 12
+        assert sorted(map(tuple, summary["files"][name]["yx"])) == sorted(zip(*np.nonzero(truth)))
+        fixed = tifffile.imread(out / name)
+        assert fixed.shape == tifffile.imread(src / name).shape and fixed.dtype == np.float32
+    # an existing output is never replaced; a missing input is a clear error
+    assert chp.main(["--input", str(src), "--output", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert chp.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o2")]) == 1
+    assert "nothing: no such file or folder" in capsys.readouterr().err
