@@ -97,7 +97,9 @@ def check_stacks(
     :func:`spot_fwhm`) against the same measure of the theoretical vectorial PSF at the configured
     voxel size; a ratio below ``sharp_spot_ratio`` means the voxel size, NA or wavelength is wrong
     (nothing in a widefield image is sharper than its PSF). Wider spots are not flagged: extended
-    structures are wider than the PSF.
+    structures are wider than the PSF. Also on ``volumes``: a camera's hot pixels
+    (:func:`bundle.data.camera.find_hot_pixels`), which the models would sharpen into streaks; the spot
+    check then measures the stacks with them replaced, so they do not pass for sharp spots.
 
     Args:
         shapes: ``(Z, Y, X)`` of each training stack.
@@ -139,7 +141,19 @@ def check_stacks(
             "lateral detail beyond the pixel grid cannot be restored"
         )
     if len(volumes):
+        from bundle.data.camera import correct_hot_pixels
         from bundle.physics.psf import vectorial_psf
+
+        corrected = [correct_hot_pixels(v) for v in volumes]
+        hot = [(i, int(mask.sum()), float(mask.mean())) for i, (_, mask) in enumerate(corrected) if mask.any()]
+        if hot:
+            listed = ", ".join(f"stack {i}: {n} ({share:.2%})" for i, n, share in hot[:5]) + (" ..." if len(hot) > 5 else "")
+            warnings.append(
+                f"hot pixels (camera pixels bright in every plane, one-voxel lines along Z) in {len(hot)} of {len(volumes)} "
+                f"stacks ({listed}): the models sharpen them into streaks and the PSF fit reads them as a sharper PSF; "
+                "run scripts/correct_hot_pixels.py on every stack, training and inference alike"
+            )
+        volumes = [v for v, _ in corrected]
 
         psf = vectorial_psf((15, 41, 41), na=na, n_immersion=n_immersion, wavelength=wavelength, voxel_size=voxel_size)
         # the window scales with the expected width (a fixed one truncates wide PSFs)
