@@ -75,12 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quantile", type=float, default=0.25,
                         help="share of planes in which a hot pixel may fail to stand out (default 0.25)")  # fmt: skip
     args = parser.parse_args(argv)
-    from bundle.io import VolumeError
-
     source = args.input[0] if len(args.input) == 1 else args.input
     try:
         summary = correct_folder(source, args.output, args.threshold, args.quantile)
-    except (OSError, ValueError, VolumeError) as err:
+    except (OSError, ValueError) as err:  # bundle.io.VolumeError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     counts = [v["hot_pixels"] for v in summary["files"].values()]

@@ -10,7 +10,7 @@ because neither MONAI nor scipy has a hot-pixel filter for stacks.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def _neighbour_median(volume: np.ndarray, ys: np.ndarray, xs: np.ndarray, skip: 
     offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     ny = np.clip(ys[:, None] + np.array([o[0] for o in offsets]), 0, volume.shape[1] - 1)
     nx = np.clip(xs[:, None] + np.array([o[1] for o in offsets]), 0, volume.shape[2] - 1)
-    values = volume[:, ny, nx].astype(np.float64)  # (Z, n, 8)
+    values = volume[:, ny, nx].astype(np.float64, copy=False)  # (Z, n, 8); the fancy index already copied
     if skip is None:
         return np.median(values, axis=2)
     values[:, skip[ny, nx]] = np.nan
@@ -106,7 +106,7 @@ class CorrectHotPixelsd(MapTransform):
 
     Args:
         keys: keys of the stacks.
-        threshold: see :func:`find_hot_pixels`.
+        threshold, quantile: see :func:`find_hot_pixels` (the same defaults as it and the script).
         mask_key_postfix: store each key's ``(Y, X)`` mask under ``key + postfix``; None stores nothing.
         allow_missing_keys: don't raise for a missing key.
     """
@@ -114,12 +114,14 @@ class CorrectHotPixelsd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        threshold: float = 8.0,
+        threshold: float = 4.0,
+        quantile: float = 0.25,
         mask_key_postfix: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.threshold = float(threshold)
+        self.quantile = float(quantile)
         self.mask_key_postfix = mask_key_postfix
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
@@ -130,7 +132,7 @@ class CorrectHotPixelsd(MapTransform):
             channel = array.ndim == 4
             if channel and array.shape[0] != 1:
                 raise ValueError(f"CorrectHotPixelsd: {key!r} has {array.shape[0]} channels; expected 1")
-            fixed, mask = correct_hot_pixels(array[0] if channel else array, self.threshold)
+            fixed, mask = correct_hot_pixels(array[0] if channel else array, self.threshold, self.quantile)
             fixed = fixed[None] if channel else fixed
             if isinstance(value, torch.Tensor):
                 out = value.clone() if value.is_floating_point() else value.to(torch.float32)
@@ -142,9 +144,3 @@ class CorrectHotPixelsd(MapTransform):
                 d[f"{key}{self.mask_key_postfix}"] = mask
         return d
 
-
-def hot_pixel_summary(masks: Sequence[np.ndarray]) -> dict[str, float]:
-    """``{"volumes", "hot_pixels", "share"}`` over the ``(Y, X)`` masks of several stacks."""
-    total = sum(int(m.size) for m in masks)
-    hot = sum(int(m.sum()) for m in masks)
-    return {"volumes": len(masks), "hot_pixels": hot, "share": hot / total if total else 0.0}
