@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from bundle.classical.refine import REFINEMENT_FILE  # noqa: E402
 from bundle.classical.tuning import best_refinement_settings, refinement_scores  # noqa: E402
-from bundle.data import paired_datalist  # noqa: E402
+from bundle.data import correct_hot_pixels, paired_datalist  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
 from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES  # noqa: E402
@@ -57,6 +57,7 @@ def tune(
     tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
     flips: int = DEFAULT_FLIPS,
     blends: tuple[float, ...] = DEFAULT_BLENDS,
+    hot_pixel_threshold: float | None = None,
 ) -> dict:
     """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight and
     blend, write and return the choice."""
@@ -67,8 +68,11 @@ def tune(
     deconvolver = load_deconvolver(ckpt_dir / "model.pt", progress=False, flips=flips)
     blurred, estimates, truths = [], [], []
     for item in pairs:
+        stack = load_volume(item["image"], dtype=np.float32)[0]
+        if hot_pixel_threshold is not None:  # as the model's training and inference read its stacks
+            stack = correct_hot_pixels(stack, hot_pixel_threshold)[0]
         d = NormalizePercentilesd("image", percentiles, intensity_range=deconvolver.network)(
-            {"image": torch.as_tensor(load_volume(item["image"])[0], dtype=torch.float32)[None]}
+            {"image": torch.as_tensor(stack, dtype=torch.float32)[None]}
         )
         image = torch.as_tensor(d["image"])
         with torch.no_grad():
@@ -101,6 +105,7 @@ def tune(
         "validation": [item["image"] for item in pairs],
         "max_iter": max_iter,
         "flips": flips,
+        "hot_pixel_threshold": hot_pixel_threshold,
     }
     atomic_write_text(ckpt_dir / REFINEMENT_FILE, json.dumps(result, indent=1) + "\n")
     return result
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 0.2 0.3 ... 1; each in (0, 1])")
     parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=DEFAULT_FLIPS,
                         help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
+    parser.add_argument("--hot_pixel_threshold", type=float, default=None,
+                        help="replace the validation stacks' hot pixels first, as the model was trained "
+                             "(hot_pixel_threshold, e.g. 4; default: none)")
     args = parser.parse_args(argv)
     if args.max_iter < 1:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             tv_weights=tuple(args.tv_weights),
             flips=args.flips,
             blends=tuple(args.blends),
+            hot_pixel_threshold=args.hot_pixel_threshold,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

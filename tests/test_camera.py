@@ -12,7 +12,8 @@ import tifffile
 import torch
 from monai.data import MetaTensor
 
-from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels
+from bundle.data import paired_transforms, unpaired_dataset
+from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels, warn_hot_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -114,3 +115,107 @@ def test_script_writes_corrected_copies_and_never_an_input(tiny_dataset, tmp_pat
     assert "exists" in capsys.readouterr().err
     assert chp.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o2")]) == 1
     assert "nothing: no such file or folder" in capsys.readouterr().err
+
+
+# ---- the correction inside the pipelines (the ``hot_pixel_threshold`` config key) ----
+
+
+def _hot_folder(tiny_dataset, folder: Path, split: str = "train") -> list[tuple[Path, np.ndarray]]:
+    """The tiny dataset's ``split`` blurred stacks with 30 hot pixels each, written to ``folder``;
+    returns ``(path, clean stack)`` pairs."""
+    folder.mkdir(parents=True)
+    written = []
+    for i, f in enumerate(sorted((tiny_dataset / split / "blurred").glob("*.tif"))):
+        clean = tifffile.imread(f).astype(np.float32)
+        stack, _ = _with_hot_pixels(clean, 30, seed=10 + i)
+        tifffile.imwrite(folder / f.name, stack.astype(np.float32))
+        written.append((folder / f.name, clean))
+    return written
+
+
+def test_threshold_none_passes_the_stack_unchanged():
+    stack = torch.rand(1, 4, 8, 8)
+    stack[0, :, 3, 3] += 5.0
+    out = CorrectHotPixelsd("image", threshold=None, mask_key_postfix="_hot")({"image": stack})
+    assert out["image"] is stack and "image_hot" not in out
+    assert CorrectHotPixelsd("image")({"image": stack})["image"][0, :, 3, 3].max() < 2.0
+
+
+def test_warning_names_the_stacks_with_hot_pixels(tiny_dataset, caplog):
+    clean = tifffile.imread(_blurred(tiny_dataset)[0]).astype(np.float32)
+    hot, _ = _with_hot_pixels(clean, 30, seed=0)
+    with caplog.at_level("WARNING", logger="bundle.data.camera"):
+        assert warn_hot_pixels([("clean.tif", clean), ("hot.tif", torch.from_numpy(hot)[None])]) == 1
+    assert "hot.tif (30)" in caplog.text and "clean.tif" not in caplog.text and "hot_pixel_threshold" in caplog.text
+    caplog.clear()
+    assert warn_hot_pixels([("clean.tif", clean)]) == 0 and not caplog.text
+
+
+def test_validation_pipeline_corrects_before_the_normalisation(tiny_dataset, tmp_path):
+    """With 30 hot pixels the 99.9th percentile lands on them and dims the whole stack; corrected as it
+    is read, the stack normalises as the clean one does."""
+    (path, clean), *_ = _hot_folder(tiny_dataset, tmp_path / "hot")
+    clean_path = tmp_path / "clean.tif"
+    tifffile.imwrite(clean_path, clean)
+    reference = paired_transforms(with_label=False)({"image": str(clean_path)})["image"]
+    raw = paired_transforms(with_label=False)({"image": str(path)})["image"]
+    fixed = paired_transforms(with_label=False, image_hot_pixel_threshold=4.0)({"image": str(path)})["image"]
+    error_raw, error_fixed = float((raw - reference).abs().mean()), float((fixed - reference).abs().mean())
+    assert error_fixed < 0.1 * error_raw, (error_fixed, error_raw)
+
+
+def test_unpaired_dataset_corrects_or_warns(tiny_dataset, tmp_path, caplog):
+    written = _hot_folder(tiny_dataset, tmp_path / "blurred")
+    sharp = str(tiny_dataset / "train" / "sharp")
+    kwargs = {"sharp_dir": sharp, "blurred_dir": str(tmp_path / "blurred"), "length": 2, "patch_size": (16, 32, 32)}
+    with caplog.at_level("WARNING", logger="bundle.data.camera"):
+        raw = unpaired_dataset(**kwargs)
+    assert all(f"{p} (30)" in caplog.text for p, _ in written)
+    assert int(find_hot_pixels(raw.blurred.volumes[0]["image"][0].numpy()).sum()) == 30
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bundle.data.camera"):
+        fixed = unpaired_dataset(**kwargs, blurred_hot_pixel_threshold=4.0)
+    assert "hot pixels" not in caplog.text
+    assert all(int(find_hot_pixels(v["image"][0].numpy()).sum()) == 0 for v in fixed.blurred.volumes)
+
+
+def test_inference_config_corrects_when_the_key_is_set(tiny_dataset, tmp_path):
+    """``configs/inference.json`` reads the key; ``inference_rl.json``'s clip override still reaches the
+    normalisation (the correction shifted it one place down the list)."""
+    from monai.bundle import ConfigParser
+
+    from bundle.inference import NormalizePercentilesd
+
+    (path, clean), *_ = _hot_folder(tiny_dataset, tmp_path / "hot")
+    for extra, threshold in (([], 4.0), (["inference_rl.json"], None)):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / f) for f in ["common.json", "inference.json", *extra]])
+        parser["dataset_dir"], parser["hot_pixel_threshold"] = str(tiny_dataset), threshold
+        transforms = parser.get_parsed_content("preprocessing").transforms
+        assert isinstance(transforms[1], CorrectHotPixelsd) and transforms[1].threshold == threshold
+        assert isinstance(transforms[3], NormalizePercentilesd) and transforms[3].clip is (not extra)
+    image = transforms[0]({"image": str(path)})
+    fixed = CorrectHotPixelsd("image", threshold=4.0)(image)["image"]
+    assert float((fixed[0] - torch.from_numpy(clean)).abs().max()) < float(np.abs(tifffile.imread(path) - clean).max()) / 5
+
+
+def test_python_api_and_report_correct_when_asked(tiny_dataset, tmp_path):
+    from bundle.evaluate import DeconvolutionReport
+    from bundle.inference import deconvolve
+    from bundle.networks import DeblurUNet
+
+    written = _hot_folder(tiny_dataset, tmp_path / "hot", split="test")
+    path, _ = written[0]
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2).eval()
+    options = {"model": net, "progress": False, "refine_iterations": 0, "flips": 1, "device": "cpu"}
+    hot = tifffile.imread(path)
+    corrected, mask = correct_hot_pixels(hot)
+    assert mask.sum() == 30
+    expected = deconvolve(corrected, **options)
+    np.testing.assert_allclose(deconvolve(hot, **options, hot_pixel_threshold=4.0), expected, atol=1e-5)
+    assert np.abs(deconvolve(hot, **options) - expected).max() > 1e-3
+
+    report = DeconvolutionReport(net, None, str(tmp_path / "hot"), str(tiny_dataset / "test" / "ground_truth"),
+                                 str(tmp_path / "out"), hot_pixel_threshold=4.0)  # fmt: skip
+    image = report._load_pairs(None)[0]["image_norm"][0].numpy()
+    assert int(find_hot_pixels(image).sum()) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
@@ -303,3 +304,19 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path, c
         with pytest.raises(SystemExit) as exit_info:
             tune_refinement.main(bad)
         assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    # validation stacks with a camera's hot pixels: --hot_pixel_threshold scores G on them corrected
+    assert tuned["hot_pixel_threshold"] is None
+    hot_data = tmp_path / "hot_data"
+    shutil.copytree(quick_model["dataset_dir"] / "val", hot_data / "val")
+    rng = np.random.default_rng(0)
+    for f in sorted((hot_data / "val" / "blurred").glob("*.tif")):
+        stack = tifffile.imread(f).astype(np.float32)
+        stack[:, rng.integers(0, stack.shape[1], 40), rng.integers(0, stack.shape[2], 40)] += stack.max()
+        tifffile.imwrite(f, stack)
+    short = [args[0], str(ckpt), "--dataset_dir", str(hot_data), "--flips", "1", "--max_iter", "2", "--tv_weights", "0"]
+    unrefined = {}
+    for extra in ([], ["--hot_pixel_threshold", "4"]):
+        assert tune_refinement.main(short + extra) == 0
+        tuned = json.loads((ckpt / "refinement.json").read_text())
+        unrefined[tuned["hot_pixel_threshold"]] = tuned["val_psnr_unrefined"]
+    assert unrefined[4.0] > unrefined[None] + 1.0, unrefined

@@ -9,7 +9,7 @@ intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels);
 ``bundle.data``.
 """
 
-from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels
+from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels, warn_hot_pixels
 from bundle.data.datasets import (
     DomainCrops,
     UnpairedDataset,
@@ -38,6 +38,7 @@ __all__ = [
     "train_transforms",
     "UnpairedDataset",
     "unpaired_dataset",
+    "warn_hot_pixels",
     "DomainCrops",
     "recropped_dataset",
     "paired_train_transforms",

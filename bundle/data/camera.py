@@ -10,13 +10,16 @@ because neither MONAI nor scipy has a hot-pixel filter for stacks.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Iterable, Mapping
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy.ndimage import median_filter
+
+logger = logging.getLogger(__name__)
 
 
 def find_hot_pixels(stack: np.ndarray, threshold: float = 4.0, quantile: float = 0.25) -> np.ndarray:
@@ -106,7 +109,9 @@ class CorrectHotPixelsd(MapTransform):
 
     Args:
         keys: keys of the stacks.
-        threshold, quantile: see :func:`find_hot_pixels` (the same defaults as it and the script).
+        threshold, quantile: see :func:`find_hot_pixels` (the same defaults as it and the script);
+            ``threshold=None`` passes the stacks unchanged (the ``hot_pixel_threshold`` config key's
+            default, so that a config can switch the correction on or off without editing its lists).
         mask_key_postfix: store each key's ``(Y, X)`` mask under ``key + postfix``; None stores nothing.
         allow_missing_keys: don't raise for a missing key.
     """
@@ -114,18 +119,20 @@ class CorrectHotPixelsd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        threshold: float = 4.0,
+        threshold: float | None = 4.0,
         quantile: float = 0.25,
         mask_key_postfix: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.quantile = float(quantile)
         self.mask_key_postfix = mask_key_postfix
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
+        if self.threshold is None:
+            return d
         for key in self.key_iterator(d):
             value = d[key]
             array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -144,3 +151,32 @@ class CorrectHotPixelsd(MapTransform):
                 d[f"{key}{self.mask_key_postfix}"] = mask
         return d
 
+
+
+def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]], what: str = "blurred stacks") -> int:
+    """Log a warning naming the stacks that hold hot pixels (:func:`find_hot_pixels`, default settings).
+
+    For pipelines that run without the correction (``hot_pixel_threshold`` null): training on such
+    stacks teaches the generator to draw each hot pixel as a streak along Z.
+
+    Args:
+        stacks: ``(name, (Z, Y, X) or (1, Z, Y, X) array)`` pairs.
+        what: how the message calls the stacks.
+
+    Returns:
+        the number of stacks with hot pixels.
+    """
+    found = []
+    for name, stack in stacks:
+        array = np.asarray(stack.detach().cpu() if isinstance(stack, torch.Tensor) else stack)
+        count = int(find_hot_pixels(array[0] if array.ndim == 4 else array).sum())
+        if count:
+            found.append(f"{name} ({count})")
+    if found:
+        logger.warning(
+            "%d of the %s hold hot pixels (a camera's defects: one-voxel lines along Z; count in brackets): %s. "
+            "Set hot_pixel_threshold to 4 to correct them when they are read (training and inference alike), "
+            "or write corrected copies with scripts/correct_hot_pixels.py.",
+            len(found), what, ", ".join(found),
+        )
+    return len(found)

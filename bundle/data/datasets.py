@@ -9,6 +9,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
+from bundle.data.camera import warn_hot_pixels
 from bundle.data.lists import list_volumes, paired_datalist
 from bundle.data.transforms import augment_transforms, normalize_transforms
 
@@ -125,6 +126,7 @@ def unpaired_dataset(
     blurred_range: Sequence[float] | None = None,
     sharp_margin: Sequence[int] | None = None,
     blurred_flip_axes: Sequence[int] = (1, 2),
+    blurred_hot_pixel_threshold: float | None = None,
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -154,6 +156,10 @@ def unpaired_dataset(
             A Z-flipped Y crop is the sample blurred by the Z-flipped PSF: no image of the blur path
             when the PSF is axially asymmetric (spherical aberration), so ``(1, 2)`` by default;
             ``(0, 1, 2)`` flips Y along Z too (the paper's augmentation).
+        blurred_hot_pixel_threshold: replace a camera's hot pixels in Y before the normalisation
+            (:class:`~bundle.data.CorrectHotPixelsd`, in noise standard deviations; 4 finds them all in
+            the project's simulations and nothing in clean stacks). ``None``: Y is read as stored, and
+            a warning names the stacks that hold hot pixels.
     """
 
     def domain(
@@ -162,18 +168,26 @@ def unpaired_dataset(
         intensity_range: Sequence[float] | None,
         margin: Sequence[int] | None = None,
         flip_axes: Sequence[int] = (0, 1, 2),
+        hot_pixel_threshold: float | None = None,
     ) -> DomainCrops:
         size = [int(p) + 2 * int(m) for p, m in zip(patch_size, margin or [0] * len(patch_size), strict=True)]
-        normalize = Compose(normalize_transforms(("image",), percentiles, True, voxel_size, intensity_range))
+        normalize = Compose(
+            normalize_transforms(("image",), percentiles, True, voxel_size, intensity_range, hot_pixel_threshold)
+        )
         volumes = CacheDataset(
             [{"image": f} for f in files], normalize, cache_rate=cache_rate, num_workers=num_workers, progress=False
         )
         return DomainCrops(volumes, size, rotate_axes, background_share=background_share, flip_axes=flip_axes)
 
+    blurred_files = list_volumes(blurred_dir)
+    blurred = domain(
+        blurred_files, blurred_percentiles, blurred_range, flip_axes=blurred_flip_axes,
+        hot_pixel_threshold=blurred_hot_pixel_threshold,
+    )
+    if blurred_hot_pixel_threshold is None:
+        warn_hot_pixels((f, blurred.volumes[i]["image"]) for i, f in enumerate(blurred_files))
     return UnpairedDataset(
-        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin),
-        domain(list_volumes(blurred_dir), blurred_percentiles, blurred_range, flip_axes=blurred_flip_axes),
-        length=length,
+        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin), blurred, length=length
     )
 
 

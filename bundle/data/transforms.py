@@ -17,6 +17,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from bundle.data.camera import CorrectHotPixelsd
 from bundle.io import CheckVoxelSized, LoadVolumed
 from bundle.sampling import ForegroundWeightd
 
@@ -27,6 +28,7 @@ def normalize_transforms(
     clip: bool = True,
     voxel_size: Sequence[float] | None = None,
     intensity_range: Sequence[float] | None = None,
+    hot_pixel_threshold: float | None = None,
 ) -> list:
     """Load, add a channel, and map the given percentiles to [0, 1]: ``(1, Z, Y, X)`` float32.
 
@@ -39,6 +41,8 @@ def normalize_transforms(
         intensity_range: ``(v_lo, v_hi)`` intensities mapped to 0 and 1 in *every* volume (one scale for
             the whole domain, e.g. from :func:`bundle.data.domain_intensity_range`); replaces the
             per-volume ``percentiles`` when given.
+        hot_pixel_threshold: replace a camera's hot pixels before the normalisation
+            (:class:`bundle.data.CorrectHotPixelsd` with this threshold); ``None``: read as stored.
     """
     if intensity_range is None:
         lower, upper = percentiles
@@ -50,6 +54,7 @@ def normalize_transforms(
         scale = ScaleIntensityRanged(keys=keys, a_min=v_lo, a_max=v_hi, b_min=0.0, b_max=1.0, clip=clip)
     return [
         LoadVolumed(keys=keys),  # the loader of inference: (Z, Y, X) for every format, errors name the file
+        CorrectHotPixelsd(keys=keys, threshold=hot_pixel_threshold),  # passes unchanged when None
         CheckVoxelSized(keys=keys, reference=voxel_size, what="the configured voxel_size"),
         scale,
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
@@ -71,15 +76,20 @@ def paired_transforms(
     with_label: bool = True,
     image_range: Sequence[float] | None = None,
     label_range: Sequence[float] | None = None,
+    image_hot_pixel_threshold: float | None = None,
 ) -> Compose:
     """Validation/test pipeline: blurred ``"image"`` normalised like the blurred domain, ``"label"``
     (ground truth) like the sharp domain; both ``(1, Z, Y, X)`` float32 in [0, 1].
     ``with_label=False``: items have no ground truth (no-reference validation on held-out stacks).
     ``image_range``/``label_range``: one intensity range per domain instead of per-volume percentiles
-    (see :func:`normalize_transforms`).
+    (see :func:`normalize_transforms`). ``image_hot_pixel_threshold``: hot pixels of the blurred image
+    replaced first (:class:`bundle.data.CorrectHotPixelsd`); ``None``: read as stored.
     """
     label = normalize_transforms(("label",), label_percentiles, clip, intensity_range=label_range) if with_label else []
-    return Compose(normalize_transforms(("image",), image_percentiles, clip, intensity_range=image_range) + label)
+    image = normalize_transforms(
+        ("image",), image_percentiles, clip, intensity_range=image_range, hot_pixel_threshold=image_hot_pixel_threshold
+    )
+    return Compose(image + label)
 
 
 def augment_transforms(

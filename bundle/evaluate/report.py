@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.data import paired_datalist
+from bundle.data import correct_hot_pixels, paired_datalist
 from bundle.evaluate.markdown import SCORES, report_markdown
 from bundle.evaluate.psf import _psf_was_fixed, psf_report
 from bundle.flags import as_flag
@@ -81,6 +81,9 @@ class DeconvolutionReport:
             ``blurred_intensity_range``); None: the network's ``input_range`` buffer (stored in its
             checkpoint), else each input's percentiles.
         sharp_range: the same for the ground truth (``sharp_intensity_range``).
+        hot_pixel_threshold: replace the hot pixels of each blurred stack before anything reads it
+            (:func:`bundle.data.correct_hot_pixels`; ``hot_pixel_threshold``); the input's score is then
+            that of the corrected stack. None: the stacks as stored.
         learned_psf: ``blur.tif`` (or a PSF layer); skipped if None or a missing file.
         true_psf: the true PSF file; skipped if None or missing.
         save_predictions: write the deconvolved volumes.
@@ -105,6 +108,7 @@ class DeconvolutionReport:
         model_name: str = "cycleGAN with a blur kernel",
         blurred_range: Sequence[float] | None = None,
         sharp_range: Sequence[float] | None = None,
+        hot_pixel_threshold: float | None = None,
     ) -> None:
         self.network, self.inferer = network, TiledInferer() if inferer is None else inferer
         self.image_dir, self.label_dir = image_dir, label_dir
@@ -117,6 +121,7 @@ class DeconvolutionReport:
         self.figures = as_flag(figures, "figures")
         self.model_name = model_name
         self.blurred_range, self.sharp_range = blurred_range, sharp_range
+        self.hot_pixel_threshold = hot_pixel_threshold
 
     def _load_pairs(self, input_range: Sequence[float] | None) -> list[dict[str, Any]]:
         """Read and normalise every pair (errors name the file) before anything is written."""
@@ -126,6 +131,8 @@ class DeconvolutionReport:
             label, _ = load_volume(item["label"], dtype=np.float32)
             if image.shape != label.shape:
                 raise ValueError(f"{item['label']}: shape {label.shape} differs from {item['image']} {image.shape}")
+            if self.hot_pixel_threshold is not None:  # the model's input and the input's own score alike
+                image = correct_hot_pixels(image, self.hot_pixel_threshold)[0]
             d = NormalizePercentilesd("image", self.blurred_percentiles, intensity_range=input_range)(
                 {"image": torch.from_numpy(image)[None]}
             )

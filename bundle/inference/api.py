@@ -104,6 +104,7 @@ def deconvolve(
     refine_psf: np.ndarray | PathLike | None = None,
     flips: int = DEFAULT_FLIPS,
     refine_blend: float | str = "auto",
+    hot_pixel_threshold: float | None = None,
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -150,6 +151,9 @@ def deconvolve(
             :func:`~bundle.inference.flips.flip_average`): 8 (default, as ``run inference``) costs 8×
             the network time; 4 (mirrors only) for a PSF not symmetric under quarter turns
             (astigmatism), 1 for one without mirror symmetry either (coma).
+        hot_pixel_threshold: replace the camera's hot pixels first (:func:`bundle.data.correct_hot_pixels`
+            with this threshold, e.g. 4; set it when the model was trained with the correction);
+            None (default): the stack as given.
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -165,7 +169,7 @@ def deconvolve(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
         precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback, flips=flips,
     )  # fmt: skip
-    return predict(deconvolver, volume, axes, normalize, output_range, channel, refinement)
+    return predict(deconvolver, volume, axes, normalize, output_range, channel, refinement, hot_pixel_threshold)
 
 
 def checkpoint_folder(model: nn.Module | PathLike) -> Path | None:
@@ -263,11 +267,16 @@ def predict(
     output_range: str = "input",
     channel: int | None = None,
     refinement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    hot_pixel_threshold: float | None = None,
 ) -> np.ndarray:
     """One stack through a ready :class:`Deconvolver` (:meth:`Deconvolver.predict`); arguments and
     result as :func:`deconvolve` (``refinement`` as :func:`deconvolve_normalized`)."""
     zyx, spatial_axes = _to_zyx(_as_array(volume), axes, channel)
     validate_volume(zyx, None)
+    if hot_pixel_threshold is not None:
+        from bundle.data.camera import correct_hot_pixels
+
+        zyx = correct_hot_pixels(zyx, hot_pixel_threshold)[0]
     out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range, refinement)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
     if "C" in axes.upper():

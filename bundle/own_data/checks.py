@@ -151,7 +151,8 @@ def check_stacks(
             warnings.append(
                 f"hot pixels (camera pixels bright in every plane, one-voxel lines along Z) in {len(hot)} of {len(volumes)} "
                 f"stacks ({listed}): the models sharpen them into streaks and the PSF fit reads them as a sharper PSF; "
-                "run scripts/correct_hot_pixels.py on every stack, training and inference alike"
+                "set hot_pixel_threshold to 4 (the stacks are then corrected as they are read, in training, "
+                "validation and inference alike) or write corrected copies with scripts/correct_hot_pixels.py"
             )
         volumes = [v for v, _ in corrected]
 

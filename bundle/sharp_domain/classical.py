@@ -42,6 +42,8 @@ class ClassicalSharpDomain:
         stall_tol: also stop when the misfit's relative decrease in one iteration is below this.
         background_percentile: percentile of each stack subtracted as the background before RL.
         progress: show a progress bar over the stacks.
+        hot_pixel_threshold: replace each stack's hot pixels before RL (:func:`bundle.data.correct_hot_pixels`;
+            RL would sharpen each into a bright line along Z); None: the stacks as stored.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class ClassicalSharpDomain:
         stall_tol: float = 1e-3,
         background_percentile: float = 1.0,
         progress: bool = True,
+        hot_pixel_threshold: float | None = None,
     ) -> None:
         if not 1 <= int(min_iter) <= int(max_iter):
             raise ValueError(f"need 1 <= min_iter <= max_iter, got {min_iter}, {max_iter}")
@@ -77,6 +80,7 @@ class ClassicalSharpDomain:
         self.stall_tol = float(stall_tol)
         self.background_percentile = float(background_percentile)
         self.progress = as_flag(progress, "progress")
+        self.hot_pixel_threshold = None if hot_pixel_threshold is None else float(hot_pixel_threshold)
 
     def _settings(self, voxel_size: Sequence[float]) -> dict[str, Any]:
         return {
@@ -89,6 +93,7 @@ class ClassicalSharpDomain:
             "discrepancy": self.discrepancy,
             "stall_tol": self.stall_tol,
             "background_percentile": self.background_percentile,
+            "hot_pixel_threshold": self.hot_pixel_threshold,
         }
 
     def psf(self, voxel_size: Sequence[float]) -> np.ndarray:
@@ -134,6 +139,10 @@ class ClassicalSharpDomain:
             if record.get("stamp") == stamp:
                 return target
         volume, meta = load_volume(str(source), dtype=np.float32)
+        if self.hot_pixel_threshold is not None:
+            from bundle.data.camera import correct_hot_pixels
+
+            volume = correct_hot_pixels(volume, self.hot_pixel_threshold)[0]
         voxel_size = meta.get("voxel_size") or self.voxel_size
         y = np.clip(volume - np.percentile(volume, self.background_percentile), 0.0, None)
         record = self._deconvolve(source, volume, y, voxel_size, target)
