@@ -153,15 +153,14 @@ class CorrectHotPixelsd(MapTransform):
 
 
 
-def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]], what: str = "blurred stacks") -> int:
+def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]]) -> int:
     """Log a warning naming the stacks that hold hot pixels (:func:`find_hot_pixels`, default settings).
 
     For pipelines that run without the correction (``hot_pixel_threshold`` null): training on such
     stacks teaches the generator to draw each hot pixel as a streak along Z.
 
     Args:
-        stacks: ``(name, (Z, Y, X) or (1, Z, Y, X) array)`` pairs.
-        what: how the message calls the stacks.
+        stacks: ``(name, (Z, Y, X) or (1, Z, Y, X) array)`` pairs of the blurred domain.
 
     Returns:
         the number of stacks with hot pixels.
@@ -174,9 +173,9 @@ def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]], what: str = "blurr
             found.append(f"{name} ({count})")
     if found:
         logger.warning(
-            "%d of the %s hold hot pixels (a camera's defects: one-voxel lines along Z; count in brackets): %s. "
+            "%d of the blurred stacks hold hot pixels (a camera's defects: one-voxel lines along Z; count in brackets): %s. "
             "Set hot_pixel_threshold to 4 to correct them when they are read (training and inference alike), "
             "or write corrected copies with scripts/correct_hot_pixels.py.",
-            len(found), what, ", ".join(found),
+            len(found), ", ".join(found),
         )
     return len(found)
