@@ -37,6 +37,7 @@ def correct_folder(
     threshold: float = 4.0,
     quantile: float = 0.25,
     progress: bool = True,
+    max_halo: float | None = 0.2,
 ) -> dict:
     """Correct every volume of ``source`` (a folder, glob or file list) into ``output``; returns the summary
     (also written to ``<output>/hot_pixels.json``)."""
@@ -52,10 +53,10 @@ def correct_folder(
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise ValueError(f"{source}: two inputs share a file name; correct them into separate folders")
-    summary: dict = {"threshold": threshold, "quantile": quantile, "files": {}}
+    summary: dict = {"threshold": threshold, "quantile": quantile, "max_halo": max_halo, "files": {}}
     for f in tqdm(files, desc="hot pixels", unit="vol", disable=not progress):
         volume, meta = load_volume(f)
-        fixed, mask = correct_hot_pixels(volume, threshold, quantile)
+        fixed, mask = correct_hot_pixels(volume, threshold, quantile, max_halo)
         save_volume(out / f.name, fixed, voxel_size=meta.get("voxel_size"), dtype=volume.dtype, protect=files)
         ys, xs = np.nonzero(mask)
         summary["files"][f.name] = {"source": str(f.resolve()), "hot_pixels": int(mask.sum()),
@@ -74,10 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=4.0, help="in noise standard deviations (default 4)")
     parser.add_argument("--quantile", type=float, default=0.25,
                         help="share of planes in which a hot pixel may fail to stand out (default 0.25)")  # fmt: skip
+    parser.add_argument("--max_halo", type=float, default=0.2,
+                        help="largest blur halo a hot pixel may show, as a share of its excess (default 0.2; 0 or less: "
+                             "no halo test, for cameras whose pixels are coarser than the optics' blur)")  # fmt: skip
     args = parser.parse_args(argv)
     source = args.input[0] if len(args.input) == 1 else args.input
     try:
-        summary = correct_folder(source, args.output, args.threshold, args.quantile)
+        summary = correct_folder(source, args.output, args.threshold, args.quantile,
+                                 max_halo=args.max_halo if args.max_halo > 0 else None)
     except (OSError, ValueError) as err:  # bundle.io.VolumeError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

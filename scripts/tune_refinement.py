@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from bundle.classical.refine import REFINEMENT_FILE  # noqa: E402
 from bundle.classical.tuning import best_refinement_settings, refinement_scores  # noqa: E402
-from bundle.data import correct_hot_pixels, paired_datalist  # noqa: E402
+from bundle.data import correct_hot_pixels, paired_datalist, trained_hot_pixel_threshold  # noqa: E402
 from bundle.inference import NormalizePercentilesd  # noqa: E402
 from bundle.inference.api import load_deconvolver  # noqa: E402
 from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES  # noqa: E402
@@ -57,13 +57,16 @@ def tune(
     tv_weights: tuple[float, ...] = (0.0, 0.002, 0.005),
     flips: int = DEFAULT_FLIPS,
     blends: tuple[float, ...] = DEFAULT_BLENDS,
-    hot_pixel_threshold: float | None = None,
+    hot_pixel_threshold: float | str | None = "auto",
 ) -> dict:
     """Run G on the validation pairs, scan 0..``max_iter`` refinement iterations for each TV weight and
-    blend, write and return the choice."""
+    blend, write and return the choice. ``hot_pixel_threshold``: ``"auto"`` as the model's training
+    (:func:`bundle.data.trained_hot_pixel_threshold`), a number, or None (no correction)."""
     for path, what in ((ckpt_dir / "model.pt", "model"), (psf_file, "PSF")):
         if not path.is_file():
             raise FileNotFoundError(f"no {what} file at {path}")
+    if hot_pixel_threshold == "auto":
+        hot_pixel_threshold = trained_hot_pixel_threshold(ckpt_dir)
     pairs = paired_datalist(str(val_blurred), str(val_truth))
     deconvolver = load_deconvolver(ckpt_dir / "model.pt", progress=False, flips=flips)
     blurred, estimates, truths = [], [], []
@@ -130,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flips", type=int, choices=FLIP_CHOICES, default=DEFAULT_FLIPS,
                         help="XY views G's output is averaged over, as inference does (inference_flips; default 8)")
     parser.add_argument("--hot_pixel_threshold", type=float, default=None,
-                        help="replace the validation stacks' hot pixels first, as the model was trained "
-                             "(hot_pixel_threshold, e.g. 4; default: none)")
+                        help="replace the validation stacks' hot pixels first with this threshold, e.g. 4 "
+                             "(default: as the model was trained, from its model.json; 0: no correction)")
     args = parser.parse_args(argv)
     if args.max_iter < 1:
         parser.error(f"--max_iter must be >= 1, got {args.max_iter}")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             tv_weights=tuple(args.tv_weights),
             flips=args.flips,
             blends=tuple(args.blends),
-            hot_pixel_threshold=args.hot_pixel_threshold,
+            hot_pixel_threshold={None: "auto", 0: None}.get(args.hot_pixel_threshold, args.hot_pixel_threshold),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -65,6 +65,25 @@ def test_structure_in_a_few_planes_is_not_a_hot_pixel():
     assert mask[20, 20] and not mask[10, 10] and mask.sum() == 1
 
 
+def test_structure_along_z_through_every_plane_is_not_a_hot_pixel():
+    """Vertical sheets and tubes, blurred by the optics, stand out in every plane too: their halo tells them apart."""
+    from bundle.physics.born_wolf import born_wolf_psf
+    from bundle.physics.forward import simulate_acquisition
+
+    sample = np.zeros((24, 64, 64), dtype=np.float32)
+    sample[:, :, 12] = 1.0  # a sheet normal to the coverslip (a cell's side membrane)
+    sample[:, 10:50, 40] = 0.6
+    for y, x in [(20, 25), (45, 28), (52, 52)]:
+        sample[:, y, x] = 0.8  # filaments along Z
+    stack, _ = simulate_acquisition(sample, born_wolf_psf((21, 21, 21)), 20.0, seed=0)
+    assert find_hot_pixels(stack, max_halo=None).sum() > 20  # without the halo test structure counts as hot
+    assert find_hot_pixels(stack).sum() == 0
+    hot, truth = _with_hot_pixels(stack.astype(np.float64), 10, seed=3)
+    assert (find_hot_pixels(hot) == truth).all()  # defects beside that structure are still found
+    with pytest.raises(ValueError, match="max_halo"):
+        find_hot_pixels(stack, max_halo=0.0)
+
+
 def test_bad_shapes_and_settings():
     with pytest.raises(ValueError, match="expects a \\(Z, Y, X\\) stack"):
         find_hot_pixels(np.zeros((8, 8)))
@@ -139,6 +158,10 @@ def test_threshold_none_passes_the_stack_unchanged():
     out = CorrectHotPixelsd("image", threshold=None, mask_key_postfix="_hot")({"image": stack})
     assert out["image"] is stack and "image_hot" not in out
     assert CorrectHotPixelsd("image")({"image": stack})["image"][0, :, 3, 3].max() < 2.0
+    assert CorrectHotPixelsd("image", threshold="null").threshold is None  # a command line's spelling
+    for bad in ("four", 0, -1.0):
+        with pytest.raises(ValueError, match="hot_pixel_threshold must be a number > 0 or None"):
+            CorrectHotPixelsd("image", threshold=bad)
 
 
 def test_warning_names_the_stacks_with_hot_pixels(tiny_dataset, caplog):
@@ -219,3 +242,52 @@ def test_python_api_and_report_correct_when_asked(tiny_dataset, tmp_path):
                                  str(tmp_path / "out"), hot_pixel_threshold=4.0)  # fmt: skip
     image = report._load_pairs(None)[0]["image_norm"][0].numpy()
     assert int(find_hot_pixels(image).sum()) == 0
+
+
+def test_the_training_records_the_threshold_and_inference_reads_it(tiny_dataset, tmp_path):
+    """BestModelSaver writes train.json's key into model.json; inference.json, deconvolve() and
+    trained_hot_pixel_threshold read it back ("auto"); a value given overrides it."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+
+    from bundle.data import trained_hot_pixel_threshold
+    from bundle.handlers import BestModelSaver
+    from bundle.inference import deconvolve
+    from bundle.networks import DeblurUNet
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json")])
+    parser["hot_pixel_threshold"] = 4.0
+    assert parser["validate#handlers#1#_target_"] == "bundle.handlers.BestModelSaver"
+    preprocessing = parser.get_parsed_content("validate#handlers#1#preprocessing")
+    assert preprocessing == {"hot_pixel_threshold": 4.0}
+
+    torch.manual_seed(0)
+    net = DeblurUNet(features=(4, 8, 16, 4), depth=2).eval()
+    folder = tmp_path / "models"
+    validator = Engine(lambda e, b: None)
+    validator.state.metrics, validator.state.key_metric_name = {"val_psnr": 30.0}, "val_psnr"
+    BestModelSaver(str(folder), net, preprocessing=preprocessing)(validator)
+    assert json.loads((folder / "model.json").read_text())["preprocessing"] == {"hot_pixel_threshold": 4.0}
+    assert trained_hot_pixel_threshold(folder) == 4.0
+    assert trained_hot_pixel_threshold(None) is None and trained_hot_pixel_threshold(tmp_path / "nothing") is None
+
+    for ckpt_dir, expected in ((folder, 4.0), (tmp_path / "nothing", None)):
+        inference = ConfigParser()
+        inference.read_config([str(ROOT / "configs" / f) for f in ("common.json", "inference.json")])
+        inference["dataset_dir"], inference["ckpt_dir"] = str(tiny_dataset), str(ckpt_dir)
+        assert inference.get_parsed_content("preprocessing").transforms[1].threshold == expected
+
+    (path, _), *_ = _hot_folder(tiny_dataset, tmp_path / "hot", split="test")
+    hot = tifffile.imread(path)
+    options = {"progress": False, "refine_iterations": 0, "flips": 1, "device": "cpu"}
+    auto = deconvolve(hot, folder, **options)
+    np.testing.assert_allclose(auto, deconvolve(correct_hot_pixels(hot)[0], folder, **options, hot_pixel_threshold=None), atol=1e-5)
+    assert np.abs(deconvolve(hot, folder, **options, hot_pixel_threshold=None) - auto).max() > 1e-3
+
+    (folder / "model.json").write_text(json.dumps({"score": 1, "preprocessing": {"hot_pixel_threshold": "four"}}))
+    with pytest.raises(ValueError, match="model.json: preprocessing.hot_pixel_threshold must be a number"):
+        trained_hot_pixel_threshold(folder)
+    (folder / "model.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="model.json: not a model record"):
+        trained_hot_pixel_threshold(folder)

@@ -157,3 +157,66 @@ def test_dask_graph_on_a_two_worker_cluster_equals_in_memory(tmp_path):
     assert voxel == (0.2, 0.1, 0.1) and arr.attrs["complete"] is True and arr.chunks == (30, 32, 32)
     with pytest.raises(ValueError, match="window-free"):
         deconvolve_dask(volume, tmp_path / "no.ome.zarr", DeblurUNet(features=(4, 4, 8, 8, 16, 4)).eval())
+
+
+def _hot_model_folder(folder, threshold):
+    """A window-free generator saved as a training saves it, its record naming the hot-pixel threshold."""
+    import json
+
+    torch.manual_seed(1)
+    net = DeblurUNet(features=(2, 4, 4, 2), depth=2, norm="batch", align_corners=False, last_bias=0.0).eval()
+    folder.mkdir()
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps({"score": 30.0, "preprocessing": {"hot_pixel_threshold": threshold}}))
+    return folder
+
+
+def _with_hot_columns(volume, count, seed):
+    rng = np.random.default_rng(seed)
+    out = volume.copy()
+    ys, xs = rng.integers(0, volume.shape[1], count), rng.integers(0, volume.shape[2], count)
+    ys[:3], xs[:3] = (0, 31, 63), (0, 32, 63)  # at the stack's corners and across tile and chunk borders
+    out[:, ys, xs] += float(volume.max())
+    return out
+
+
+def test_hot_pixels_found_and_corrected_out_of_core_as_in_memory():
+    from bundle.data import correct_hot_pixels, find_hot_pixels
+    from bundle.ooc import HotPixelCorrectedVolume, find_hot_pixels_tiled
+
+    volume = _with_hot_columns(_volume((24, 64, 64), seed=7), 20, seed=7)
+    mask = find_hot_pixels(volume)
+    assert mask.sum() >= 18 and mask[0, 0] and mask[31, 32] and mask[63, 63]
+    for tile in (16, 20, 64):
+        assert (find_hot_pixels_tiled(volume, tile=tile) == mask).all()
+    fixed = correct_hot_pixels(volume)[0]
+    view = HotPixelCorrectedVolume(volume, mask)
+    for key in [(slice(None),) * 3, (slice(2, 9), slice(30, 33), slice(31, 40)), (slice(0, 24), slice(60, 64), slice(0, 1))]:
+        np.testing.assert_array_equal(view[key], fixed[key])
+    strided = view[::4, ::4, ::4]  # a percentile subsample: no hot pixel left at full strength
+    assert strided.shape == (6, 16, 16) and strided.max() < volume.max()
+    with pytest.raises(TypeError, match="slices"):
+        view[0]
+
+
+def test_out_of_core_paths_correct_hot_pixels_as_the_model_was_trained(tmp_path):
+    """A model folder whose record names a threshold: deconvolve_zarr and deconvolve_dask read the stack
+    corrected, as in-memory ``deconvolve`` of that folder does ("auto" everywhere)."""
+    from bundle.ooc import deconvolve_dask
+
+    folder = _hot_model_folder(tmp_path / "models", 4.0)
+    volume = _with_hot_columns(_volume((30, 64, 64), seed=8), 25, seed=8)
+    write_ome_zarr(tmp_path / "in.ome.zarr", volume, voxel_size=(0.2, 0.1, 0.1), chunks=(30, 32, 32))
+    ref = deconvolve(volume, folder, device="cpu", progress=False, precision="float32", flips=1)
+    raw = deconvolve(volume, folder, device="cpu", progress=False, precision="float32", flips=1, hot_pixel_threshold=None)
+    tol = 1e-4 * float(np.abs(ref).max())
+    assert np.abs(raw - ref).max() > 100 * tol  # the correction matters on this stack
+    out = deconvolve_zarr(tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr", folder, device="cpu",
+                          block_size=(16, 32, 32), precision="float32")  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out[...]), ref, rtol=1e-5, atol=tol)
+    out = deconvolve_dask(tmp_path / "in.ome.zarr", tmp_path / "dask.ome.zarr", str(folder / "model.pt"),
+                          chunks=(30, 32, 32), precision="float32", scheduler="synchronous")  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out[...]), ref, rtol=1e-5, atol=tol)
+    out = deconvolve_zarr(tmp_path / "in.ome.zarr", tmp_path / "none.ome.zarr", folder, device="cpu",
+                          block_size=(16, 32, 32), precision="float32", hot_pixel_threshold=None)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out[...]), raw, rtol=1e-5, atol=tol)

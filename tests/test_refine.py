@@ -304,8 +304,10 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path, c
         with pytest.raises(SystemExit) as exit_info:
             tune_refinement.main(bad)
         assert exit_info.value.code == 2 and flag in capsys.readouterr().err
-    # validation stacks with a camera's hot pixels: --hot_pixel_threshold scores G on them corrected
-    assert tuned["hot_pixel_threshold"] is None
+    # validation stacks with a camera's hot pixels: --hot_pixel_threshold scores G on them corrected;
+    # without the option the threshold is the training's (model.json's preprocessing: the default, 4)
+    record = json.loads((ckpt / "model.json").read_text())
+    assert record["preprocessing"] == {"hot_pixel_threshold": 4.0} and tuned["hot_pixel_threshold"] == 4.0
     hot_data = tmp_path / "hot_data"
     shutil.copytree(quick_model["dataset_dir"] / "val", hot_data / "val")
     rng = np.random.default_rng(0)
@@ -315,8 +317,11 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path, c
         tifffile.imwrite(f, stack)
     short = [args[0], str(ckpt), "--dataset_dir", str(hot_data), "--flips", "1", "--max_iter", "2", "--tv_weights", "0"]
     unrefined = {}
-    for extra in ([], ["--hot_pixel_threshold", "4"]):
+    for extra in (["--hot_pixel_threshold", "0"], ["--hot_pixel_threshold", "4"]):  # 0: no correction
         assert tune_refinement.main(short + extra) == 0
         tuned = json.loads((ckpt / "refinement.json").read_text())
         unrefined[tuned["hot_pixel_threshold"]] = tuned["val_psnr_unrefined"]
     assert unrefined[4.0] > unrefined[None] + 1.0, unrefined
+    (ckpt / "model.json").write_text(json.dumps({**record, "preprocessing": {"hot_pixel_threshold": None}}))
+    assert tune_refinement.main(short) == 0  # a model trained without the correction: none
+    assert json.loads((ckpt / "refinement.json").read_text())["hot_pixel_threshold"] is None

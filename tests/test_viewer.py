@@ -284,3 +284,30 @@ def test_a_4d_layer_is_deconvolved_at_the_chosen_channel(make_napari_viewer):
     widget.channel.value = 5
     with pytest.raises(ValueError, match="channel=5 requested but it has 3"):
         widget.volume_of(layer)
+
+
+def test_deconvolve_widget_corrects_hot_pixels_as_the_model_was_trained(make_napari_viewer, qtbot, sample, small_model, tmp_path):
+    """A model folder whose ``model.json`` records ``hot_pixel_threshold``: the widget gives what ``deconvolve``
+    gives ("auto": the stack corrected first) and says so."""
+    import json
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(small_model, folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps({"score": 30.0, "preprocessing": {"hot_pixel_threshold": 4.0}}))
+    data, meta, _ = sample[0]
+    data = np.array(data, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    data[:, rng.integers(0, data.shape[1], 30), rng.integers(0, data.shape[2], 30)] += float(data.max())  # hot pixels
+    viewer = make_napari_viewer()
+    widget = DeconvolveWidget(viewer)
+    widget.set_model(folder / "model.pt")
+    widget.image.value = viewer.add_image(data, **meta)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    assert widget.result is not None, widget.last_message
+    assert "hot pixels replaced first (threshold 4" in widget.status.value
+    got = np.asarray(widget.result.data)
+    np.testing.assert_allclose(got, deconvolve(data, folder, progress=False), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - deconvolve(data, folder, progress=False, hot_pixel_threshold=None)).max() > 1e-3 * np.ptp(got)

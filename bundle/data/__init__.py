@@ -9,7 +9,13 @@ intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels);
 ``bundle.data``.
 """
 
-from bundle.data.camera import CorrectHotPixelsd, correct_hot_pixels, find_hot_pixels, warn_hot_pixels
+from bundle.data.camera import (
+    CorrectHotPixelsd,
+    correct_hot_pixels,
+    find_hot_pixels,
+    trained_hot_pixel_threshold,
+    warn_hot_pixels,
+)
 from bundle.data.datasets import (
     DomainCrops,
     UnpairedDataset,
@@ -48,5 +54,6 @@ __all__ = [
     "check_intensity_range",
     "find_hot_pixels",
     "correct_hot_pixels",
+    "trained_hot_pixel_threshold",
     "CorrectHotPixelsd",
 ]

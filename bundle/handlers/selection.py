@@ -39,6 +39,9 @@ class BestModelSaver:
             ``learned_psf``, which evaluation reads); others go to ``save_dir/<name>.tif``.
         resume: this run continues an earlier one (keep its record).
         overwrite: a fresh run may replace an earlier model found in ``save_dir``.
+        preprocessing: how the training read its stacks where inference must do the same, written into
+            every record under ``"preprocessing"`` (``configs/train.json``: ``{"hot_pixel_threshold":
+            ...}``, read back by :func:`bundle.data.trained_hot_pixel_threshold`); None writes nothing.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class BestModelSaver:
         resume: bool = False,
         overwrite: bool = False,
         exports: dict[str, str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
     ) -> None:
         self.resume = as_flag(resume, "resume")
         self.overwrite = as_flag(overwrite, "overwrite")
@@ -60,6 +64,7 @@ class BestModelSaver:
         self.companions = {k: v for k, v in (companions or {}).items() if v is not None}
         self.filename = filename
         self.exports = {k: Path(v) for k, v in (exports or {}).items()}
+        self.preprocessing = None if preprocessing is None else dict(preprocessing)
         self.best: float | None = None
         self.written = False
 
@@ -103,6 +108,8 @@ class BestModelSaver:
             if hasattr(module, "export"):
                 tif = self.exports.get(key, self.save_dir / f"{key}.tif")
                 module.export(str(tif), str(tif.with_suffix(".json")))
+        if self.preprocessing is not None:
+            record = {**record, "preprocessing": self.preprocessing}
         _atomic_json(record, self.record_path)
         self.written = True
 

@@ -18,10 +18,7 @@ from bundle.inference.checkpoints import load_network, model_file_in
 from bundle.inference.deconvolver import Deconvolver
 from bundle.inference.flips import DEFAULT_FLIPS
 from bundle.inference.transforms import NormalizePercentilesd, RestoreIntensityd
-from bundle.io import (
-    VolumeError,
-    validate_volume,
-)
+from bundle.io import VolumeError, validate_volume
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +101,7 @@ def deconvolve(
     refine_psf: np.ndarray | PathLike | None = None,
     flips: int = DEFAULT_FLIPS,
     refine_blend: float | str = "auto",
-    hot_pixel_threshold: float | None = None,
+    hot_pixel_threshold: float | str | None = "auto",
 ) -> np.ndarray:
     """Deconvolve a 3D stack with a trained generator (CSBDeep-style ``predict``).
 
@@ -151,9 +148,9 @@ def deconvolve(
             :func:`~bundle.inference.flips.flip_average`): 8 (default, as ``run inference``) costs 8×
             the network time; 4 (mirrors only) for a PSF not symmetric under quarter turns
             (astigmatism), 1 for one without mirror symmetry either (coma).
-        hot_pixel_threshold: replace the camera's hot pixels first (:func:`bundle.data.correct_hot_pixels`
-            with this threshold, e.g. 4; set it when the model was trained with the correction);
-            None (default): the stack as given.
+        hot_pixel_threshold: replace the camera's hot pixels first (:func:`bundle.data.correct_hot_pixels`):
+            ``"auto"`` (default) as the model's training did (:func:`bundle.data.trained_hot_pixel_threshold`;
+            a module or a zip: none), as ``run inference`` does; a number: that threshold; None: no correction.
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -165,6 +162,10 @@ def deconvolve(
     """
     _to_zyx(_as_array(volume), axes, channel)  # a bad volume or axes fail before the model is loaded
     refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight, refine_blend)
+    if hot_pixel_threshold == "auto":
+        from bundle.data.camera import trained_hot_pixel_threshold
+
+        hot_pixel_threshold = trained_hot_pixel_threshold(checkpoint_folder(model))
     deconvolver = load_deconvolver(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
         precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback, flips=flips,

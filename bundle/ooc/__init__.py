@@ -24,6 +24,10 @@ How the result stays identical to in-memory inference (the boundary treatment):
 * **Same padding.** An axis shorter than the window is mirror-padded (edge-replicated for tiny
   axes) to the window size as :class:`bundle.inference.Deconvolver` does; blocks always span such an
   axis completely, so the padding is identical.
+* **Same hot-pixel correction.** When the model was trained with ``hot_pixel_threshold`` (or one is
+  given), the camera's hot pixels are found once over full-depth tiles with the whole stack's noise
+  (:func:`find_hot_pixels_tiled`: the in-memory mask) and replaced in every read
+  (:class:`HotPixelCorrectedVolume`), before the percentiles as in memory.
 
 Memory: one group's input box, its windows and their predictions, and one output block; none of it
 depends on the stack size (``docs/benchmark.md`` measures the peak RSS for a stack and one 4×
@@ -34,16 +38,19 @@ Output layout (OME-NGFF 0.4, Zarr v2 format, readable by napari/Fiji): a group w
 its scale) and the float32 array ``"0"``, chunked like ``chunks``.
 
 Modules: :mod:`~bundle.ooc.zarr_io` (opening stacks, writing OME-Zarr), :mod:`~bundle.ooc.grid`
-(the window grid, blocks and percentiles of the whole volume) and :mod:`~bundle.ooc.deconvolve`
-(:func:`deconvolve_zarr`). Everything public is importable from ``bundle.ooc``.
+(the window grid, blocks and percentiles of the whole volume), :mod:`~bundle.ooc.hot_pixels` (the
+camera's hot pixels, out of core) and :mod:`~bundle.ooc.deconvolve` (:func:`deconvolve_zarr`). Everything public is importable from ``bundle.ooc``.
 """
 
 from bundle.ooc.dask_graph import deconvolve_dask
 from bundle.ooc.deconvolve import deconvolve_zarr
 from bundle.ooc.grid import estimate_percentiles, window_grid
+from bundle.ooc.hot_pixels import HotPixelCorrectedVolume, find_hot_pixels_tiled
 from bundle.ooc.zarr_io import open_volume, write_ome_zarr
 
 __all__ = [
+    "HotPixelCorrectedVolume",
+    "find_hot_pixels_tiled",
     "deconvolve_dask",
     "deconvolve_zarr",
     "estimate_percentiles",

@@ -22,6 +22,7 @@ from torch import nn
 
 from bundle.ooc.deconvolve import block_output
 from bundle.ooc.grid import OUTPUT_RANGES, normalization_range
+from bundle.ooc.hot_pixels import hot_pixel_corrected
 from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
 
 __all__ = ["deconvolve_dask"]
@@ -85,6 +86,7 @@ def deconvolve_dask(
     overwrite: bool = False,
     ome_version: str = "0.5",
     scheduler: Any = None,
+    hot_pixel_threshold: float | str | None = "auto",
 ) -> Any:
     """Deconvolve a ``(Z, Y, X)`` stack as a dask graph and write it as OME-Zarr, chunk by chunk.
 
@@ -110,6 +112,8 @@ def deconvolve_dask(
         ome_version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
         scheduler: a ``dask.distributed.Client`` or any ``scheduler=`` value of ``dask.compute``
             (default: the current one, e.g. a ``Client`` made before the call, else threads).
+        hot_pixel_threshold: as :func:`~bundle.ooc.deconvolve_zarr` (the mask is found before the graph
+            is built; each chunk's read is corrected).
 
     Returns:
         the output Zarr array (``destination/0``).
@@ -120,11 +124,9 @@ def deconvolve_dask(
 
     if output_range not in OUTPUT_RANGES:
         raise ValueError(f"output_range must be one of {OUTPUT_RANGES}, got {output_range!r}")
-    if isinstance(source, da.Array):
-        array, source_voxel = source, None
-    else:
-        volume, source_voxel = open_volume(source)
-        array = da.from_array(volume, chunks=tuple(int(c) for c in chunks))
+    volume, source_voxel = (source, None) if isinstance(source, da.Array) else open_volume(source)
+    volume = hot_pixel_corrected(volume, model, hot_pixel_threshold)
+    array = volume if isinstance(volume, da.Array) else da.from_array(volume, chunks=tuple(int(c) for c in chunks))
     if array.ndim != 3:
         raise ValueError(f"need a (Z, Y, X) volume, got shape {array.shape}")
     array = array.rechunk(tuple(min(int(c), int(s)) for c, s in zip(chunks, array.shape)))

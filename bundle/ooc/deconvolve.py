@@ -27,6 +27,7 @@ from bundle.ooc.grid import (
     normalization_range,
     window_grid,
 )
+from bundle.ooc.hot_pixels import hot_pixel_corrected
 from bundle.ooc.zarr_io import _create_ome_zarr, open_volume
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def deconvolve_zarr(
     bounded_memory: bool = True,
     halo: int | str = "auto",
     ome_version: str = "0.5",
+    hot_pixel_threshold: float | str | None = "auto",
 ) -> Any:
     """Deconvolve a ``(Z, Y, X)`` stack larger than memory, block by block, into an OME-Zarr.
 
@@ -184,6 +186,8 @@ def deconvolve_zarr(
             freed buffers are unmapped at once), so that the peak memory does not grow with the number
             of blocks (glibc; about 7 % slower on the CPU). False: glibc's default behaviour.
         ome_version: OME-Zarr version of the output: ``"0.5"`` (Zarr v3; default) or ``"0.4"`` (Zarr v2).
+        hot_pixel_threshold: the camera's hot pixels replaced as the stack is read
+            (:mod:`bundle.ooc.hot_pixels`, the in-memory result): ``"auto"`` as the model's training, a number, or None.
 
     Returns:
         the output Zarr array (``destination/0``), float32, the source's shape.
@@ -203,6 +207,7 @@ def deconvolve_zarr(
         if device is None:
             device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         network = load_network(model, device)
+        volume = hot_pixel_corrected(volume, model, hot_pixel_threshold)
         net_device = next(network.parameters()).device
         halo = int(getattr(network, "tiling_halo", 0)) if halo == "auto" else int(halo)
         predictor = None if halo else InferenceNetwork(network, precision, channels_last)
@@ -232,15 +237,8 @@ def deconvolve_zarr(
         starts = [sorted({w[i].start for w in windows}) for i in range(3)]  # the grid is a product
 
         out_chunks = tuple(min(int(c), s) for c, s in zip(chunks or block, shape))
-        out = _create_ome_zarr(
-            destination,
-            shape,
-            out_chunks,
-            voxel_size or source_voxel,
-            overwrite=overwrite,
-            name=Path(destination).stem,
-            ome_version=ome_version,
-        )
+        out = _create_ome_zarr(destination, shape, out_chunks, voxel_size or source_voxel, overwrite=overwrite,
+                               name=Path(destination).stem, ome_version=ome_version)  # fmt: skip
         out.attrs.update({"complete": False, "intensity_range": [lo, hi], "roi_size": list(roi), "overlap": overlap})
 
         groups = list(_groups(windows, block))

@@ -64,6 +64,7 @@ class HeldOutReport:
         """Write the outputs, figures and ``report.md``; return the report's path."""
         from tqdm.auto import tqdm
 
+        from bundle.data import trained_hot_pixel_threshold
         from bundle.handlers import save_orthoslices
         from bundle.inference import deconvolve, load_network
 
@@ -71,6 +72,7 @@ class HeldOutReport:
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: no model to report on (did training write one?)")
         network = load_network(model_path)
+        hot_pixel_threshold = trained_hot_pixel_threshold(self.ckpt_dir)
         record = self.stacks.prepare()
         voxel = tuple(record["voxel_size"])
         rows = []
@@ -80,7 +82,8 @@ class HeldOutReport:
             sources.append((record["blurred"][0], "_whole"))
         for f, tag in tqdm(sources, desc="held-out stacks", unit="stack"):
             volume, _ = load_volume(f)
-            output = deconvolve(volume, network, normalize=self.percentiles, progress=False, flips=self.flips)
+            output = deconvolve(volume, network, normalize=self.percentiles, progress=False, flips=self.flips,
+                                hot_pixel_threshold=hot_pixel_threshold)  # as the training read its stacks
             stem = Path(f).name.split(".")[0] + tag
             out_path = save_volume(self.output_dir / "held_out" / f"{stem}_deconv.tif", output, voxel_size=voxel, protect=[f])
             shown = [_display(v, self.percentiles) for v in (volume, output)]

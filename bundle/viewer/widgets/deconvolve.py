@@ -14,7 +14,14 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from bundle.inference import PRECISIONS, DeconvolutionCancelled, deconvolve, model_refinement
+from bundle.data import trained_hot_pixel_threshold
+from bundle.inference import (
+    PRECISIONS,
+    DeconvolutionCancelled,
+    checkpoint_folder,
+    deconvolve,
+    model_refinement,
+)
 from bundle.inference.flips import DEFAULT_FLIPS, FLIP_CHOICES
 from bundle.io import validate_volume
 from bundle.viewer.widgets._base import _DECONVOLVE_WIDGETS, _report, _Worker
@@ -93,6 +100,7 @@ class DeconvolveWidget(_Worker):
                 raise ValueError(f"{model}: model not found; choose a model.pt, .ts, bundle zip or models folder")
             iterations = "auto" if self.refinement.value == "tuned" else 0
             refine = model_refinement(model, iterations)  # a bad refinement.json is named here
+            hot = trained_hot_pixel_threshold(checkpoint_folder(model))  # as the training read its stacks
         except ValueError as exc:
             self.last_message = _report(str(exc))
             return
@@ -102,6 +110,8 @@ class DeconvolveWidget(_Worker):
         self.refined = "" if refine is None else f", refined by {refine.num_iter} Richardson-Lucy iterations"
         if refine is not None and refine.blend < 1:
             self.refined += f" (blend {refine.blend:g} with G's output)"
+        if hot is not None:
+            self.refined += f", the camera's hot pixels replaced first (threshold {hot:g}, as the model was trained)"
         self.status.value = f"deconvolving {layer.name} {volume.shape}{self.refined}..."
         self._launch(self._compute, volume, str(model), settings, on_result=lambda out: self._add_result(layer, out))
 
