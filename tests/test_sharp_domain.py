@@ -82,6 +82,28 @@ def test_hot_pixels_are_replaced_before_richardson_lucy(stack, tmp_path):
     assert load_volume(fixed)[0][:, ys, xs].mean() < 0.3 * streaks
 
 
+def test_simulated_domain_matches_the_stacks_with_their_hot_pixels_replaced(stack, tmp_path):
+    """Hot pixels left in count as crowded, bright structure; with ``hot_pixel_threshold`` the density is
+    matched to the corrected stacks, as to the stacks without them, and the setting is in the record."""
+    folder, _, _ = stack
+    clean, _ = load_volume(folder / "cell_01.tif")
+    rng = np.random.default_rng(1)
+    hot = clean.copy()
+    hot[:, rng.integers(0, 40, 16), rng.integers(0, 40, 16)] += rng.uniform(0.3, 1.0, 16) * clean.max()
+    save_volume(tmp_path / "hot" / "cell_01.tif", hot, voxel_size=VOXEL)
+    save_volume(tmp_path / "clean" / "cell_01.tif", clean, voxel_size=VOXEL)
+    targets = {}
+    for name, source, threshold in (("clean", tmp_path / "clean", None), ("hot", tmp_path / "hot", None), ("fixed", tmp_path / "hot", 4.0)):
+        domain = SimulatedSharpDomain(str(tmp_path / f"{name}_cache"), "vesicles", n_volumes=1, shape=(16, 40, 40), voxel_size=VOXEL,
+                                      match_blurred=str(source), psf_shape=(11, 15, 15), hot_pixel_threshold=threshold, **OPTICS)  # fmt: skip
+        domain.files()
+        record = json.loads((tmp_path / f"{name}_cache" / "sharp_sim.json").read_text())["density_match"]
+        assert record["sources"]["hot_pixel_threshold"] == threshold
+        targets[name] = (record["target"], record["brightness"]["target"])
+    assert targets["fixed"] == pytest.approx(targets["clean"], rel=0.02)
+    assert targets["hot"] != pytest.approx(targets["clean"], rel=0.05), targets
+
+
 def test_bad_stacks_are_named(tmp_path):
     bad = np.ones((8, 16, 16), np.float32)
     bad[2, 3, 4] = np.nan
@@ -151,3 +173,4 @@ def test_the_simulated_config_builds_the_training_dataset(tiny_dataset, tmp_path
     record = json.loads((tmp_path / "eval/sharp_domain/sharp_sim.json").read_text())
     assert record["density_match"]["sources"]["match_blurred"] == str(tiny_dataset / "train" / "blurred")
     assert record["density_match"]["multiplier"] > 0  # matched to the training's blurred stacks
+    assert record["density_match"]["sources"]["hot_pixel_threshold"] == 4.0  # the key's default reaches it

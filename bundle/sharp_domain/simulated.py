@@ -50,6 +50,9 @@ class SimulatedSharpDomain:
         n_immersion: immersion refractive index.
         wavelength: emission wavelength, µm.
         psf_shape: PSF size for matching, voxels.
+        hot_pixel_threshold: replace the camera's hot pixels of the ``match_blurred`` stacks before
+            matching (:func:`bundle.data.correct_hot_pixels`; the ``hot_pixel_threshold`` key, as the
+            training reads those stacks); None: as stored.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class SimulatedSharpDomain:
         n_immersion: float = 1.515,
         wavelength: float = 0.52,
         psf_shape: Sequence[int] = (31, 31, 31),
+        hot_pixel_threshold: float | None = None,
     ) -> None:
         from bundle.physics.phantom import PHANTOM_MODELS
 
@@ -93,6 +97,7 @@ class SimulatedSharpDomain:
         self.optics = {"na": float(na), "n_immersion": float(n_immersion), "wavelength": float(wavelength)}
         self.psf_shape = tuple(int(s) for s in psf_shape)
         self.density_match: dict[str, Any] | None = None
+        self.hot_pixel_threshold = None if hot_pixel_threshold is None else float(hot_pixel_threshold)
 
     def matched_density(self) -> dict[str, Any]:
         """Choose the density multiplier (and, with ``match_brightness``, the intensity range's low end)
@@ -104,6 +109,10 @@ class SimulatedSharpDomain:
         from bundle.physics.psf import vectorial_psf
 
         stacks = [load_volume(f, dtype=np.float32)[0] for f in list_volumes(self.match_blurred)]
+        if self.hot_pixel_threshold is not None:  # a hot pixel would count as crowded, bright structure
+            from bundle.data.camera import correct_hot_pixels
+
+            stacks = [correct_hot_pixels(v, self.hot_pixel_threshold)[0] for v in stacks]
         psf = vectorial_psf(self.psf_shape, voxel_size=self.voxel_size, **self.optics)
 
         def render(density: float, low: float | None, i: int) -> np.ndarray:
@@ -169,7 +178,7 @@ class SimulatedSharpDomain:
             previous = {}
         if self.match_blurred is not None and self.density_match is None:
             sources = {"match_blurred": self.match_blurred, "match_brightness": self.match_brightness, **self.optics,
-                       "psf_shape": list(self.psf_shape)}
+                       "psf_shape": list(self.psf_shape), "hot_pixel_threshold": self.hot_pixel_threshold}
             kept = previous.get("density_match")
             if kept and kept.get("sources") == sources:
                 self.density_match = kept
