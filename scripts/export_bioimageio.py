@@ -159,8 +159,15 @@ def _validation_section(report: dict | None, rl_report: dict | None) -> str:
     )
 
 
-def _readme(name: str, args: dict, percentiles: Sequence[float], halo: int, divisor: int, validation: str) -> str:
+def _readme(
+    name: str, args: dict, percentiles: Sequence[float], halo: int, divisor: int, validation: str, hot: float | None = None
+) -> str:
     vs = args.get("voxel_size")
+    hot_note = "" if hot is None else (
+        f"\n- The camera's hot pixels (bright in every plane) were replaced in the training stacks (the bundle's\n"
+        f"  `hot_pixel_threshold` {hot:g}); bioimage.io's preprocessing has no such step: replace them first with\n"
+        "  the bundle's `scripts/correct_hot_pixels.py`, or the model sharpens each into a streak along Z."
+    )
     return f"""# {name}
 
 A 3D U-Net that deconvolves widefield fluorescence stacks, trained without paired data by a cycleGAN
@@ -171,7 +178,7 @@ Deconvolution Microscopy: Optimal Transport Geometry", IEEE TCI 2020, doi:{PAPER
 - Input `raw`: one single-channel stack, axes (batch, channel, z, y, x), float32, in the intensities
   of the microscope. Voxel size the model was trained at (z, y, x): {vs} µm; resample other stacks first.
 - Preprocessing: the {percentiles[0]} and {percentiles[1]} percentiles of each stack mapped to 0 and 1
-  (`scale_range`), clipped to [0, 1].
+  (`scale_range`), clipped to [0, 1].{hot_note}
 - Output `deconvolved`: the estimate of the sharp volume in [0, 1] (multiply by the input's
   percentile range to get back to its units).
 - Spatial sides: multiples of {divisor}; tile large stacks with a halo of {halo} voxels per side.
@@ -209,8 +216,10 @@ def build_description(
     name: str,
     authors: Sequence[str],
     seed: int = 0,
+    hot_pixel_threshold: float | None = None,
 ) -> Any:
-    """Write the package's files into ``workdir`` and return the bioimage.io ``ModelDescr``."""
+    """Write the package's files into ``workdir`` and return the bioimage.io ``ModelDescr``
+    (``hot_pixel_threshold``: the training's, named in the README)."""
     from bioimageio.spec.model import v0_5 as spec
 
     divisor = int(net.divisor)
@@ -242,7 +251,7 @@ def build_description(
     torch.save(net.state_dict(), workdir / "weights.pt")
     _cover(workdir / "cover.png", raw, out[0, 0])
     (workdir / "README.md").write_text(
-        _readme(name, args, percentiles, halo, divisor, _validation_section(report, rl_report))
+        _readme(name, args, percentiles, halo, divisor, _validation_section(report, rl_report), hot_pixel_threshold)
     )
 
     def space_in(axis: str) -> Any:
@@ -358,10 +367,16 @@ def export_bioimageio(
         for sub in (folder, folder / "models"):
             psf_files += [sub / f for f in ("blur.tif", "blur.json") if (sub / f).is_file()]
     reports = [json.loads(Path(r).read_text()) if r else None for r in (report, rl_report)]
+    hot = None
+    if isinstance(model, (str, os.PathLike)):
+        from bundle.data import trained_hot_pixel_threshold
+        from bundle.inference.api import checkpoint_folder
+
+        hot = trained_hot_pixel_threshold(checkpoint_folder(model))  # the README says how the training read its stacks
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bioimageio_") as tmp:
         descr = build_description(net, Path(tmp), percentiles, test_input, reports[0], reports[1], psf_files[:2],
-                                  name, authors, seed)
+                                  name, authors, seed, hot_pixel_threshold=hot)
         partial = output.with_name(f".{output.name}.partial")
         save_bioimageio_package(descr, output_path=partial)
         if check:

@@ -59,7 +59,9 @@ def test_package_of_the_trained_model_matches_the_bundle(quick_model, tmp_path):
             expected = np.load(f)
     assert {"weights.pt", "weights.torchscript.pt", "README.md", "cover.png", "blur.tif", "environment.yaml"} <= names
     assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"pytorch_state_dict", "torchscript"}
-    assert "## Validation" in zipfile.ZipFile(out).read("README.md").decode()
+    readme = zipfile.ZipFile(out).read("README.md").decode()
+    assert "## Validation" in readme
+    assert "`hot_pixel_threshold` 4);" in readme  # the quick model trained with the default correction
     axes = rdf["inputs"][0]["axes"]
     assert [a.get("id", a["type"]) for a in axes] == ["batch", "channel", "z", "y", "x"]
     net = load_network(model_dir / "model.pt")

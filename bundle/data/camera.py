@@ -154,8 +154,9 @@ class CorrectHotPixelsd(MapTransform):
     Args:
         keys: keys of the stacks.
         threshold, quantile, max_halo: see :func:`find_hot_pixels` (the same defaults as it and the script);
-            ``threshold=None`` passes the stacks unchanged (the ``hot_pixel_threshold`` config key's
-            default, so that a config can switch the correction on or off without editing its lists).
+            ``threshold=None`` (or the strings ``"None"``/``"null"`` of a command line) passes the stacks
+            unchanged, so that the ``hot_pixel_threshold`` config key (4 by default) switches the correction
+            on or off without editing the transform lists.
         mask_key_postfix: store each key's ``(Y, X)`` mask under ``key + postfix``; None stores nothing.
         allow_missing_keys: don't raise for a missing key.
     """

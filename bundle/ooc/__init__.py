@@ -39,7 +39,8 @@ its scale) and the float32 array ``"0"``, chunked like ``chunks``.
 
 Modules: :mod:`~bundle.ooc.zarr_io` (opening stacks, writing OME-Zarr), :mod:`~bundle.ooc.grid`
 (the window grid, blocks and percentiles of the whole volume), :mod:`~bundle.ooc.hot_pixels` (the
-camera's hot pixels, out of core) and :mod:`~bundle.ooc.deconvolve` (:func:`deconvolve_zarr`). Everything public is importable from ``bundle.ooc``.
+camera's hot pixels, out of core) and :mod:`~bundle.ooc.deconvolve` (:func:`deconvolve_zarr`).
+Everything public is importable from ``bundle.ooc``.
 """
 
 from bundle.ooc.dask_graph import deconvolve_dask
