@@ -196,9 +196,11 @@ def test_unpaired_dataset_corrects_or_warns(tiny_dataset, tmp_path, caplog):
     assert all(f"{p} (30)" in caplog.text for p, _ in written)
     assert int(find_hot_pixels(raw.blurred.volumes[0]["image"][0].numpy()).sum()) == 30
     caplog.clear()
-    with caplog.at_level("WARNING", logger="bundle.data.camera"):
+    with caplog.at_level("INFO", logger="bundle.data.camera"):
         fixed = unpaired_dataset(**kwargs, blurred_hot_pixel_threshold=4.0)
-    assert "hot pixels" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    replaced = [r.getMessage() for r in caplog.records if "hot pixels replaced" in r.getMessage()]
+    assert sorted(replaced) == sorted(f"{p}: 30 hot pixels replaced (threshold 4)" for p, _ in written)
     assert all(int(find_hot_pixels(v["image"][0].numpy()).sum()) == 0 for v in fixed.blurred.volumes)
 
 

@@ -182,6 +182,7 @@ class CorrectHotPixelsd(MapTransform):
         self.quantile = float(quantile)
         self.max_halo = None if max_halo is None else float(max_halo)
         self.mask_key_postfix = mask_key_postfix
+        self._reported: set[str] = set()  # stacks whose count was logged (validation re-reads them)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -195,6 +196,10 @@ class CorrectHotPixelsd(MapTransform):
                 raise ValueError(f"CorrectHotPixelsd: {key!r} has {array.shape[0]} channels; expected 1")
             fixed, mask = correct_hot_pixels(array[0] if channel else array, self.threshold, self.quantile, self.max_halo)
             fixed = fixed[None] if channel else fixed
+            name = str(getattr(value, "meta", {}).get("filename_or_obj", key))
+            if mask.any() and name not in self._reported:
+                self._reported.add(name)
+                logger.info("%s: %d hot pixels replaced (threshold %g)", name, int(mask.sum()), self.threshold)
             if isinstance(value, torch.Tensor):
                 out = value.clone() if value.is_floating_point() else value.to(torch.float32)
                 out.copy_(torch.as_tensor(fixed))  # keeps MONAI's MetaTensor metadata
