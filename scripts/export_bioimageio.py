@@ -370,9 +370,8 @@ def export_bioimageio(
     hot = None
     if isinstance(model, (str, os.PathLike)):
         from bundle.data import trained_hot_pixel_threshold
-        from bundle.inference.api import checkpoint_folder
 
-        hot = trained_hot_pixel_threshold(checkpoint_folder(model))  # the README says how the training read its stacks
+        hot = trained_hot_pixel_threshold(model)  # the README says how the training read its stacks
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bioimageio_") as tmp:
         descr = build_description(net, Path(tmp), percentiles, test_input, reports[0], reports[1], psf_files[:2],

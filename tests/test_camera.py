@@ -273,6 +273,15 @@ def test_the_training_records_the_threshold_and_inference_reads_it(tiny_dataset,
     assert json.loads((folder / "model.json").read_text())["preprocessing"] == {"hot_pixel_threshold": 4.0}
     assert trained_hot_pixel_threshold(folder) == 4.0
     assert trained_hot_pixel_threshold(None) is None and trained_hot_pixel_threshold(tmp_path / "nothing") is None
+    assert trained_hot_pixel_threshold(folder / "model.pt") == 4.0  # a model file: the record beside it
+    import shutil
+    import zipfile
+
+    shutil.copytree(folder, tmp_path / "bundle" / "models")  # a bundle folder, and its zip (export_bundle.py)
+    assert trained_hot_pixel_threshold(tmp_path / "bundle") == 4.0
+    with zipfile.ZipFile(tmp_path / "bundle.zip", "w") as zf:
+        zf.write(folder / "model.json", "bundle/models/model.json")
+    assert trained_hot_pixel_threshold(tmp_path / "bundle.zip") == 4.0
 
     for ckpt_dir, expected in ((folder, 4.0), (tmp_path / "nothing", None)):
         inference = ConfigParser()
@@ -291,5 +300,5 @@ def test_the_training_records_the_threshold_and_inference_reads_it(tiny_dataset,
     with pytest.raises(ValueError, match="model.json: preprocessing.hot_pixel_threshold must be a number"):
         trained_hot_pixel_threshold(folder)
     (folder / "model.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="model.json: not a model record"):
+    with pytest.raises(ValueError, match="models: not a readable model record"):
         trained_hot_pixel_threshold(folder)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -240,17 +241,19 @@ def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]]) -> int:
     return len(found)
 
 
-def trained_hot_pixel_threshold(ckpt_dir: str | Path | None) -> float | None:
-    """The ``hot_pixel_threshold`` the model in ``ckpt_dir`` was trained with, so that inference reads
-    its stacks as the training did.
+def trained_hot_pixel_threshold(model: str | Path | None) -> float | None:
+    """The ``hot_pixel_threshold`` a model was trained with, so that inference reads its stacks as the
+    training did.
 
     Training records it in the model's ``model.json`` (``"preprocessing"``, written by
     :class:`bundle.handlers.BestModelSaver`). It is the default of ``configs/inference.json``'s key
-    (``run inference``, ``run evaluate``), of :func:`bundle.inference.deconvolve`, of the viewer and of
-    ``scripts/tune_refinement.py``; a value given there overrides it.
+    (``run inference``, ``run evaluate``), of :func:`bundle.inference.deconvolve`, of the viewer, of the
+    out-of-core paths and of ``scripts/tune_refinement.py``; a value given there overrides it.
 
     Args:
-        ckpt_dir: the model's folder; None (a module or a bundle zip) gives None.
+        model: where the model is: its folder (``ckpt_dir``), a bundle folder (``models/model.json``),
+            a model file (the record beside it) or a bundle zip of ``scripts/export_bundle.py`` (its
+            ``<name>/models/model.json``); None (a module) gives None.
 
     Returns:
         the threshold, or None: no correction (no record, or a record written before the setting was
@@ -259,13 +262,23 @@ def trained_hot_pixel_threshold(ckpt_dir: str | Path | None) -> float | None:
     Raises:
         ValueError: a record that cannot be read, or a threshold that is not a number > 0.
     """
-    path = None if ckpt_dir is None else Path(ckpt_dir) / "model.json"
-    if path is None or not path.is_file():
+    if model is None:
         return None
+    place = Path(model)
     try:
-        value = (json.loads(path.read_text()).get("preprocessing") or {}).get("hot_pixel_threshold")
-    except (ValueError, AttributeError) as err:
-        raise ValueError(f"{path}: not a model record (a JSON object): {err}") from err
+        if place.is_file() and place.suffix.lower() == ".zip":
+            with zipfile.ZipFile(place) as zf:
+                records = [n for n in zf.namelist() if n.endswith("models/model.json") and n.count("/") <= 2]
+                where, text = (f"{place}:{records[0]}", zf.read(records[0]).decode()) if records else (str(place), None)
+        else:
+            folder = place.parent if place.is_file() else place
+            found = [f for f in (folder / "model.json", folder / "models" / "model.json") if f.is_file()]
+            where, text = (str(found[0]), found[0].read_text()) if found else (str(folder), None)
+        if text is None:
+            return None
+        value = (json.loads(text).get("preprocessing") or {}).get("hot_pixel_threshold")
+    except (ValueError, AttributeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{place}: not a readable model record (a JSON object): {err}") from err
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ValueError(f"{path}: preprocessing.hot_pixel_threshold must be a number > 0 or null, got {value!r}")
+        raise ValueError(f"{where}: preprocessing.hot_pixel_threshold must be a number > 0 or null, got {value!r}")
     return None if value is None else float(value)

@@ -150,7 +150,7 @@ def deconvolve(
             (astigmatism), 1 for one without mirror symmetry either (coma).
         hot_pixel_threshold: replace the camera's hot pixels first (:func:`bundle.data.correct_hot_pixels`):
             ``"auto"`` (default) as the model's training did (:func:`bundle.data.trained_hot_pixel_threshold`;
-            a module or a zip: none), as ``run inference`` does; a number: that threshold; None: no correction.
+            a module: none), as ``run inference`` does; a number: that threshold; None: no correction.
 
     Returns:
         float32 array with the input's axes (a ``C`` axis keeps size 1).
@@ -165,7 +165,7 @@ def deconvolve(
     if hot_pixel_threshold == "auto":
         from bundle.data.camera import trained_hot_pixel_threshold
 
-        hot_pixel_threshold = trained_hot_pixel_threshold(checkpoint_folder(model))
+        hot_pixel_threshold = trained_hot_pixel_threshold(None if isinstance(model, nn.Module) else model)
     deconvolver = load_deconvolver(
         model, device, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress,
         precision=precision, max_pass_voxels=max_pass_voxels, allocator=allocator, callback=callback, flips=flips,

@@ -118,12 +118,7 @@ def hot_pixel_corrected(volume: Any, model: Any, hot_pixel_threshold: float | st
             a number, or None (no correction).
     """
     if hot_pixel_threshold == "auto":
-        folder = None
-        if isinstance(model, (str, os.PathLike)):
-            from bundle.inference.api import checkpoint_folder
-
-            folder = checkpoint_folder(model)
-        hot_pixel_threshold = trained_hot_pixel_threshold(folder)
+        hot_pixel_threshold = trained_hot_pixel_threshold(model if isinstance(model, (str, os.PathLike)) else None)
     if hot_pixel_threshold is None:
         return volume
     mask = find_hot_pixels_tiled(volume, float(hot_pixel_threshold))

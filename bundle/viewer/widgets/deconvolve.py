@@ -18,7 +18,6 @@ from bundle.data import trained_hot_pixel_threshold
 from bundle.inference import (
     PRECISIONS,
     DeconvolutionCancelled,
-    checkpoint_folder,
     deconvolve,
     model_refinement,
 )
@@ -100,7 +99,7 @@ class DeconvolveWidget(_Worker):
                 raise ValueError(f"{model}: model not found; choose a model.pt, .ts, bundle zip or models folder")
             iterations = "auto" if self.refinement.value == "tuned" else 0
             refine = model_refinement(model, iterations)  # a bad refinement.json is named here
-            hot = trained_hot_pixel_threshold(checkpoint_folder(model))  # as the training read its stacks
+            hot = trained_hot_pixel_threshold(model)  # as the training read its stacks; a bad model.json is named here
         except ValueError as exc:
             self.last_message = _report(str(exc))
             return
