@@ -71,9 +71,8 @@ def tune(
     deconvolver = load_deconvolver(ckpt_dir / "model.pt", progress=False, flips=flips)
     blurred, estimates, truths = [], [], []
     for item in pairs:
-        stack = load_volume(item["image"], dtype=np.float32)[0]
-        if hot_pixel_threshold is not None:  # as the model's training and inference read its stacks
-            stack = correct_hot_pixels(stack, hot_pixel_threshold)[0]
+        # as the model's training and inference read its stacks
+        stack = correct_hot_pixels(load_volume(item["image"], dtype=np.float32)[0], hot_pixel_threshold)[0]
         d = NormalizePercentilesd("image", percentiles, intensity_range=deconvolver.network)(
             {"image": torch.as_tensor(stack, dtype=torch.float32)[None]}
         )

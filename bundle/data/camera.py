@@ -122,19 +122,23 @@ def _neighbour_median(volume: np.ndarray, ys: np.ndarray, xs: np.ndarray, skip: 
 
 
 def correct_hot_pixels(
-    stack: np.ndarray, threshold: float = 4.0, quantile: float = 0.25, max_halo: float | None = 0.2
+    stack: np.ndarray, threshold: float | None = 4.0, quantile: float = 0.25, max_halo: float | None = 0.2
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace the hot pixels of a ``(Z, Y, X)`` stack by the median of their 3 × 3 neighbours, plane by plane.
 
     Args:
         stack: ``(Z, Y, X)``; not modified.
-        threshold, quantile, max_halo: see :func:`find_hot_pixels`.
+        threshold, quantile, max_halo: see :func:`find_hot_pixels`; ``threshold=None`` (the
+            ``hot_pixel_threshold`` key switched off) corrects nothing.
 
     Returns:
         ``(corrected, mask)``: a float copy of ``stack`` (its dtype if floating, else float32) and the
-        ``(Y, X)`` bool mask of the replaced pixels.
+        ``(Y, X)`` bool mask of the replaced pixels; with ``threshold=None`` the stack as given and an
+        empty mask.
     """
     volume = np.asarray(stack)
+    if threshold is None:
+        return volume, np.zeros(volume.shape[-2:], dtype=bool)
     mask = find_hot_pixels(volume, threshold, quantile, max_halo)
     dtype = volume.dtype if np.issubdtype(volume.dtype, np.floating) else np.float32
     out = volume.astype(dtype, copy=True)

@@ -131,8 +131,7 @@ class DeconvolutionReport:
             label, _ = load_volume(item["label"], dtype=np.float32)
             if image.shape != label.shape:
                 raise ValueError(f"{item['label']}: shape {label.shape} differs from {item['image']} {image.shape}")
-            if self.hot_pixel_threshold is not None:  # the model's input and the input's own score alike
-                image = correct_hot_pixels(image, self.hot_pixel_threshold)[0]
+            image = correct_hot_pixels(image, self.hot_pixel_threshold)[0]  # the model's input and the input's score alike
             d = NormalizePercentilesd("image", self.blurred_percentiles, intensity_range=input_range)(
                 {"image": torch.from_numpy(image)[None]}
             )

@@ -274,10 +274,9 @@ def predict(
     result as :func:`deconvolve` (``refinement`` as :func:`deconvolve_normalized`)."""
     zyx, spatial_axes = _to_zyx(_as_array(volume), axes, channel)
     validate_volume(zyx, None)
-    if hot_pixel_threshold is not None:
-        from bundle.data.camera import correct_hot_pixels
+    from bundle.data.camera import correct_hot_pixels
 
-        zyx = correct_hot_pixels(zyx, hot_pixel_threshold)[0]
+    zyx = correct_hot_pixels(zyx, hot_pixel_threshold)[0]
     out = deconvolve_normalized(zyx.astype(np.float32, copy=False), deconvolver, normalize, output_range, refinement)
     out = np.transpose(out, ["ZYX".index(a) for a in spatial_axes])
     if "C" in axes.upper():

@@ -122,6 +122,7 @@ class ClassicalSharpDomain:
         return out
 
     def _one(self, source: Path) -> Path:
+        from bundle.data.camera import correct_hot_pixels
         from bundle.io import atomic_write_text, load_volume
 
         stat = source.stat()
@@ -139,10 +140,7 @@ class ClassicalSharpDomain:
             if record.get("stamp") == stamp:
                 return target
         volume, meta = load_volume(str(source), dtype=np.float32)
-        if self.hot_pixel_threshold is not None:
-            from bundle.data.camera import correct_hot_pixels
-
-            volume = correct_hot_pixels(volume, self.hot_pixel_threshold)[0]
+        volume = correct_hot_pixels(volume, self.hot_pixel_threshold)[0]
         voxel_size = meta.get("voxel_size") or self.voxel_size
         y = np.clip(volume - np.percentile(volume, self.background_percentile), 0.0, None)
         record = self._deconvolve(source, volume, y, voxel_size, target)

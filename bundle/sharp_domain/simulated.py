@@ -102,17 +102,15 @@ class SimulatedSharpDomain:
     def matched_density(self) -> dict[str, Any]:
         """Choose the density multiplier (and, with ``match_brightness``, the intensity range's low end)
         from ``match_blurred`` (see :mod:`bundle.physics.density`)."""
-        from bundle.data import list_volumes
+        from bundle.data import correct_hot_pixels, list_volumes
         from bundle.io import load_volume
         from bundle.physics.density import match_brightness, match_density
         from bundle.physics.phantom import make_phantom
         from bundle.physics.psf import vectorial_psf
 
-        stacks = [load_volume(f, dtype=np.float32)[0] for f in list_volumes(self.match_blurred)]
-        if self.hot_pixel_threshold is not None:  # a hot pixel would count as crowded, bright structure
-            from bundle.data.camera import correct_hot_pixels
-
-            stacks = [correct_hot_pixels(v, self.hot_pixel_threshold)[0] for v in stacks]
+        # a hot pixel would count as crowded, bright structure
+        stacks = [correct_hot_pixels(load_volume(f, dtype=np.float32)[0], self.hot_pixel_threshold)[0]
+                  for f in list_volumes(self.match_blurred)]  # fmt: skip
         psf = vectorial_psf(self.psf_shape, voxel_size=self.voxel_size, **self.optics)
 
         def render(density: float, low: float | None, i: int) -> np.ndarray:
