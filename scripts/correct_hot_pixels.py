@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of planes in which a hot pixel may fail to stand out (default 0.25)")  # fmt: skip
     parser.add_argument("--max_halo", type=float, default=0.2,
                         help="largest blur halo a hot pixel may show, as a share of its excess (default 0.2; 0 or less: "
-                             "no halo test, for cameras whose pixels are coarser than the optics' blur)")  # fmt: skip
+                             "no halo or line test, for cameras whose pixels are coarser than the optics' blur)")  # fmt: skip
     args = parser.parse_args(argv)
     source = args.input[0] if len(args.input) == 1 else args.input
     try:

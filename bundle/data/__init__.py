@@ -5,7 +5,8 @@ item pairs a random crop of a random X volume with a random crop of a random Y v
 independently. Modules: :mod:`~bundle.data.lists` (volume lists, image/label pairs),
 :mod:`~bundle.data.transforms` (normalisation, augmentation, training crops),
 :mod:`~bundle.data.datasets` (unpaired and paired datasets), :mod:`~bundle.data.intensity` (one
-intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels); everything public is importable from
+intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels), :mod:`~bundle.data.record` (the
+preprocessing a trained model's record names); everything public is importable from
 ``bundle.data``.
 """
 
@@ -13,7 +14,6 @@ from bundle.data.camera import (
     CorrectHotPixelsd,
     correct_hot_pixels,
     find_hot_pixels,
-    trained_hot_pixel_threshold,
     warn_hot_pixels,
 )
 from bundle.data.datasets import (
@@ -26,6 +26,7 @@ from bundle.data.datasets import (
 )
 from bundle.data.intensity import domain_intensity_range
 from bundle.data.lists import VOLUME_EXTENSIONS, list_volumes, paired_datalist, validation_datalist
+from bundle.data.record import trained_hot_pixel_threshold
 from bundle.data.transforms import (
     augment_transforms,
     check_intensity_range,

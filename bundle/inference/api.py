@@ -163,7 +163,7 @@ def deconvolve(
     _to_zyx(_as_array(volume), axes, channel)  # a bad volume or axes fail before the model is loaded
     refinement = model_refinement(model, refine_iterations, refine_psf, refine_tv_weight, refine_blend)
     if hot_pixel_threshold == "auto":
-        from bundle.data.camera import trained_hot_pixel_threshold
+        from bundle.data.record import trained_hot_pixel_threshold
 
         hot_pixel_threshold = trained_hot_pixel_threshold(None if isinstance(model, nn.Module) else model)
     deconvolver = load_deconvolver(

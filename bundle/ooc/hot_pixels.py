@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from bundle.data.camera import _neighbour_median, find_hot_pixels, stack_noise, trained_hot_pixel_threshold
+from bundle.data.camera import _neighbour_median, find_hot_pixels, stack_noise
+from bundle.data.record import trained_hot_pixel_threshold
 
 __all__ = ["HotPixelCorrectedVolume", "find_hot_pixels_tiled", "hot_pixel_corrected"]
 
