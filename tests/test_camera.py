@@ -198,10 +198,38 @@ def test_threshold_none_passes_the_stack_unchanged():
     out = CorrectHotPixelsd("image", threshold=None, mask_key_postfix="_hot")({"image": stack})
     assert out["image"] is stack and "image_hot" not in out
     assert CorrectHotPixelsd("image")({"image": stack})["image"][0, :, 3, 3].max() < 2.0
-    assert CorrectHotPixelsd("image", threshold="null").threshold is None  # a command line's spelling
-    for bad in ("four", 0, -1.0):
-        with pytest.raises(ValueError, match="hot_pixel_threshold must be a number > 0 or None"):
+    for off in (0, "0", "null", "None", "off"):  # a command line's spellings of "no correction"
+        assert CorrectHotPixelsd("image", threshold=off).threshold is None
+    assert CorrectHotPixelsd("image", threshold="3.5").threshold == 3.5
+    for bad in ("four", -1.0, True):
+        with pytest.raises(ValueError, match="hot_pixel_threshold must be a number > 0, or 0 / None / 'off'"):
             CorrectHotPixelsd("image", threshold=bad)
+    fixed, mask = correct_hot_pixels(stack[0].numpy(), 0)
+    assert not mask.any() and np.array_equal(fixed, stack[0].numpy())
+
+
+def test_the_command_line_switches_the_correction_off_with_0(tiny_dataset):
+    """MONAI's `run` drops an override whose value is None, so `--hot_pixel_threshold None` leaves the
+    default (4) on; 0 switches the correction off in training (datasets and the model's record) and
+    in inference alike."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    assert update_kwargs({"hot_pixel_threshold": 4.0}, hot_pixel_threshold=None) == {"hot_pixel_threshold": 4.0}
+    overrides = update_kwargs({}, hot_pixel_threshold=0)  # what `--hot_pixel_threshold 0` becomes
+    train = ConfigParser()
+    train.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json")])
+    train.update(overrides)
+    train["dataset_dir"] = str(tiny_dataset)
+    assert train.get_parsed_content("validate#handlers#1#preprocessing") == {"hot_pixel_threshold": None}
+    correct = train.get_parsed_content("validate#preprocessing").transforms[1]
+    assert isinstance(correct, CorrectHotPixelsd) and correct.threshold is None
+    inference = ConfigParser()
+    inference.read_config([str(ROOT / "configs" / f) for f in ("common.json", "inference.json")])
+    inference.update(overrides)
+    inference["dataset_dir"] = str(tiny_dataset)
+    correct = inference.get_parsed_content("preprocessing").transforms[1]
+    assert isinstance(correct, CorrectHotPixelsd) and correct.threshold is None
 
 
 def test_warning_names_the_stacks_with_hot_pixels(tiny_dataset, caplog):

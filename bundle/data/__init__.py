@@ -14,6 +14,7 @@ from bundle.data.camera import (
     CorrectHotPixelsd,
     correct_hot_pixels,
     find_hot_pixels,
+    hot_pixel_setting,
     warn_hot_pixels,
 )
 from bundle.data.datasets import (
@@ -56,5 +57,6 @@ __all__ = [
     "find_hot_pixels",
     "correct_hot_pixels",
     "trained_hot_pixel_threshold",
+    "hot_pixel_setting",
     "CorrectHotPixelsd",
 ]

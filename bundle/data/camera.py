@@ -151,6 +151,28 @@ def _neighbour_median(volume: np.ndarray, ys: np.ndarray, xs: np.ndarray, skip: 
     return np.nanmedian(values, axis=2)
 
 
+def hot_pixel_setting(value: float | str | None) -> float | None:
+    """The ``hot_pixel_threshold`` setting as a threshold, or None for no correction.
+
+    Off is spelled ``0`` (what a command line should pass: MONAI's ``run`` drops an override whose
+    value is None, so ``--hot_pixel_threshold None`` would leave the default on), ``None``, or one of
+    the strings ``"0"``, ``"none"``, ``"null"``, ``"off"``; a number > 0 (or its string) is the
+    threshold in noise standard deviations.
+
+    Raises:
+        ValueError: anything else (a negative number, a word), naming the value.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        number = None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if value is not None and (number is None or not number >= 0):
+        raise ValueError(f"hot_pixel_threshold must be a number > 0, or 0 / None / 'off' for no correction; got {value!r}")
+    return None if value is None or number == 0 else number
+
+
 def correct_hot_pixels(
     stack: np.ndarray, threshold: float | None = 4.0, quantile: float = 0.25, max_halo: float | None = 0.2
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -158,8 +180,8 @@ def correct_hot_pixels(
 
     Args:
         stack: ``(Z, Y, X)``; not modified.
-        threshold, quantile, max_halo: see :func:`find_hot_pixels`; ``threshold=None`` (the
-            ``hot_pixel_threshold`` key switched off) corrects nothing.
+        threshold, quantile, max_halo: see :func:`find_hot_pixels`; ``threshold`` None or 0 (the
+            ``hot_pixel_threshold`` key switched off; :func:`hot_pixel_setting`) corrects nothing.
 
     Returns:
         ``(corrected, mask)``: a float copy of ``stack`` (its dtype if floating, else float32) and the
@@ -167,6 +189,7 @@ def correct_hot_pixels(
         empty mask.
     """
     volume = np.asarray(stack)
+    threshold = hot_pixel_setting(threshold)
     if threshold is None:
         return volume, np.zeros(volume.shape[-2:], dtype=bool)
     mask = find_hot_pixels(volume, threshold, quantile, max_halo)
@@ -189,9 +212,9 @@ class CorrectHotPixelsd(MapTransform):
     Args:
         keys: keys of the stacks.
         threshold, quantile, max_halo: see :func:`find_hot_pixels` (the same defaults as it and the script);
-            ``threshold=None`` (or the strings ``"None"``/``"null"`` of a command line) passes the stacks
-            unchanged, so that the ``hot_pixel_threshold`` config key (4 by default) switches the correction
-            on or off without editing the transform lists.
+            ``threshold`` None or 0 (or ``"off"``, ``"null"``: :func:`hot_pixel_setting`) passes the
+            stacks unchanged, so that the ``hot_pixel_threshold`` config key (4 by default) switches the
+            correction on or off without editing the transform lists.
         mask_key_postfix: store each key's ``(Y, X)`` mask under ``key + postfix``; None stores nothing.
         allow_missing_keys: don't raise for a missing key.
     """
@@ -206,14 +229,7 @@ class CorrectHotPixelsd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if isinstance(threshold, str) and threshold.strip().lower() in ("none", "null"):
-            threshold = None  # as a command line may spell it
-        try:
-            self.threshold = None if threshold is None else float(threshold)
-        except (TypeError, ValueError):
-            self.threshold = float("nan")
-        if self.threshold is not None and not self.threshold > 0:
-            raise ValueError(f"hot_pixel_threshold must be a number > 0 or None (no correction), got {threshold!r}")
+        self.threshold = hot_pixel_setting(threshold)
         self.quantile = float(quantile)
         self.max_halo = None if max_halo is None else float(max_halo)
         self.mask_key_postfix = mask_key_postfix
@@ -268,7 +284,7 @@ def warn_hot_pixels(stacks: Iterable[tuple[str, np.ndarray]]) -> int:
     if found:
         logger.warning(
             "%d of the blurred stacks hold hot pixels (a camera's defects: one-voxel lines along Z; count in brackets): %s. "
-            "hot_pixel_threshold is null, so they stay in: its default, 4, corrects them as they are read "
+            "hot_pixel_threshold is off, so they stay in: its default, 4, corrects them as they are read "
             "(training and inference alike), or write corrected copies with scripts/correct_hot_pixels.py.",
             len(found), ", ".join(found),
         )

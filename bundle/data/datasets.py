@@ -9,7 +9,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
-from bundle.data.camera import warn_hot_pixels
+from bundle.data.camera import hot_pixel_setting, warn_hot_pixels
 from bundle.data.lists import list_volumes, paired_datalist
 from bundle.data.transforms import augment_transforms, normalize_transforms
 
@@ -180,6 +180,7 @@ def unpaired_dataset(
         return DomainCrops(volumes, size, rotate_axes, background_share=background_share, flip_axes=flip_axes)
 
     blurred_files = list_volumes(blurred_dir)
+    blurred_hot_pixel_threshold = hot_pixel_setting(blurred_hot_pixel_threshold)
     blurred = domain(
         blurred_files, blurred_percentiles, blurred_range, flip_axes=blurred_flip_axes,
         hot_pixel_threshold=blurred_hot_pixel_threshold,

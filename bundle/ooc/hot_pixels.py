@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.data.camera import _neighbour_median, find_hot_pixels, stack_noise
+from bundle.data.camera import _neighbour_median, find_hot_pixels, hot_pixel_setting, stack_noise
 from bundle.data.record import trained_hot_pixel_threshold
 
 __all__ = ["HotPixelCorrectedVolume", "find_hot_pixels_tiled", "hot_pixel_corrected"]
@@ -120,6 +120,7 @@ def hot_pixel_corrected(volume: Any, model: Any, hot_pixel_threshold: float | st
     """
     if hot_pixel_threshold == "auto":
         hot_pixel_threshold = trained_hot_pixel_threshold(model if isinstance(model, (str, os.PathLike)) else None)
+    hot_pixel_threshold = hot_pixel_setting(hot_pixel_threshold)
     if hot_pixel_threshold is None:
         return volume
     mask = find_hot_pixels_tiled(volume, float(hot_pixel_threshold))

@@ -151,7 +151,7 @@ def check_stacks(
             warnings.append(
                 f"hot pixels (camera pixels bright in every plane, one-voxel lines along Z) in {len(hot)} of {len(volumes)} "
                 f"stacks ({listed}): the models sharpen them into streaks and the PSF fit reads them as a sharper PSF; "
-                "hot_pixel_threshold (4 by default; null switches it off) corrects them as the stacks are read, in "
+                "hot_pixel_threshold (4 by default; 0 switches it off) corrects them as the stacks are read, in "
                 "training, validation and inference alike; or write corrected copies with scripts/correct_hot_pixels.py"
             )
         volumes = [v for v, _ in corrected]

@@ -80,7 +80,9 @@ class ClassicalSharpDomain:
         self.stall_tol = float(stall_tol)
         self.background_percentile = float(background_percentile)
         self.progress = as_flag(progress, "progress")
-        self.hot_pixel_threshold = None if hot_pixel_threshold is None else float(hot_pixel_threshold)
+        from bundle.data.camera import hot_pixel_setting
+
+        self.hot_pixel_threshold = hot_pixel_setting(hot_pixel_threshold)
 
     def _settings(self, voxel_size: Sequence[float]) -> dict[str, Any]:
         return {

@@ -97,7 +97,9 @@ class SimulatedSharpDomain:
         self.optics = {"na": float(na), "n_immersion": float(n_immersion), "wavelength": float(wavelength)}
         self.psf_shape = tuple(int(s) for s in psf_shape)
         self.density_match: dict[str, Any] | None = None
-        self.hot_pixel_threshold = None if hot_pixel_threshold is None else float(hot_pixel_threshold)
+        from bundle.data.camera import hot_pixel_setting
+
+        self.hot_pixel_threshold = hot_pixel_setting(hot_pixel_threshold)
 
     def matched_density(self) -> dict[str, Any]:
         """Choose the density multiplier (and, with ``match_brightness``, the intensity range's low end)
