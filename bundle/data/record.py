@@ -7,6 +7,8 @@ import json
 import zipfile
 from pathlib import Path
 
+from bundle.data.camera import hot_pixel_setting
+
 __all__ = ["trained_hot_pixel_threshold"]
 
 
@@ -48,6 +50,7 @@ def trained_hot_pixel_threshold(model: str | Path | None) -> float | None:
         value = (json.loads(text).get("preprocessing") or {}).get("hot_pixel_threshold")
     except (ValueError, AttributeError, zipfile.BadZipFile) as err:
         raise ValueError(f"{place}: not a readable model record (a JSON object): {err}") from err
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
-        raise ValueError(f"{where}: preprocessing.hot_pixel_threshold must be a number > 0, or 0 / null for none, got {value!r}")
-    return None if not value else float(value)
+    try:
+        return hot_pixel_setting(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: preprocessing.{err}") from err

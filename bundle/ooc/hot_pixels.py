@@ -123,6 +123,6 @@ def hot_pixel_corrected(volume: Any, model: Any, hot_pixel_threshold: float | st
     hot_pixel_threshold = hot_pixel_setting(hot_pixel_threshold)
     if hot_pixel_threshold is None:
         return volume
-    mask = find_hot_pixels_tiled(volume, float(hot_pixel_threshold))
+    mask = find_hot_pixels_tiled(volume, hot_pixel_threshold)
     logger.info(f"hot pixels: {int(mask.sum())} of the camera's {mask.size} pixels replaced as the stack is read")
     return HotPixelCorrectedVolume(volume, mask)
