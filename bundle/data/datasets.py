@@ -12,6 +12,9 @@ from monai.transforms import Compose
 from bundle.data.camera import hot_pixel_setting, warn_hot_pixels
 from bundle.data.lists import list_volumes, paired_datalist
 from bundle.data.transforms import augment_transforms, normalize_transforms
+from bundle.sampling import ForegroundWeightd
+
+_WEIGHT = "crop_weight"  # key of the cached crop-centre map
 
 
 def _first(item: dict | list) -> dict:
@@ -53,7 +56,9 @@ class DomainCrops(torch.utils.data.Dataset):
     Written here because MONAI's ``CacheDataset`` caches the deterministic prefix of one pipeline:
     the PSF fit's larger crops of the same volumes would load and normalise every volume a second
     time. This dataset keeps the cache apart from the crops, and :meth:`with_patch_size` hands it to
-    another crop size. Each item crops a copy of the cached volume (as ``CacheDataset`` does).
+    another crop size. Each item crops a copy of the cached volume (as ``CacheDataset`` does). A
+    volume's crop-centre map (``background_share``; a smoothing of the whole volume) is computed on its
+    first draw and kept (one more float32 copy of the volume), shared with :meth:`with_patch_size`.
 
     Args:
         volumes: the normalised volumes, items ``{"image": (1, D, H, W)}`` (a ``CacheDataset``).
@@ -74,17 +79,29 @@ class DomainCrops(torch.utils.data.Dataset):
         self.volumes = volumes
         self.patch_size = tuple(int(p) for p in patch_size)
         self.options = {"rotate_axes": tuple(rotate_axes), "background_share": background_share, "flip_axes": tuple(flip_axes)}
-        self.transform = Compose(augment_transforms(("image",), self.patch_size, **self.options))
+        weighted = background_share is not None
+        self.weigh = ForegroundWeightd("image", _WEIGHT, background_share) if weighted else None  # type: ignore[arg-type]
+        self.weights: dict[int, torch.Tensor] = {}
+        self.transform = Compose(
+            augment_transforms(("image",), self.patch_size, **self.options, weight_key=_WEIGHT if weighted else None)
+        )
 
     def __len__(self) -> int:
         return len(self.volumes)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict | list:
-        return self.transform(deepcopy(self.volumes[index]))
+        item = deepcopy(self.volumes[index])
+        if self.weigh is not None:
+            if index not in self.weights:
+                self.weights[index] = self.weigh(item)[_WEIGHT]
+            item[_WEIGHT] = self.weights[index]
+        return self.transform(item)
 
     def with_patch_size(self, patch_size: Sequence[int]) -> DomainCrops:
-        """The same cached volumes and augmentation, crops of ``patch_size``."""
-        return DomainCrops(self.volumes, patch_size, **self.options)
+        """The same cached volumes, crop-centre maps and augmentation, crops of ``patch_size``."""
+        crops = DomainCrops(self.volumes, patch_size, **self.options)
+        crops.weights = self.weights
+        return crops
 
 
 def recropped_dataset(dataset: UnpairedDataset, length: int, patch_size: Sequence[int]) -> UnpairedDataset:

@@ -100,6 +100,7 @@ def augment_transforms(
     rotate_prob: float = 0.5,
     background_share: float | None = None,
     flip_axes: Sequence[int] = (0, 1, 2),
+    weight_key: str | None = None,
 ) -> list:
     """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
     random crop, random 90° rotations in ``rotate_axes``, random flips along each of ``flip_axes``.
@@ -107,16 +108,22 @@ def augment_transforms(
     ``background_share`` None: uniform crops (the paper). A number in [0, 1]: crop centres drawn in
     proportion to the first key's smoothed intensity, that share of them uniformly
     (:class:`~bundle.sampling.ForegroundWeightd` + MONAI's ``RandWeightedCropd``; the pipeline then
-    returns a list of one item)."""
+    returns a list of one item). ``weight_key``: the items already hold that map under this key
+    (computed once per volume, :class:`~bundle.data.DomainCrops`), padded here with the image;
+    ``None``: it is computed for every item."""
+    pad = [SpatialPadd(keys=keys, spatial_size=patch_size)]
     if background_share is None:
         crop = [RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)]
+    elif weight_key is not None:
+        pad = [SpatialPadd(keys=[*keys, weight_key], spatial_size=patch_size)]
+        crop = [RandWeightedCropd(keys=keys, w_key=weight_key, spatial_size=patch_size, num_samples=1)]
     else:
         crop = [
             ForegroundWeightd(keys=keys[0], weight_key="crop_weight", background_share=background_share),
             RandWeightedCropd(keys=keys, w_key="crop_weight", spatial_size=patch_size, num_samples=1),
         ]
     return [
-        SpatialPadd(keys=keys, spatial_size=patch_size),
+        *pad,
         *crop,
         RandRotate90d(keys=keys, prob=rotate_prob, max_k=3, spatial_axes=tuple(rotate_axes)),
         *(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes),
