@@ -81,6 +81,9 @@ def test_training_configs_have_the_model_zoo_properties(files, tiny_dataset):
         return sorted(t.flipper.spatial_axis for t in domain.transform.transforms if type(t).__name__ == "RandFlipd")
 
     assert flip_axes(dataset.blurred) == [1, 2] and flip_axes(dataset.sharp) == [0, 1, 2]
+    # foreground-weighted crops by default (session 42, measured); the paper's recipe crops uniformly
+    weighted = "paper_recipe.json" not in names
+    assert (dataset.sharp.weigh is not None) == weighted and (dataset.blurred.weigh is not None) == weighted
     if "discrepancy_cycle.json" in names:  # the noise-aware blurred cycle reads the calibrated noise
         assert type(trainer.blurred_cycle_loss).__name__ == "DiscrepancyCycleLoss"
         assert trainer.blurred_cycle_loss.noise is trainer.blur_noise
