@@ -17,7 +17,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import GaussianSmooth, MapTransform
 
-__all__ = ["ForegroundWeightd"]
+__all__ = ["CROP_WEIGHT_KEY", "ForegroundWeightd"]
+
+CROP_WEIGHT_KEY = "crop_weight"  # where the crop-centre map lives in an item, for ``RandWeightedCropd(w_key=...)``
 
 
 class ForegroundWeightd(MapTransform):
@@ -39,7 +41,7 @@ class ForegroundWeightd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection = "image",
-        weight_key: str = "crop_weight",
+        weight_key: str = CROP_WEIGHT_KEY,
         background_share: float = 0.25,
         sigma: float = 2.0,
         allow_missing_keys: bool = False,

@@ -12,9 +12,7 @@ from monai.transforms import Compose
 from bundle.data.camera import hot_pixel_setting, warn_hot_pixels
 from bundle.data.lists import list_volumes, paired_datalist
 from bundle.data.transforms import augment_transforms, normalize_transforms
-from bundle.sampling import ForegroundWeightd
-
-_WEIGHT = "crop_weight"  # key of the cached crop-centre map
+from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd
 
 
 def _first(item: dict | list) -> dict:
@@ -80,10 +78,10 @@ class DomainCrops(torch.utils.data.Dataset):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.options = {"rotate_axes": tuple(rotate_axes), "background_share": background_share, "flip_axes": tuple(flip_axes)}
         weighted = background_share is not None
-        self.weigh = ForegroundWeightd("image", _WEIGHT, background_share) if weighted else None  # type: ignore[arg-type]
+        self.weigh = ForegroundWeightd("image", CROP_WEIGHT_KEY, background_share) if weighted else None  # type: ignore[arg-type]
         self.weights: dict[int, torch.Tensor] = {}
         self.transform = Compose(
-            augment_transforms(("image",), self.patch_size, **self.options, weight_key=_WEIGHT if weighted else None)
+            augment_transforms(("image",), self.patch_size, **self.options, weight_key=CROP_WEIGHT_KEY if weighted else None)
         )
 
     def __len__(self) -> int:
@@ -93,8 +91,8 @@ class DomainCrops(torch.utils.data.Dataset):
         item = deepcopy(self.volumes[index])
         if self.weigh is not None:
             if index not in self.weights:
-                self.weights[index] = self.weigh(item)[_WEIGHT]
-            item[_WEIGHT] = self.weights[index]
+                self.weights[index] = self.weigh(item)[CROP_WEIGHT_KEY]
+            item[CROP_WEIGHT_KEY] = self.weights[index]
         return self.transform(item)
 
     def with_patch_size(self, patch_size: Sequence[int]) -> DomainCrops:

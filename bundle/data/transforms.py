@@ -19,7 +19,7 @@ from monai.transforms import (
 
 from bundle.data.camera import CorrectHotPixelsd
 from bundle.io import CheckVoxelSized, LoadVolumed
-from bundle.sampling import ForegroundWeightd
+from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd
 
 
 def normalize_transforms(
@@ -119,8 +119,8 @@ def augment_transforms(
         crop = [RandWeightedCropd(keys=keys, w_key=weight_key, spatial_size=patch_size, num_samples=1)]
     else:
         crop = [
-            ForegroundWeightd(keys=keys[0], weight_key="crop_weight", background_share=background_share),
-            RandWeightedCropd(keys=keys, w_key="crop_weight", spatial_size=patch_size, num_samples=1),
+            ForegroundWeightd(keys=keys[0], weight_key=CROP_WEIGHT_KEY, background_share=background_share),
+            RandWeightedCropd(keys=keys, w_key=CROP_WEIGHT_KEY, spatial_size=patch_size, num_samples=1),
         ]
     return [
         *pad,
