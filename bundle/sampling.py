@@ -17,9 +17,31 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import GaussianSmooth, MapTransform
 
-__all__ = ["CROP_WEIGHT_KEY", "ForegroundWeightd"]
+__all__ = ["CROP_WEIGHT_KEY", "ForegroundWeightd", "crop_share"]
 
 CROP_WEIGHT_KEY = "crop_weight"  # where the crop-centre map lives in an item, for ``RandWeightedCropd(w_key=...)``
+
+
+def crop_share(background_share: float | str | None) -> float | None:
+    """The share of uniformly drawn crop centres as the pipelines take it: ``None`` for the paper's
+    uniform crops, else a float in [0, 1).
+
+    ``None`` and 1 both mean uniform crops. 1 is the spelling for the command line, where MONAI's
+    ``run`` drops an override whose value is ``None`` (``--background_share None`` would silently
+    keep the config's value). A string holding a number is read as that number.
+
+    Raises:
+        ValueError: not a number in [0, 1].
+    """
+    if background_share is None:
+        return None
+    try:
+        share = float(background_share)
+    except (TypeError, ValueError):
+        raise ValueError(f"background_share must be a number in [0, 1] or null, got {background_share!r}") from None
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"background_share must be a number in [0, 1] (1: uniform crops), got {background_share!r}")
+    return None if share == 1.0 else share
 
 
 class ForegroundWeightd(MapTransform):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from bundle.data import DomainCrops, augment_transforms, recropped_dataset, unpaired_dataset
-from bundle.sampling import ForegroundWeightd, foreground_fraction
+from bundle.sampling import ForegroundWeightd, crop_share, foreground_fraction
 
 
 def _sparse_volume(seed: int = 0, shape=(16, 48, 48)) -> torch.Tensor:
@@ -117,3 +119,31 @@ def test_cached_maps_are_padded_with_volumes_smaller_than_the_crop():
     for _ in range(5):
         assert crops[0][0]["image"].shape == (1, 8, 16, 16)
     assert crops.weights[0].shape == small.shape
+
+
+def test_crop_share_reads_null_and_one_as_uniform_crops_and_refuses_bad_values():
+    assert crop_share(None) is None and crop_share(1) is None and crop_share("1.0") is None
+    assert crop_share(0.25) == 0.25 and crop_share("0.25") == 0.25 and crop_share(0) == 0.0
+    for bad in (-0.1, 1.5, "uniform", [0.25]):
+        with pytest.raises(ValueError, match="background_share"):
+            crop_share(bad)
+    # 1 takes the paper's uniform crop (no map computed, no cache kept)
+    crops = DomainCrops(CacheDataset([{"image": _sparse_volume()}], transform=None, progress=False), (8, 16, 16), background_share=1)
+    assert crops.weigh is None and crops[0]["image"].shape == (1, 8, 16, 16) and not crops.weights
+
+
+def test_the_command_line_turns_weighted_crops_off_with_1(tiny_dataset):
+    """MONAI's `run` drops an override whose value is None, so `--background_share None` would keep the
+    default 0.25; `--background_share 1` reaches both domains' crops as the paper's uniform crops."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    assert update_kwargs({"background_share": 0.25}, background_share=None) == {"background_share": 0.25}
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for value, weighted in ((None, True), (1, False)):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in ("common.json", "train.json", "quick.json")])
+        parser.update(update_kwargs({}, background_share=value))
+        parser["dataset_dir"] = str(tiny_dataset)
+        ds = parser.get_parsed_content("train#dataset")
+        assert (ds.sharp.weigh is not None) is weighted and (ds.blurred.weigh is not None) is weighted

@@ -12,7 +12,7 @@ from monai.transforms import Compose
 from bundle.data.camera import hot_pixel_setting, warn_hot_pixels
 from bundle.data.lists import list_volumes, paired_datalist
 from bundle.data.transforms import augment_transforms, normalize_transforms
-from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd
+from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd, crop_share
 
 
 def _first(item: dict | list) -> dict:
@@ -62,7 +62,7 @@ class DomainCrops(torch.utils.data.Dataset):
         volumes: the normalised volumes, items ``{"image": (1, D, H, W)}`` (a ``CacheDataset``).
         patch_size: crop size ``(D, H, W)``, margins included.
         rotate_axes: spatial axes of the random 90° rotations.
-        background_share: ``None`` for uniform crops, else foreground-weighted (:func:`augment_transforms`).
+        background_share: ``None`` or 1 for uniform crops, else foreground-weighted (:func:`augment_transforms`).
         flip_axes: spatial axes of the random flips.
     """
 
@@ -76,6 +76,7 @@ class DomainCrops(torch.utils.data.Dataset):
     ) -> None:
         self.volumes = volumes
         self.patch_size = tuple(int(p) for p in patch_size)
+        background_share = crop_share(background_share)
         self.options = {"rotate_axes": tuple(rotate_axes), "background_share": background_share, "flip_axes": tuple(flip_axes)}
         weighted = background_share is not None
         self.weigh = ForegroundWeightd("image", CROP_WEIGHT_KEY, background_share) if weighted else None  # type: ignore[arg-type]
@@ -159,7 +160,7 @@ def unpaired_dataset(
         cache_rate: fraction of volumes cached in memory after normalisation.
         num_workers: threads used to fill the cache.
         background_share: crops of both domains are centred in proportion to their (smoothed)
-            intensity except this share, drawn uniformly; ``None``: uniform crops (the paper).
+            intensity except this share, drawn uniformly; ``None`` or 1: uniform crops (the paper).
         voxel_size: the configured ``(z, y, x)`` µm; files whose metadata differ are logged (both values).
         sharp_range: one intensity range ``(v_lo, v_hi)`` mapped to [0, 1] in every X volume instead of
             each volume's ``sharp_percentiles`` (:func:`~bundle.data.domain_intensity_range`).

@@ -19,7 +19,7 @@ from monai.transforms import (
 
 from bundle.data.camera import CorrectHotPixelsd
 from bundle.io import CheckVoxelSized, LoadVolumed
-from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd
+from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd, crop_share
 
 
 def normalize_transforms(
@@ -105,13 +105,14 @@ def augment_transforms(
     """The paper's augmentation, applied identically to ``keys``: pad to ``patch_size`` if smaller,
     random crop, random 90° rotations in ``rotate_axes``, random flips along each of ``flip_axes``.
 
-    ``background_share`` None: uniform crops (the paper). A number in [0, 1]: crop centres drawn in
+    ``background_share`` None or 1: uniform crops (the paper). A number in [0, 1): crop centres drawn in
     proportion to the first key's smoothed intensity, that share of them uniformly
     (:class:`~bundle.sampling.ForegroundWeightd` + MONAI's ``RandWeightedCropd``; the pipeline then
     returns a list of one item). ``weight_key``: the items already hold that map under this key
     (computed once per volume, :class:`~bundle.data.DomainCrops`), padded here with the image;
     ``None``: it is computed for every item."""
     pad = [SpatialPadd(keys=keys, spatial_size=patch_size)]
+    background_share = crop_share(background_share)
     if background_share is None:
         crop = [RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)]
     elif weight_key is not None:
@@ -152,7 +153,7 @@ def train_transforms(
             because microscope voxels are anisotropic. Rotations need a square crop in that plane.
         flip_prob: probability of a flip along each axis.
         rotate_prob: probability of a random 90° rotation.
-        background_share: None for uniform crops, else foreground-weighted crops with this share of
+        background_share: None or 1 for uniform crops, else foreground-weighted crops with this share of
             uniform ones (see :func:`augment_transforms`).
         voxel_size: configured voxel size, checked against each file's (:func:`normalize_transforms`).
         intensity_range: one ``(v_lo, v_hi)`` for every volume instead of per-volume ``percentiles``.
