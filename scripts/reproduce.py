@@ -217,6 +217,7 @@ SCALES: dict[str, Scale] = {
         shape=(32, 64, 64), eval_shape=(32, 64, 64), n_train=2, n_val=1, n_test=1,
         config_overrides=["configs/quick.json"], epoch_length=2, max_epochs=1, val_interval=1, rl_max_iter=20,
         noise_levels=(None, 20.0, 2.5), refine_max_iter=10, inference_flips=1,  # one view: 8x less inference
+        extra_args=["--psf_fit#n_samples", "16", "--psf_fit#steps", "60"],  # the blind PSF fit: 61 s -> seconds
     ),
     # 2 CPU cores, ~1 hour on a quiet machine: quick networks (1.4 M-parameter U-Net, 32³ crops, batch 2,
     # lr 1e-3), 400 iterations per method (the run in docs/results.md took 52 min on 2 loaded cores;
