@@ -47,16 +47,24 @@ def crop_share(background_share: float | str | None) -> float | None:
 class ForegroundWeightd(MapTransform):
     """Add a crop-centre weight map: a smoothed intensity share plus a uniform background share.
 
-    ``w = (1 − b) · s / Σ s + b / N`` with ``s`` the image smoothed by a Gaussian of ``sigma`` voxels
-    (clipped at 0) and ``N`` its voxel count, so a share ``b`` of the crop centres is uniform (the
-    discriminators and the cycle still see background) and the rest is drawn where the signal is.
-    An empty image gets a uniform map.
+    ``w = (1 − b) · s / Σ s + b / N`` with ``s`` the image smoothed by a Gaussian of ``sigma`` voxels,
+    less its median (``subtract_background``), clipped at 0, and ``N`` its voxel count, so a share ``b``
+    of the crop centres is uniform (the discriminators and the cycle still see background) and the rest
+    is drawn where the signal is. An empty image gets a uniform map.
+
+    The median is the background level of a sparse stack: a widefield stack's out-of-focus haze and
+    camera offset would otherwise spread its intensity-proportional crops over background, so that its
+    crops held less structure than the sharp domain's (whose median is ~0) and the sharp discriminator
+    could tell ``G(y)`` from real sharp crops by how much structure they hold rather than how it looks.
+    On the simulated vesicles (20 dB, 32³ crops) the blurred crops' true foreground share went from
+    0.84 of the sharp crops' to 0.91 with the median removed.
 
     Args:
         keys: the image key (one key; the map is computed from its first channel).
         weight_key: key of the output map ``(1, D, H, W)``, for ``RandWeightedCropd(w_key=...)``.
         background_share: ``b`` in [0, 1]; 1 gives uniform crops.
         sigma: smoothing in voxels (a centre next to a filament counts as foreground).
+        subtract_background: subtract the smoothed image's median before the map is made.
         allow_missing_keys: as ``MapTransform``.
     """
 
@@ -66,6 +74,7 @@ class ForegroundWeightd(MapTransform):
         weight_key: str = CROP_WEIGHT_KEY,
         background_share: float = 0.25,
         sigma: float = 2.0,
+        subtract_background: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -74,13 +83,17 @@ class ForegroundWeightd(MapTransform):
         self.weight_key = weight_key
         self.background_share = float(background_share)
         self.smooth = GaussianSmooth(sigma=float(sigma)) if sigma > 0 else None
+        self.subtract_background = bool(subtract_background)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).float()[:1]
             s = self.smooth(img) if self.smooth is not None else img
-            s = torch.as_tensor(s).clamp_min(0.0)
+            s = torch.as_tensor(s)
+            if self.subtract_background:
+                s = s - s.median()
+            s = s.clamp_min(0.0)
             total = float(s.sum())
             uniform = torch.full_like(s, 1.0 / s.numel())
             if total <= 0.0:

@@ -49,6 +49,19 @@ def test_empty_image_and_share_one_give_uniform_maps_and_bad_shares_are_refused(
             ForegroundWeightd("image", "w", background_share=bad)
 
 
+def test_a_background_offset_or_haze_does_not_spread_the_crops():
+    """A blurred stack's camera offset / haze is removed with the smoothed image's median, so the map
+    of a sparse volume keeps its share on the structure with a constant offset added; without the
+    subtraction the offset flattens it towards uniform."""
+    img = _sparse_volume()
+    fg = img > 0
+    clean = ForegroundWeightd("image", "w", 0.25)({"image": img})["w"]
+    hazy = ForegroundWeightd("image", "w", 0.25)({"image": img + 0.05})["w"]
+    kept = ForegroundWeightd("image", "w", 0.25, subtract_background=False)({"image": img + 0.05})["w"]
+    assert float(hazy[fg].sum()) == pytest.approx(float(clean[fg].sum()), rel=0.05)  # measured 0.200 vs 0.204
+    assert float(hazy[fg].sum()) > 1.5 * float(kept[fg].sum())
+
+
 def _crops(background_share, n=60, weight_key=None):
     set_determinism(seed=0)
     img = _sparse_volume()
