@@ -211,6 +211,29 @@ def test_inference_network_same_function():
     assert all(m.is_pad for m in other.modules() if isinstance(m, UpCat))
 
 
+def test_lower_precisions_keep_a_float32_head():
+    """In bfloat16 the last 1×1×1 conv runs in float32: a nearly flat output (logits −4 ± 0.01, an early
+    model) keeps its variation instead of collapsing onto a few bfloat16 steps."""
+    from bundle.inference.precision import Float32Head, _inference_copy
+
+    net = _trained_like()
+    with torch.no_grad():
+        net.unet.final_conv.weight.mul_(1e-3)
+        net.unet.final_conv.bias.fill_(-4.0)
+    x = torch.rand(1, 1, 32, 48, 32)
+    with torch.no_grad():
+        ref = net(x)
+        fast = InferenceNetwork(net, precision="bfloat16")
+        out = fast(x)
+        plain = _inference_copy(net, torch.bfloat16, True)(x.bfloat16()).float()  # without the head
+    assert isinstance(fast.fast_network().unet.final_conv, Float32Head)
+    assert fast.fast_network().unet.final_conv.conv.weight.dtype == torch.float32
+    assert torch.unique(plain).numel() <= 4  # bfloat16 logits near -4 step by 1/32
+    assert torch.unique(out).numel() > 1000
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=0)
+    assert not isinstance(InferenceNetwork(net, precision="float32").fast_network().unet.final_conv, Float32Head)
+
+
 def test_inference_network_follows_new_weights():
     """A checkpoint loaded into the network after the wrapper was used is the one that runs."""
     net, other = _trained_like(0), _trained_like(1)

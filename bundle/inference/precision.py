@@ -43,7 +43,40 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     return "bfloat16" if dev.type == "cpu" and cpu_has_native_bf16() else "float32"
 
 
-def _inference_copy(network: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> nn.Module:
+class Float32Head(nn.Module):
+    """A generator's last 1×1×1 convolution run in float32 on lower-precision features, a slab at a time.
+
+    In bfloat16 the logits have 8 significant bits: near the sigmoid's dark floor (logit −4 to −6) they
+    step by 1/32, so the background and dim output move in steps of about 3 %, and a nearly flat output
+    (a model early in training) comes out as one constant value. This head is C features → 1 channel,
+    so running it in float32 costs almost nothing; the features are converted ``slab`` planes of depth at
+    a time so that their float32 copy stays small. Autocast is off inside it (float16 on CUDA). Written
+    here because no library offers a mixed-precision output layer for a converted copy.
+
+    Args:
+        conv: the float32 convolution (copied, not shared).
+        slab: planes of depth converted at once.
+
+    Shapes: ``(B, C, D, H, W)`` any float dtype → float32 ``(B, out, D, H, W)``.
+    """
+
+    def __init__(self, conv: nn.Module, slab: int = 8) -> None:
+        super().__init__()
+        import copy
+
+        self.conv = copy.deepcopy(conv).float()
+        self.slab = int(slab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype == torch.float32 or x.ndim != 5:
+                return self.conv(x.float())
+            return torch.cat([self.conv(x[:, :, z : z + self.slab].float()) for z in range(0, x.shape[2], self.slab)], 2)
+
+
+def _inference_copy(
+    network: nn.Module, dtype: torch.dtype | None, channels_last: bool, float32_head: bool = False
+) -> nn.Module:
     """A converted deep copy of ``network`` for inference (see :class:`InferenceNetwork`)."""
     import copy
 
@@ -73,6 +106,9 @@ def _inference_copy(network: nn.Module, dtype: torch.dtype | None, channels_last
         net = net.to(dtype)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
+    unet = getattr(net, "unet", None)
+    if float32_head and isinstance(getattr(unet, "final_conv", None), nn.Conv3d):
+        unet.final_conv = Float32Head(network.unet.final_conv)  # type: ignore[union-attr]
     for p in net.parameters():
         p.requires_grad_(False)
     return net
@@ -91,7 +127,9 @@ class InferenceNetwork(nn.Module):
       padding (which still copies the upsampled map) is skipped;
     * weights and activations in ``channels_last_3d`` (oneDNN's fast conv3d layout);
     * ``precision="bfloat16"``: weights and activations in bfloat16 (2x on CPUs with native bf16,
-      output within ~70 dB PSNR of float32); ``"float16"``: CUDA autocast.
+      output within ~70 dB PSNR of float32); ``"float16"``: CUDA autocast. In both, a
+      :class:`DeblurUNet`'s last 1×1×1 convolution and the sigmoid run in float32
+      (:class:`Float32Head`): the output keeps its dim and background levels to float32 precision.
 
     The converted copy is built on first use and rebuilt whenever a parameter of ``network`` changes
     (load_state_dict, an optimiser step: tracked by tensor versions), so a checkpoint loaded into
@@ -132,8 +170,9 @@ class InferenceNetwork(nn.Module):
             if isinstance(self.network, torch.jit.ScriptModule):
                 object.__setattr__(self, "_fast", self.network.eval())
             else:
-                dtype = torch.bfloat16 if self.resolved_precision() == "bfloat16" else None
-                fast = _inference_copy(self.network, dtype, self.channels_last)
+                precision = self.resolved_precision()
+                dtype = torch.bfloat16 if precision == "bfloat16" else None
+                fast = _inference_copy(self.network, dtype, self.channels_last, float32_head=precision != "float32")
                 object.__setattr__(self, "_fast", fast)  # not a submodule: no duplicate state dict
             self._key = key
         return self._fast  # type: ignore[return-value]
