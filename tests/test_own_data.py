@@ -228,6 +228,29 @@ def test_simulated_validation_at_the_users_optics_is_one_config_away(tiny_datase
     assert (tmp_path / "eval/report.md").is_file(), res.stdout[-2000:]
 
 
+def test_held_out_report_flags_a_flat_output(filaments, tmp_path):
+    """A model of record whose output has (almost) no contrast is named in the report's checks: here a
+    generator with a zero last layer (every voxel at its dark floor); a contrasted model is not flagged."""
+    from bundle.networks import DeblurUNet
+    from bundle.own_data import HeldOutReport
+
+    for i, s in enumerate(filaments[:2]):
+        save_volume(tmp_path / "in" / f"s{i}.tif", s[:16, :64, :64], voxel_size=(0.2, 0.1, 0.1))
+    stacks = OwnStacks(str(tmp_path / "in"), tmp_path / "own", patch_size=(16, 32, 32), spot_check=False)
+    reports = {}
+    for name, scale in (("flat", 0.0), ("contrasted", 1.0)):
+        torch.manual_seed(0)
+        net = DeblurUNet(features=(4, 8, 8, 4), depth=2)
+        with torch.no_grad():
+            net.unet.final_conv.weight.mul_(scale)
+        (tmp_path / name).mkdir()
+        torch.save(net.state_dict(), tmp_path / name / "model.pt")
+        report = HeldOutReport(stacks, tmp_path / name, tmp_path / f"out_{name}", flips=1).run()
+        reports[name] = report.read_text()
+    assert "s1.tif: the output is nearly flat" in reports["flat"]
+    assert "nearly flat" not in reports["contrasted"]
+
+
 def test_held_out_report_views_are_checked(tmp_path):
     """The report's views (``held_out_flips``): 8 by default, as inference; a count inference does not know is refused."""
     from bundle.own_data import HeldOutReport

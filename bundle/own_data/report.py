@@ -15,6 +15,9 @@ from bundle.own_data.stacks import OwnStacks
 
 logger = logging.getLogger(__name__)
 
+FLAT_CONTRAST = 0.01
+"""An output whose std is below this share of its input's is flagged as flat in the report."""
+
 
 def _display(volume: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
     """``volume`` mapped to [0, 1] between its own percentiles (each row of a figure its own contrast)."""
@@ -30,7 +33,9 @@ class HeldOutReport:
     input's voxel size and intensity range), a PNG of its XY/XZ/YZ central slices above the input's
     (``<name>.png``), and one row of ``<output_dir>/report.md``: shape, voxel size, the output's
     contrast relative to the input's (a collapsed, near-constant output has almost none) and the
-    files. The report also lists the model's record (``model.json``), the learned PSF, the noise
+    files. An output with less than ``FLAT_CONTRAST`` of its input's contrast is named in the report's
+    checks (and logged): the model has not learned to deconvolve these stacks (e.g. a run of a few
+    iterations, whose weight-averaged model is still near its initialisation). The report also lists the model's record (``model.json``), the learned PSF, the noise
     calibration and the checks' warnings. Written atomically; inputs are never overwritten.
 
     Args:
@@ -76,6 +81,7 @@ class HeldOutReport:
         record = self.stacks.prepare()
         voxel = tuple(record["voxel_size"])
         rows = []
+        flat = []
         # a single stack was split: its held-out strip may be mostly background, so the whole stack is shown too
         sources = [(f, "") for f in record["held_out"]]
         if len(record["blurred"]) == 1 and record["held_out"] != record["blurred"]:
@@ -89,6 +95,13 @@ class HeldOutReport:
             shown = [_display(v, self.percentiles) for v in (volume, output)]
             png = save_orthoslices(shown, self.output_dir / "held_out" / f"{stem}.png", voxel_size=voxel, title=["input", "output"])
             contrast = float(np.std(output) / max(np.std(volume), 1e-12))
+            if contrast < FLAT_CONTRAST:
+                flat.append(
+                    f"{Path(f).name}: the output is nearly flat (output / input contrast {contrast:.4f} < {FLAT_CONTRAST}): "
+                    "the model of record has not learned to deconvolve this stack; train longer (`--max_epochs`) "
+                    "and check the validation history"
+                )
+                logger.warning(flat[-1])
             name = Path(f).name + (" (whole stack; the model trained on the rest of it)" if tag else "")
             rows.append((name, volume.shape, contrast, out_path, png))
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +115,7 @@ class HeldOutReport:
         for name, path in (("Learned PSF", self.learned_psf), ("Noise calibration", self.output_dir / "calibration.json")):
             if path.is_file():
                 lines += ["", f"{name}: `{path}`"]
-        lines += ["", "## Checks", ""] + ([f"- {w}" for w in record["warnings"]] or ["- nothing found"])
+        lines += ["", "## Checks", ""] + ([f"- {w}" for w in [*flat, *record["warnings"]]] or ["- nothing found"])
         report = atomic_write_text(self.output_dir / "report.md", "\n".join(lines) + "\n")
         logger.info(f"report: {report}")
         return report
