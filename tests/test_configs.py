@@ -174,16 +174,20 @@ def test_discriminator_accepts_the_training_crop(patch, expected):
     assert all(torch.isfinite(o).all() for o in (out if isinstance(out, (list, tuple)) else [out]))
 
 
-def test_discriminator_gamma_reaches_both_discriminators():
+def test_discriminator_gamma_and_noise_reach_both_discriminators():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs/common.json"), str(ROOT / "configs/train.json"), str(ROOT / "configs/quick.json")])
     assert parser.get_parsed_content("discriminator_def")().input_gamma == 1.0  # default: the plain intensities
+    assert parser.get_parsed_content("discriminator_def")().input_noise == 0.0  # default: no instance noise
     parser["discriminator_gamma"] = 2.0
+    parser["discriminator_noise"] = 0.02
     parser.parse()
     assert parser.get_parsed_content("d_sharp").input_gamma == 2.0
     assert parser.get_parsed_content("d_blurred").input_gamma == 2.0
+    assert parser.get_parsed_content("d_sharp").input_noise == 0.02
+    assert parser.get_parsed_content("d_blurred").input_noise == 0.02
 
 
 WORKFLOW_LISTS = {"imports", "initialize", "run", "finalize", "training", "inference", "evaluate", "simulate"}

@@ -72,6 +72,11 @@ class MultiScalePatchDiscriminator(nn.Module):
             background); γ > 1 hides them. Scale-free: with instance norm, ``a·x`` and ``x`` look
             alike up to ε. Written here rather than MONAI's ``AdjustContrast``, which rescales by each
             volume's own min and range, so a crop's view would depend on what else it holds.
+        input_noise: standard deviation of Gaussian "instance noise" added to the view in training mode
+            only, to real and generated inputs alike (Sønderby et al., ICLR 2017; Arjovsky & Bottou,
+            ICLR 2017): differences below it — a generator's dark floor against exactly-zero real
+            background, faint noise-like residue — are hidden from the discriminator, which then judges
+            structure above that level. 0 (default) adds nothing; in eval mode nothing is added.
 
     Example::
 
@@ -90,11 +95,15 @@ class MultiScalePatchDiscriminator(nn.Module):
         dropout: float = 0.0,
         min_input_size: int = 32,
         input_gamma: float = 1.0,
+        input_noise: float = 0.0,
     ) -> None:
         super().__init__()
         if not input_gamma > 0:
             raise ValueError(f"input_gamma must be > 0, got {input_gamma}")
+        if not float(input_noise) >= 0:
+            raise ValueError(f"input_noise must be >= 0, got {input_noise}")
         self.input_gamma = float(input_gamma)
+        self.input_noise = float(input_noise)
         if not 1 <= num_scales <= 4:
             raise ValueError(f"num_scales must be between 1 and 4, got {num_scales}")
         if kernel_size not in (3, 4, 5):
@@ -166,6 +175,8 @@ class MultiScalePatchDiscriminator(nn.Module):
                 "build the discriminator with a smaller min_input_size"
             )
         x = self.view(x)
+        if self.training and self.input_noise > 0:
+            x = x + self.input_noise * torch.randn_like(x)
         outputs: list[torch.Tensor] = []
         for scale, disc in enumerate(self.discriminators):
             if scale > 0:

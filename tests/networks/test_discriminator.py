@@ -73,3 +73,19 @@ def test_input_gamma_view():
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="input_gamma"):
         MultiScalePatchDiscriminator(channels=4, input_gamma=0.0)
+
+
+def test_input_noise_only_in_training_mode():
+    """Instance noise: two training-mode calls on the same input differ, eval mode and noise 0 are exact;
+    a negative level is refused."""
+    x = torch.rand(1, 1, 32, 32, 32)
+    torch.manual_seed(0)
+    d = MultiScalePatchDiscriminator(channels=4, num_scales=2, input_noise=0.05)
+    with torch.no_grad():
+        assert not torch.equal(d(x)[0], d(x)[0])
+        d.eval()
+        assert all(torch.equal(a, b) for a, b in zip(d(x), d(x), strict=True))
+        plain = MultiScalePatchDiscriminator(channels=4, num_scales=2)
+        assert all(torch.equal(a, b) for a, b in zip(plain(x), plain(x), strict=True))
+    with pytest.raises(ValueError, match="input_noise"):
+        MultiScalePatchDiscriminator(channels=4, input_noise=-0.1)
