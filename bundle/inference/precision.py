@@ -3,6 +3,7 @@ no-op pads skipped): :func:`resolve_precision`, :class:`InferenceNetwork`."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -62,15 +63,13 @@ class Float32Head(nn.Module):
 
     def __init__(self, conv: nn.Module, slab: int = 8) -> None:
         super().__init__()
-        import copy
-
         self.conv = copy.deepcopy(conv).float()
         self.slab = int(slab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            if x.dtype == torch.float32 or x.ndim != 5:
-                return self.conv(x.float())
+            if x.dtype == torch.float32:
+                return self.conv(x)
             return torch.cat([self.conv(x[:, :, z : z + self.slab].float()) for z in range(0, x.shape[2], self.slab)], 2)
 
 
@@ -78,8 +77,6 @@ def _inference_copy(
     network: nn.Module, dtype: torch.dtype | None, channels_last: bool, float32_head: bool = False
 ) -> nn.Module:
     """A converted deep copy of ``network`` for inference (see :class:`InferenceNetwork`)."""
-    import copy
-
     from monai.networks.blocks import Convolution
     from monai.networks.nets.basic_unet import UpCat
 

@@ -35,8 +35,9 @@ class HeldOutReport:
     contrast relative to the input's (a collapsed, near-constant output has almost none) and the
     files. An output with less than ``FLAT_CONTRAST`` of its input's contrast is named in the report's
     checks (and logged): the model has not learned to deconvolve these stacks (e.g. a run of a few
-    iterations, whose weight-averaged model is still near its initialisation). The report also lists the model's record (``model.json``), the learned PSF, the noise
-    calibration and the checks' warnings. Written atomically; inputs are never overwritten.
+    iterations, whose weight-averaged model is still near its initialisation). The report also lists
+    the model's record (``model.json``), the learned PSF, the noise calibration and the checks'
+    warnings. Written atomically; inputs are never overwritten.
 
     Args:
         stacks: the run's :class:`OwnStacks`.
