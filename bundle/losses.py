@@ -16,7 +16,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from monai.networks.layers.simplelayers import separable_filtering
 from torch import nn
 
-__all__ = ["LSGANLoss", "WGANGPLoss", "CycleLoss", "DiscrepancyCycleLoss", "HighPassCycleLoss", "adversarial_loss"]
+__all__ = ["LSGANLoss", "WGANGPLoss", "FeatureMatchingLoss", "CycleLoss", "DiscrepancyCycleLoss", "HighPassCycleLoss", "adversarial_loss"]
 
 Preds = Sequence[torch.Tensor] | torch.Tensor
 
@@ -120,6 +120,53 @@ class WGANGPLoss:
             norm = grad.flatten(1).norm(2, dim=1)
             penalty = penalty + ((norm - 1) ** 2).mean()
         return weight * penalty
+
+
+class FeatureMatchingLoss(nn.Module):
+    """Unpaired feature matching (Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016).
+
+    G matches the discriminator's mean features on generated crops to those on real crops, instead
+    of (or besides) making each generated patch score as real:
+    ``mean_s mean_l mean_c |E_{b,v} f_{s,l,c}(x) − E_{b,v} f_{s,l,c}(G(y))|`` over scales ``s``, the
+    PatchGAN's layers ``l`` before the logits, channels ``c``, with the expectation over the batch
+    and the voxels ``v``; the real features are detached. A patch-wise adversarial loss rewards G for
+    leaving out what it cannot yet render convincingly (faint structure may go for a clean
+    background); matching the features' means over many patches penalises that, because fewer faint
+    objects change the statistics. Written here: MONAI's and pix2pixHD's feature-matching losses
+    compare *paired* feature maps position by position, which needs a ground truth this unpaired
+    method does not have.
+
+    Args:
+        weight: factor of the loss.
+
+    Example::
+
+        >>> fm = FeatureMatchingLoss(weight=0.01)
+        >>> loss = fm(d_sharp.features(real_sharp), d_sharp.features(fake_sharp))
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, real: Sequence[Sequence[torch.Tensor]], fake: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Args:
+            real: per scale, the layer outputs ``(B, C_l, ...)`` on real crops (logits last, unused).
+            fake: the same on generated crops; shapes may differ from ``real`` in batch and size.
+
+        Returns: the weighted scalar loss (float32).
+        """
+        if len(real) != len(fake) or not real:
+            raise ValueError(f"expected the same number of scales (≥ 1), got {len(real)} and {len(fake)}")
+        per_scale = []
+        for r_layers, f_layers in zip(real, fake, strict=True):
+            layers = list(zip(r_layers, f_layers, strict=True))[:-1] or list(zip(r_layers, f_layers, strict=True))
+            terms = []
+            for r, f in layers:
+                dims = [0] + list(range(2, r.ndim))
+                terms.append((r.detach().float().mean(dim=dims) - f.float().mean(dim=dims)).abs().mean())
+            per_scale.append(torch.stack(terms).mean())
+        return self.weight * torch.stack(per_scale).mean()
 
 
 def adversarial_loss(kind: str = "lsgan") -> LSGANLoss | WGANGPLoss:

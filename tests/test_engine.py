@@ -320,3 +320,25 @@ def test_recorrupted_blurred_cycle_feeds_g_the_input_and_compares_with_the_targe
     torch.testing.assert_close(y_in - y, -0.25 * (y_target - y))  # y + αz and y − z/α: the same z
     assert float((y_in - y).std()) > 0.01
     assert torch.isfinite(torch.as_tensor(trainer.state.output[0][CycleGANKeys.CYCLE_BLURRED]))
+
+
+def test_feature_matching_reaches_g_and_is_logged():
+    """``feature_matching`` adds the matching of φ's mean features on G(y) and on x to G's loss: logged,
+    it changes G's gradient; weight 0 (the default) computes nothing; a φ without ``features`` is refused."""
+    from bundle.losses import FeatureMatchingLoss
+
+    grads, outputs = {}, {}
+    for w in (0.0, 1.0):
+        trainer = _build("nonblind", loader=_loader(n=1), feature_matching=FeatureMatchingLoss(weight=w))
+        grads[w] = _generator_grads(trainer)
+        outputs[w] = trainer.state.output[0]
+    assert float(outputs[0.0][CycleGANKeys.FEATURE_MATCHING]) == 0.0
+    assert float(outputs[1.0][CycleGANKeys.FEATURE_MATCHING]) > 0.0
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0]["g"], grads[1.0]["g"], strict=True))
+    base = _build("nonblind", loader=_loader(n=1))
+    assert base.feature_matching is None
+    plain = torch.nn.Conv3d(1, 1, 3)  # a discriminator without per-layer features
+    with pytest.raises(TypeError, match="features"):
+        CycleGANTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(n=1), g_deblur=base.g_deblur, blur=base.blur,
+                        d_sharp=plain, g_optimizer=base.g_optimizer, d_optimizer=base.d_optimizer,
+                        feature_matching=FeatureMatchingLoss(weight=1.0))  # fmt: skip

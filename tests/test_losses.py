@@ -195,3 +195,37 @@ def test_high_pass_cycle_checks_its_arguments():
             HighPassCycleLoss(sigma=bad)
     with pytest.raises(ValueError, match="power must be 1"):
         HighPassCycleLoss(power=3)
+
+
+def _features(means, shapes=((2, 3, 4, 4, 4), (2, 5, 2, 2, 2), (2, 1, 2, 2, 2))):
+    """One scale's layer outputs with the given per-layer constant values (the last is the logits)."""
+    return [torch.full(s, float(m)) for s, m in zip(shapes, means, strict=True)]
+
+
+def test_feature_matching_compares_mean_features_and_leaves_the_logits_out():
+    """Equal means give 0 whatever the layout; the value is the mean |Δ mean| over layers, then scales;
+    the logits (last layer) do not count; the weight scales it."""
+    from bundle.losses import FeatureMatchingLoss
+
+    fm = FeatureMatchingLoss()
+    real = [_features((1.0, 2.0, 7.0))]
+    assert fm(real, [_features((1.0, 2.0, -3.0))]).item() == 0.0  # only the logits differ
+    shuffled = [[t.flip(-1) for t in real[0]]]
+    assert fm(real, shuffled).item() == 0.0
+    assert fm(real, [_features((1.5, 1.0, 0.0))]).item() == pytest.approx((0.5 + 1.0) / 2)
+    two_scales = fm(real + real, [_features((1.5, 1.0, 0.0)), _features((1.0, 2.0, 0.0))])
+    assert two_scales.item() == pytest.approx((0.75 + 0.0) / 2)
+    assert FeatureMatchingLoss(weight=0.1)(real, [_features((1.5, 1.0, 0.0))]).item() == pytest.approx(0.075)
+    smaller = [[torch.full((1, 3, 2, 2, 2), 1.0), torch.full((1, 5, 1, 1, 1), 2.0), torch.zeros(1, 1, 1, 1, 1)]]
+    assert fm(real, smaller).item() == 0.0  # a batch or crop of another size: the means still compare
+    with pytest.raises(ValueError, match="scales"):
+        fm(real, real + real)
+
+
+def test_feature_matching_moves_only_the_generated_side():
+    from bundle.losses import FeatureMatchingLoss
+
+    real = [[torch.rand(2, 3, 4, 4, 4, requires_grad=True), torch.rand(2, 1, 2, 2, 2)]]
+    fake = [[torch.rand(2, 3, 4, 4, 4, requires_grad=True), torch.rand(2, 1, 2, 2, 2)]]
+    FeatureMatchingLoss()(real, fake).backward()
+    assert real[0][0].grad is None and fake[0][0].grad.abs().sum() > 0

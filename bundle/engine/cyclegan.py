@@ -70,6 +70,10 @@ class CycleGANTrainer(Trainer):
             stacks (the sharp cycle's pull towards a narrower PSF removed).
         sharp_pool: history pool of generated sharp volumes G(y) shown to φ; default 50 volumes.
         blurred_pool: history pool of generated blurred volumes h*x shown to ψ; default 50 volumes.
+        feature_matching: optional ``FeatureMatchingLoss`` (its weight inside) added to G's loss: the
+            mean features of ``d_sharp`` (which must have a ``features`` method, as
+            ``MultiScalePatchDiscriminator``) on ``G(y)`` matched to those on the real ``x`` of the same
+            iteration. ``None`` (default) or weight 0: not computed.
         epoch_length: iterations per epoch (default ``len(train_data_loader)``).
         non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate,
@@ -101,6 +105,7 @@ class CycleGANTrainer(Trainer):
         blurred_recorruption: torch.nn.Module | None = None,
         sharp_pool: ImagePool | None = None,
         blurred_pool: ImagePool | None = None,
+        feature_matching: torch.nn.Module | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = prepare_unpaired_batch,
@@ -157,6 +162,9 @@ class CycleGANTrainer(Trainer):
         self.sharp_pool = ImagePool(pool_size=50) if sharp_pool is None else sharp_pool
         self.blurred_pool = ImagePool(pool_size=50) if blurred_pool is None else blurred_pool
         self.optim_set_to_none = optim_set_to_none
+        self.feature_matching = None if getattr(feature_matching, "weight", 1.0) == 0 else feature_matching
+        if self.feature_matching is not None and not hasattr(getattr(d_sharp, "module", d_sharp), "features"):
+            raise TypeError(f"feature_matching needs a d_sharp with a features() method, got {type(d_sharp).__name__}")
 
     @property
     def blind(self) -> bool:
@@ -233,8 +241,17 @@ class CycleGANTrainer(Trainer):
         with self._autocast():
             gy = self.g_deblur(y_in)  # G(y): blurred → sharp
             cycle_blurred = gy.new_zeros((), dtype=torch.float32) if off else self.blurred_cycle_loss(self.blur(gy).float(), y_target)
-            adv_sharp = self.adversarial_loss.generator_loss(self.d_sharp(gy))
-            loss_y = cycle_blurred + self.adversarial_weight * adv_sharp
+            if self.feature_matching is None:
+                adv_sharp = self.adversarial_loss.generator_loss(self.d_sharp(gy))
+                fm = gy.new_zeros((), dtype=torch.float32)
+            else:  # one pass of φ gives the logits and the features (φ frozen here: a DDP wrapper is bypassed)
+                d_sharp = getattr(self.d_sharp, "module", self.d_sharp)
+                fake_features = d_sharp.features(gy)
+                adv_sharp = self.adversarial_loss.generator_loss([f[-1] for f in fake_features])
+                with torch.no_grad():
+                    real_features = d_sharp.features(x)
+                fm = self.feature_matching(real_features, fake_features)
+            loss_y = cycle_blurred + self.adversarial_weight * adv_sharp + fm
         if adv_blurred is None:
             adv_blurred = torch.zeros_like(adv_sharp)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -249,6 +266,7 @@ class CycleGANTrainer(Trainer):
             k.CYCLE_BLURRED: cycle_blurred.detach(),
             k.ADV_SHARP: adv_sharp.detach(),
             k.ADV_BLURRED: adv_blurred.detach(),
+            k.FEATURE_MATCHING: fm.detach(),
         }
         return terms, x, hx, gy
 

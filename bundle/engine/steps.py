@@ -26,6 +26,7 @@ class CycleGANKeys(StrEnum):
     CYCLE_BLURRED = "cycle_blurred"  # ‖y − h*G(y)‖₁ · γ
     ADV_SHARP = "adv_sharp"  # generator's LS-GAN term against φ
     ADV_BLURRED = "adv_blurred"  # generator's LS-GAN term against ψ (blind only)
+    FEATURE_MATCHING = "feature_matching"  # G's feature-matching term against φ (0 when off)
     D_SHARP = "d_sharp"  # φ's loss
     D_BLURRED = "d_blurred"  # ψ's loss (blind only)
 

@@ -30,7 +30,7 @@ class TrainingMLFlowHandler(MLFlowHandler):
     executed config as an artifact):
 
     - per iteration: every scalar loss term of ``engine.state.output`` (``cycle_sharp``,
-      ``cycle_blurred``, ``adv_sharp``, ``adv_blurred``, ``d_sharp``, ``d_blurred``, ``g_loss``,
+      ``cycle_blurred``, ``adv_sharp``, ``adv_blurred``, ``feature_matching``, ``d_sharp``, ``d_blurred``, ``g_loss``,
       ``d_loss``) and the learning rate of every parameter group of each optimizer
       (``lr_<name>_group_<i>``: the trainer has two optimizers and no ``engine.optimizer``);
     - per epoch: the PSF layer's physical parameters (``psf_na``, ``psf_spherical``, ``psf_gain``, ...)

@@ -167,6 +167,16 @@ class MultiScalePatchDiscriminator(nn.Module):
         Returns: list of ``num_scales`` patch logits ``(B, 1, d_s, h_s, w_s)`` (no activation),
         full resolution first.
         """
+        return [layers[-1] for layers in self.features(x)]
+
+    def features(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Every layer's output at every scale, for a feature-matching loss (:class:`bundle.losses.FeatureMatchingLoss`).
+
+        Args: x: as :meth:`forward`.
+
+        Returns: per scale (full resolution first), the outputs of the PatchGAN's layers in order
+        ``(B, C_l, d_l, h_l, w_l)``, the last being the logits :meth:`forward` returns.
+        """
         if x.ndim != 5:
             raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if min(x.shape[2:]) < self.min_input_size:
@@ -177,9 +187,9 @@ class MultiScalePatchDiscriminator(nn.Module):
         x = self.view(x)
         if self.training and self.input_noise > 0:
             x = x + self.input_noise * torch.randn_like(x)
-        outputs: list[torch.Tensor] = []
+        outputs: list[list[torch.Tensor]] = []
         for scale, disc in enumerate(self.discriminators):
             if scale > 0:
                 x = self.downsample(x)
-            outputs.append(disc(x)[-1])
+            outputs.append(list(disc(x)))
         return outputs

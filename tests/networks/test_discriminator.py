@@ -89,3 +89,17 @@ def test_input_noise_only_in_training_mode():
         assert all(torch.equal(a, b) for a, b in zip(plain(x), plain(x), strict=True))
     with pytest.raises(ValueError, match="input_noise"):
         MultiScalePatchDiscriminator(channels=4, input_noise=-0.1)
+
+
+def test_features_end_in_the_logits_forward_returns():
+    """``features`` gives every layer at every scale; its last entries are ``forward``'s logits."""
+    torch.manual_seed(0)
+    d = MultiScalePatchDiscriminator(channels=4, num_layers_d=2, num_scales=3).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        feats, logits = d.features(x), d(x)
+    assert len(feats) == 3
+    for layers, logit, n in zip(feats, logits, d.layers_per_scale, strict=True):
+        assert len(layers) == n + 2  # first conv, n normalised convs, output conv
+        assert torch.equal(layers[-1], logit)
+        assert layers[0].shape[:2] == (2, 4)
