@@ -159,9 +159,8 @@ class FeatureMatchingLoss(nn.Module):
             raise ValueError(f"expected the same number of scales (≥ 1), got {len(real)} and {len(fake)}")
         per_scale = []
         for r_layers, f_layers in zip(real, fake, strict=True):
-            layers = list(zip(r_layers, f_layers, strict=True))[:-1] or list(
-                zip(r_layers, f_layers, strict=True)
-            )
+            pairs = list(zip(r_layers, f_layers, strict=True))
+            layers = pairs[:-1] or pairs  # the logits are left out unless they are all there is
             terms = []
             for r, f in layers:
                 dims = [0] + list(range(2, r.ndim))
