@@ -168,3 +168,33 @@ def test_paired_crops_are_flipped_along_z_only_when_asked(tmp_path, flip_axes):
 
     assert [_z_reversed(it["image"]) for it in items] == [_z_reversed(it["label"]) for it in items]
     assert any(_z_reversed(it["image"]) for it in items) == (0 in flip_axes)
+
+
+def test_unpaired_background_share_adds_other_crops_for_the_unpaired_terms(tmp_path):
+    """``unpaired_background_share=1``: each item also holds uniform crops of both domains, from the same
+    cached volumes, while the sharp cycle's crops stay foreground-weighted (more structure in them);
+    ``"same"`` (the default) adds nothing; a share outside [0, 1] is refused."""
+    rng = np.random.default_rng(0)
+    for domain in ("sharp", "blurred"):
+        (tmp_path / domain).mkdir()
+        vol = np.zeros((24, 96, 96), np.float32)
+        vol[8:16, 10:18, 10:18] = 1.0  # one bright block in a dark volume: uniform crops mostly miss it
+        tifffile.imwrite(tmp_path / domain / "v.tif", vol + 0.01 * rng.random(vol.shape, dtype=np.float32))
+    kwargs = {"length": 60, "patch_size": (16, 16, 16), "background_share": 0.25}
+    set_determinism(seed=0)
+    plain = unpaired_dataset(str(tmp_path / "sharp"), str(tmp_path / "blurred"), **kwargs)
+    assert set(plain[0]) == {"sharp", "blurred"} and plain.sharp_unpaired is None
+    ds = unpaired_dataset(str(tmp_path / "sharp"), str(tmp_path / "blurred"), unpaired_background_share=1, **kwargs)
+    assert ds.sharp_unpaired.volumes is ds.sharp.volumes and ds.blurred_unpaired.volumes is ds.blurred.volumes
+    items = [ds[i] for i in range(60)]
+    assert set(items[0]) == {"sharp", "blurred", "sharp_unpaired", "blurred_unpaired"}
+    for key in ("sharp", "blurred"):
+        weighted = np.mean([float((it[key] > 0.5).float().mean()) for it in items])
+        uniform = np.mean([float((it[f"{key}_unpaired"] > 0.5).float().mean()) for it in items])
+        assert tuple(items[0][f"{key}_unpaired"].shape) == (1, 16, 16, 16)
+        assert weighted > 3 * uniform, (key, weighted, uniform)
+    set_determinism(seed=None)
+    with pytest.raises(ValueError, match="background_share"):
+        unpaired_dataset(str(tmp_path / "sharp"), str(tmp_path / "blurred"), unpaired_background_share=2.0)
+    with pytest.raises(ValueError, match="both"):
+        UnpairedDataset(ds.sharp, ds.blurred, sharp_unpaired=ds.sharp)

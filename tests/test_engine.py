@@ -342,3 +342,37 @@ def test_feature_matching_reaches_g_and_is_logged():
         CycleGANTrainer(device="cpu", max_epochs=1, train_data_loader=_loader(n=1), g_deblur=base.g_deblur, blur=base.blur,
                         d_sharp=plain, g_optimizer=base.g_optimizer, d_optimizer=base.d_optimizer,
                         feature_matching=FeatureMatchingLoss(weight=1.0))  # fmt: skip
+
+
+def test_unpaired_crops_feed_the_unpaired_terms_and_the_sharp_cycle_keeps_its_own():
+    """A batch with ``sharp_unpaired``/``blurred_unpaired``: G's sharp cycle sees h*x of ``sharp``; G(y),
+    h's adversarial view and both discriminators see the unpaired crops; without them nothing changes."""
+    g = torch.Generator().manual_seed(1)
+    base = _loader(n=1, batch=1)[0]
+    other = {"sharp_unpaired": torch.rand(1, 1, 32, 32, 32, generator=g), "blurred_unpaired": torch.rand(1, 1, 32, 32, 32, generator=g)}
+    trainer = _build("blind", loader=[{**base, **other}])
+    g_inputs, blur_inputs, d_sharp_inputs, d_blurred_inputs = [], [], [], []
+    trainer.g_deblur.register_forward_hook(lambda m, a, o: g_inputs.append(a[0].detach().clone()))
+    trainer.blur.register_forward_hook(lambda m, a, o: blur_inputs.append(a[0].detach().clone()))
+    trainer.d_sharp.register_forward_hook(lambda m, a, o: d_sharp_inputs.append(a[0].detach().clone()))
+    trainer.d_blurred.register_forward_hook(lambda m, a, o: d_blurred_inputs.append(a[0].detach().clone()))
+    trainer.run()
+    out = trainer.state.output[0]
+    torch.testing.assert_close(blur_inputs[0], base["sharp"])  # the sharp cycle: h*x of the cycle's crops
+    torch.testing.assert_close(blur_inputs[1], other["sharp_unpaired"])  # h's adversarial view: its own h*x
+    torch.testing.assert_close(g_inputs[1], other["blurred_unpaired"])  # G(y) on the unpaired crops
+    assert not torch.equal(g_inputs[0], g_inputs[1])
+    torch.testing.assert_close(d_sharp_inputs[-2], other["sharp_unpaired"])  # φ's real input in its own step
+    torch.testing.assert_close(d_blurred_inputs[-2], other["blurred_unpaired"])  # ψ's real input
+    torch.testing.assert_close(out[CycleGANKeys.SHARP], other["sharp_unpaired"][0])
+    torch.testing.assert_close(out[CycleGANKeys.BLURRED], other["blurred_unpaired"][0])
+    # without the keys: one h*x; with copies of the same crops: the same step as without them
+    assert len(blur_inputs) == 3  # h*x, h*x' and h*G(y')
+    plain, same = _build("blind", loader=[base]), _build("blind", loader=[{**base, "sharp_unpaired": base["sharp"], "blurred_unpaired": base["blurred"]}])
+    calls = []
+    plain.blur.register_forward_hook(lambda m, a, o: calls.append(1))
+    plain.run()
+    same.run()
+    assert len(calls) == 2  # without the keys no second h*x is computed
+    for a, b in zip(plain.g_deblur.parameters(), same.g_deblur.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -4,7 +4,7 @@ The sharp domain X and the blurred domain Y are two unrelated file lists; every 
 item pairs a random crop of a random X volume with a random crop of a random Y volume, drawn
 independently. Modules: :mod:`~bundle.data.lists` (volume lists, image/label pairs),
 :mod:`~bundle.data.transforms` (normalisation, augmentation, training crops),
-:mod:`~bundle.data.datasets` (unpaired and paired datasets), :mod:`~bundle.data.intensity` (one
+:mod:`~bundle.data.datasets` (unpaired datasets), :mod:`~bundle.data.paired` (paired datasets), :mod:`~bundle.data.intensity` (one
 intensity scale per domain), :mod:`~bundle.data.camera` (a camera's hot pixels), :mod:`~bundle.data.record` (the
 preprocessing a trained model's record names); everything public is importable from
 ``bundle.data``.
@@ -20,13 +20,12 @@ from bundle.data.camera import (
 from bundle.data.datasets import (
     DomainCrops,
     UnpairedDataset,
-    paired_dataset,
-    paired_train_transforms,
     recropped_dataset,
     unpaired_dataset,
 )
 from bundle.data.intensity import domain_intensity_range
 from bundle.data.lists import VOLUME_EXTENSIONS, list_volumes, paired_datalist, validation_datalist
+from bundle.data.paired import paired_dataset, paired_train_transforms
 from bundle.data.record import trained_hot_pixel_threshold
 from bundle.data.transforms import (
     augment_transforms,

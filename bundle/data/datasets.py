@@ -1,4 +1,4 @@
-"""Datasets: unpaired (two independent domains) for the cycleGAN, paired for the supervised baselines."""
+"""Unpaired datasets of the cycleGAN: two independent domains, each cropped from its cached, normalised volumes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from monai.data import CacheDataset
 from monai.transforms import Compose
 
 from bundle.data.camera import hot_pixel_setting, warn_hot_pixels
-from bundle.data.lists import list_volumes, paired_datalist
+from bundle.data.lists import list_volumes
 from bundle.data.transforms import augment_transforms, normalize_transforms
 from bundle.sampling import CROP_WEIGHT_KEY, ForegroundWeightd, crop_share
 
@@ -28,24 +28,49 @@ class UnpairedDataset(torch.utils.data.Dataset):
     volume from each domain with the global torch RNG (seeded by ``monai.utils.set_determinism``
     and re-seeded per DataLoader worker), and the domain datasets apply their own random crops.
 
+    With ``sharp_unpaired`` and ``blurred_unpaired``, each item also holds
+    ``{"sharp_unpaired": x', "blurred_unpaired": y'}``, crops drawn independently of ``x`` and ``y``
+    (e.g. uniformly, where ``x`` and ``y`` are foreground-weighted): the trainer gives them to the
+    unpaired terms (blurred cycle, adversarial terms, discriminators) and ``x`` to the sharp cycle.
+
     Args:
         sharp: dataset of the sharp domain X, items ``{"image": (1, D, H, W)}``.
         blurred: dataset of the blurred domain Y, items ``{"image": (1, D, H, W)}``.
         length: items per epoch (iterations per epoch × batch size).
+        sharp_unpaired: optional second crop dataset of X for the unpaired terms (with ``blurred_unpaired``).
+        blurred_unpaired: optional second crop dataset of Y for the unpaired terms (with ``sharp_unpaired``).
     """
 
-    def __init__(self, sharp: torch.utils.data.Dataset, blurred: torch.utils.data.Dataset, length: int = 100) -> None:
+    def __init__(
+        self,
+        sharp: torch.utils.data.Dataset,
+        blurred: torch.utils.data.Dataset,
+        length: int = 100,
+        sharp_unpaired: torch.utils.data.Dataset | None = None,
+        blurred_unpaired: torch.utils.data.Dataset | None = None,
+    ) -> None:
         if len(sharp) == 0 or len(blurred) == 0:  # type: ignore[arg-type]
             raise ValueError("both the sharp and the blurred domain need at least one volume")
+        if (sharp_unpaired is None) != (blurred_unpaired is None):
+            raise ValueError("give both sharp_unpaired and blurred_unpaired, or neither")
         self.sharp, self.blurred, self.length = sharp, blurred, int(length)
+        self.sharp_unpaired, self.blurred_unpaired = sharp_unpaired, blurred_unpaired
 
     def __len__(self) -> int:
         return self.length
 
+    @staticmethod
+    def _draw(domain: torch.utils.data.Dataset) -> torch.Tensor:
+        return _first(domain[int(torch.randint(len(domain), ()))])["image"]  # type: ignore[arg-type]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         i = int(torch.randint(len(self.sharp), ()))  # type: ignore[arg-type]
         j = int(torch.randint(len(self.blurred), ()))  # type: ignore[arg-type]
-        return {"sharp": _first(self.sharp[i])["image"], "blurred": _first(self.blurred[j])["image"]}
+        item = {"sharp": _first(self.sharp[i])["image"], "blurred": _first(self.blurred[j])["image"]}
+        if self.sharp_unpaired is not None and self.blurred_unpaired is not None:
+            item["sharp_unpaired"] = self._draw(self.sharp_unpaired)
+            item["blurred_unpaired"] = self._draw(self.blurred_unpaired)
+        return item
 
 
 class DomainCrops(torch.utils.data.Dataset):
@@ -102,6 +127,11 @@ class DomainCrops(torch.utils.data.Dataset):
         crops.weights = self.weights
         return crops
 
+    def with_background_share(self, background_share: float | None) -> DomainCrops:
+        """The same cached volumes, crop size and augmentation, crop centres drawn with another
+        ``background_share`` (its own crop-centre maps; ``None`` or 1: uniform)."""
+        return DomainCrops(self.volumes, self.patch_size, **{**self.options, "background_share": background_share})
+
 
 def recropped_dataset(dataset: UnpairedDataset, length: int, patch_size: Sequence[int]) -> UnpairedDataset:
     """``dataset``'s cached volumes with other crops: ``length`` items of ``patch_size`` in both domains.
@@ -143,6 +173,7 @@ def unpaired_dataset(
     sharp_margin: Sequence[int] | None = None,
     blurred_flip_axes: Sequence[int] = (1, 2),
     blurred_hot_pixel_threshold: float | None = None,
+    unpaired_background_share: float | str | None = "same",
 ) -> UnpairedDataset:
     """Build the unpaired training dataset from two folders (or globs, or file lists).
 
@@ -176,6 +207,10 @@ def unpaired_dataset(
             (:class:`~bundle.data.CorrectHotPixelsd`, in noise standard deviations; 4 finds them all in
             the project's simulations and nothing in clean stacks). ``None``: Y is read as stored, and
             a warning names the stacks that hold hot pixels.
+        unpaired_background_share: ``"same"`` (default): every term of the trainer sees the same crops.
+            A number (1 or ``None``: uniform): the items also hold a second crop of each domain, drawn
+            with this background share from the same cached volumes, for the unpaired terms and the
+            discriminators (:class:`UnpairedDataset`); the sharp cycle keeps ``background_share``.
     """
 
     def domain(
@@ -203,96 +238,10 @@ def unpaired_dataset(
     )
     if blurred_hot_pixel_threshold is None:
         warn_hot_pixels((f, blurred.volumes[i]["image"]) for i, f in enumerate(blurred_files))
+    sharp = domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin)
+    if isinstance(unpaired_background_share, str) and unpaired_background_share.strip().lower() == "same":
+        return UnpairedDataset(sharp, blurred, length=length)
+    share = crop_share(unpaired_background_share)
     return UnpairedDataset(
-        domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin), blurred, length=length
-    )
-
-
-def paired_train_transforms(
-    patch_size: Sequence[int] = (64, 64, 64),
-    image_percentiles: Sequence[float] = (0.1, 99.9),
-    label_percentiles: Sequence[float] = (0.0, 99.99),
-    clip: bool = True,
-    rotate_axes: Sequence[int] = (1, 2),
-    flip_prob: float = 0.5,
-    rotate_prob: float = 0.5,
-    image_range: Sequence[float] | None = None,
-    label_range: Sequence[float] | None = None,
-    flip_axes: Sequence[int] = (1, 2),
-) -> Compose:
-    """Training pipeline of the supervised baselines: the same random crop, rotation and flips for
-    the blurred ``"image"`` and its ground truth ``"label"``.
-
-    Each key is normalised like its domain (``image`` like the blurred domain, ``label`` like the
-    sharp domain, as in :func:`paired_transforms`); MONAI's dictionary transforms draw one set of
-    random parameters per call and apply it to every key, so the pair stays aligned.
-
-    Args:
-        patch_size: crop size ``(D, H, W)``; smaller volumes are zero-padded first.
-        image_percentiles: normalisation of the blurred image, percentiles mapped to [0, 1].
-        label_percentiles: normalisation of the ground truth, percentiles mapped to [0, 1].
-        clip: clip intensities to [0, 1].
-        rotate_axes: spatial axes of the random 90° rotations (in-plane ``(1, 2)`` by default).
-        flip_prob: probability of a flip along each axis.
-        rotate_prob: probability of a random 90° rotation.
-        image_range: one intensity range for every blurred image instead of its percentiles.
-        label_range: the same for the ground truth.
-        flip_axes: spatial axes of the random flips, applied to both keys; Y and X by default. A pair
-            flipped along Z is the flipped sample blurred by the Z-flipped PSF, no image of an
-            aberrated (Z-asymmetric) PSF; ``(0, 1, 2)`` is the paper's augmentation (measured:
-            ``docs/results.md``, session 21).
-
-    Example::
-
-        >>> t = paired_train_transforms((32, 32, 32))
-        >>> item = t({"image": "train/blurred/blurred_000.tif", "label": "train/blurred_ground_truth/blurred_000.tif"})
-        >>> item["image"].shape, item["label"].shape  # (1, 32, 32, 32) each
-    """
-    keys = ("image", "label")
-    return Compose(
-        normalize_transforms(("image",), image_percentiles, clip, intensity_range=image_range)
-        + normalize_transforms(("label",), label_percentiles, clip, intensity_range=label_range)
-        + augment_transforms(keys, patch_size, rotate_axes, flip_prob, rotate_prob, flip_axes=flip_axes)
-    )
-
-
-def paired_dataset(
-    image_dir: str,
-    label_dir: str,
-    patch_size: Sequence[int] = (64, 64, 64),
-    image_percentiles: Sequence[float] = (0.1, 99.9),
-    label_percentiles: Sequence[float] = (0.0, 99.99),
-    rotate_axes: Sequence[int] = (1, 2),
-    cache_rate: float = 1.0,
-    num_workers: int = 0,
-    image_range: Sequence[float] | None = None,
-    label_range: Sequence[float] | None = None,
-    flip_axes: Sequence[int] = (1, 2),
-) -> CacheDataset:
-    """Paired training dataset ``{"image": blurred crop, "label": ground-truth crop}`` for the
-    supervised baselines (files matched by name, see :func:`paired_datalist`).
-
-    Loading and normalisation are cached; crops, rotations and flips are redrawn for every item.
-    The dataset has one item per volume: draw ``epoch_length * batch_size`` items per epoch with a
-    ``RandomSampler(replacement=True, num_samples=...)`` in the DataLoader.
-
-    Args:
-        image_dir: blurred volumes (e.g. ``train/blurred``).
-        label_dir: their ground truth, same file names (e.g. ``train/blurred_ground_truth``).
-        patch_size: random crop size ``(D, H, W)``.
-        image_percentiles: normalisation of the blurred volumes.
-        label_percentiles: normalisation of the ground truth.
-        rotate_axes: spatial axes of the random 90° rotations.
-        cache_rate: fraction of volumes cached after normalisation.
-        num_workers: threads used to fill the cache.
-        image_range: one intensity range for every blurred volume instead of its percentiles.
-        label_range: the same for the ground truth.
-        flip_axes: spatial axes of the random flips of each pair (see :func:`paired_train_transforms`).
-    """
-    transform = paired_train_transforms(
-        patch_size, image_percentiles, label_percentiles, True, rotate_axes,
-        image_range=image_range, label_range=label_range, flip_axes=flip_axes,
-    )
-    return CacheDataset(
-        paired_datalist(image_dir, label_dir), transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+        sharp, blurred, length, sharp.with_background_share(share), blurred.with_background_share(share)
     )

@@ -19,6 +19,7 @@ from bundle.engine.steps import (
     _step,
     centre_crop,
     prepare_unpaired_batch,
+    unpaired_crops,
 )
 from bundle.flags import as_flag
 from bundle.image_pool import ImagePool
@@ -189,8 +190,9 @@ class CycleGANTrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         x, y = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        xu, y = unpaired_crops(batchdata, x, y, engine.non_blocking)  # the unpaired terms' crops (x, y by default)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # keep MONAI's event order for handlers
-        g_terms, x, hx, gy = self._generator_step(engine, x, y)  # (1) G and h, discriminators frozen
+        g_terms, x, hx, gy = self._generator_step(engine, x, y, xu)  # (1) G and h, discriminators frozen
         d_terms = self._discriminator_step(x, y, hx, gy)  # (2) φ (and ψ) on history-pooled fakes
         if self.scaler is not None:
             self.scaler.update()
@@ -206,7 +208,7 @@ class CycleGANTrainer(Trainer):
         return engine.state.output
 
     def _generator_step(
-        self, engine: Trainer, x: torch.Tensor, y: torch.Tensor
+        self, engine: Trainer, x: torch.Tensor, y: torch.Tensor, xu: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step of G and h with the discriminators frozen.
 
@@ -219,10 +221,15 @@ class CycleGANTrainer(Trainer):
         ``x`` and ``h*x`` are cut to the blurred crop's centre: there ``h*x`` holds the light of structure
         outside the crop, as a real stack does, not the dark border of a convolution of the crop alone.
 
+        ``xu``: other crops of X for the unpaired terms (``batch["sharp_unpaired"]``; ``y`` is then the
+        batch's ``blurred_unpaired``): h's adversarial term and the discriminators see ``h*xu`` and
+        ``xu``, the sharp cycle ``x``. ``None`` or ``x``: one set of crops for every term.
+
         Returns:
-            the detached loss terms (``CycleGANKeys``), ``x`` (cut to the blurred crop's size), ``h*x``
-            (with blur-path noise) and ``G(y)``.
+            the detached loss terms (``CycleGANKeys``), the sharp crops the unpaired terms saw (cut to
+            the blurred crop's size), their ``h*x`` (with blur-path noise) and ``G(y)``.
         """
+        separate = xu is not None and xu is not x
         _set_requires_grad((self.d_sharp, self.d_blurred), False)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
@@ -232,6 +239,9 @@ class CycleGANTrainer(Trainer):
                 hx = self.blur_noise(hx)
             x_cycle = self.g_deblur(hx if self.sharp_cycle_trains_blur else hx.detach())  # G(h*x) ≈ x
             cycle_sharp = self.cycle_loss(x_cycle.float(), x)
+            if separate:  # other crops for the unpaired terms: their own h*x
+                x, hx = (centre_crop(v, y.shape[2:]) for v in (xu, self.blur(xu)))
+                hx = hx if self.blur_noise is None else self.blur_noise(hx)
             adv_blurred = self.adversarial_loss.generator_loss(self.d_blurred(hx)) if self.blind else None
             loss_x = cycle_sharp if adv_blurred is None else cycle_sharp + self.blur_adversarial_weight * adv_blurred
         self._backward(loss_x)

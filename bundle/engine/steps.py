@@ -18,6 +18,8 @@ class CycleGANKeys(StrEnum):
 
     SHARP = "sharp"
     BLURRED = "blurred"
+    SHARP_UNPAIRED = "sharp_unpaired"  # optional crops of X for the unpaired terms (other crop centres)
+    BLURRED_UNPAIRED = "blurred_unpaired"  # optional crops of Y for the unpaired terms
     PRED = "pred"  # G(y), the deblurred training crop
     LOSS = "loss"
     G_LOSS = "g_loss"
@@ -31,6 +33,11 @@ class CycleGANKeys(StrEnum):
     D_BLURRED = "d_blurred"  # ψ's loss (blind only)
 
 
+def _as_float(t: Any, device: str | torch.device | None, non_blocking: bool, **kwargs: Any) -> torch.Tensor:
+    t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+    return t.to(device=device, non_blocking=non_blocking, **kwargs).float()
+
+
 def prepare_unpaired_batch(
     batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +46,20 @@ def prepare_unpaired_batch(
     for key in (CycleGANKeys.SHARP, CycleGANKeys.BLURRED):
         if key not in batchdata:
             raise KeyError(f"training batch has no {key!r} entry (keys: {sorted(batchdata)})")
-        t = batchdata[key]
-        t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-        out.append(t.to(device=device, non_blocking=non_blocking, **kwargs).float())
+        out.append(_as_float(batchdata[key], device, non_blocking, **kwargs))
     return out[0], out[1]
+
+
+def unpaired_crops(
+    batchdata: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops of the unpaired terms: ``batch["sharp_unpaired"]`` and ``batch["blurred_unpaired"]`` on
+    ``x``'s device when the batch holds them (``unpaired_dataset(unpaired_background_share=...)``), else
+    ``x`` and ``y`` themselves."""
+    keys = (CycleGANKeys.SHARP_UNPAIRED, CycleGANKeys.BLURRED_UNPAIRED)
+    if not all(k in batchdata for k in keys):
+        return x, y
+    return tuple(_as_float(batchdata[k], x.device, non_blocking, **kwargs) for k in keys)  # type: ignore[return-value]
 
 
 def _step(optimizer: Optimizer, scaler: Any | None, update: bool = False) -> None:
