@@ -230,6 +230,13 @@ def unpaired_dataset(
         )
         return DomainCrops(volumes, size, rotate_axes, background_share=background_share, flip_axes=flip_axes)
 
+    same = isinstance(unpaired_background_share, str) and unpaired_background_share.strip().lower() == "same"
+    try:  # checked before any volume is read
+        share = None if same else crop_share(unpaired_background_share)
+    except ValueError:
+        raise ValueError(
+            f"unpaired_background_share must be 'same' or a number in [0, 1] (1: uniform crops), got {unpaired_background_share!r}"
+        ) from None
     blurred_files = list_volumes(blurred_dir)
     blurred_hot_pixel_threshold = hot_pixel_setting(blurred_hot_pixel_threshold)
     blurred = domain(
@@ -239,9 +246,8 @@ def unpaired_dataset(
     if blurred_hot_pixel_threshold is None:
         warn_hot_pixels((f, blurred.volumes[i]["image"]) for i, f in enumerate(blurred_files))
     sharp = domain(list_volumes(sharp_dir), sharp_percentiles, sharp_range, sharp_margin)
-    if isinstance(unpaired_background_share, str) and unpaired_background_share.strip().lower() == "same":
+    if same:
         return UnpairedDataset(sharp, blurred, length=length)
-    share = crop_share(unpaired_background_share)
     return UnpairedDataset(
         sharp, blurred, length, sharp.with_background_share(share), blurred.with_background_share(share)
     )
