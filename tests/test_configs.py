@@ -190,6 +190,15 @@ def test_discriminator_gamma_and_noise_reach_both_discriminators():
     assert parser.get_parsed_content("d_blurred").input_noise == 0.02
 
 
+def test_blur_noise_scale_reaches_the_blur_paths_noise():
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs/common.json"), str(ROOT / "configs/train.json"), str(ROOT / "configs/quick.json")])
+    assert parser.get_parsed_content("blur_noise").scale == 1.0  # default: the estimated level itself
+    parser["blur_noise_scale"] = 0.7
+    parser.parse()
+    assert parser.get_parsed_content("blur_noise").scale == 0.7
+
+
 WORKFLOW_LISTS = {"imports", "initialize", "run", "finalize", "training", "inference", "evaluate", "simulate"}
 
 

@@ -130,6 +130,10 @@ class BlurCalibration:
             logger.info(f"blur-path noise as configured (estimation off): {self.noise.parameters_dict()}")
         if self.noise is not None:
             record["blur_noise"] = self.noise.parameters_dict()
+            scale = float(getattr(self.noise, "scale", 1.0))
+            if scale != 1.0:
+                record["blur_noise_scale"] = scale
+                logger.info(f"blur-path noise added at {scale} times that standard deviation (blur_noise_scale)")
         # ignite's rank (as MONAI's handlers use): bundle.distributed builds on this module, not the reverse
         if self.record_path is not None and idist.get_rank() == 0:  # it runs on every rank; rank 0 writes
             self.record_path.parent.mkdir(parents=True, exist_ok=True)

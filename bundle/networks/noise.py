@@ -33,6 +33,9 @@ class PoissonGaussianNoise(nn.Module):
             disables the Poisson part.
         gaussian_sigma: standard deviation of the additive Gaussian read noise (intensity units).
         black_level: intensity without shot noise (a camera offset left after normalisation).
+        scale: factor on the added noise's standard deviation (1: the set level; < 1 trains G on
+            less noise than the stacks have). A training knob, not part of the noise model: it is not
+            saved in checkpoints, :meth:`variance` and :meth:`set_parameters` ignore it.
 
     Example::
 
@@ -41,9 +44,16 @@ class PoissonGaussianNoise(nn.Module):
     """
 
     def __init__(
-        self, photons_per_unit: float | None = None, gaussian_sigma: float = 0.0, black_level: float = 0.0
+        self,
+        photons_per_unit: float | None = None,
+        gaussian_sigma: float = 0.0,
+        black_level: float = 0.0,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+        self.scale = float(scale)
         self.register_buffer("inv_photons", torch.tensor(0.0))
         self.register_buffer("sigma", torch.tensor(0.0))
         self.register_buffer("black", torch.tensor(0.0))
@@ -92,15 +102,16 @@ class PoissonGaussianNoise(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """Args: y: ``(B, C, D, H, W)`` noise-free blurred intensities. Returns: same shape."""
-        if not self.training or (float(self.inv_photons) == 0.0 and float(self.sigma) == 0.0):
+        silent = float(self.inv_photons) == 0.0 and float(self.sigma) == 0.0
+        if not self.training or self.scale == 0.0 or silent:
             return y
         # clamp away from 0: d sqrt / dy is infinite at 0 (and the clamp's zero gradient times inf is NaN)
-        return y + torch.sqrt(self.variance(y).clamp(min=1e-12)) * torch.randn_like(y)
+        return y + self.scale * torch.sqrt(self.variance(y).clamp(min=1e-12)) * torch.randn_like(y)
 
     def extra_repr(self) -> str:
         return (
             f"photons_per_unit={self.photons_per_unit}, gaussian_sigma={self.gaussian_sigma}, "
-            f"black_level={self.black_level}"
+            f"black_level={self.black_level}, scale={self.scale}"
         )
 
 

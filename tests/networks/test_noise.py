@@ -24,6 +24,21 @@ def test_variance_matches_formula_on_constant_volume(photons, sigma, level):
     assert out.mean().item() == pytest.approx(level, abs=3 * expected**0.5 / 32**1.5 + 1e-6)
 
 
+def test_scale_multiplies_the_standard_deviation_and_stays_out_of_checkpoints():
+    torch.manual_seed(0)
+    y = torch.full((1, 1, 32, 32, 32), 0.5)
+    full = PoissonGaussianNoise(photons_per_unit=50.0, gaussian_sigma=0.02).train()
+    half = PoissonGaussianNoise(photons_per_unit=50.0, gaussian_sigma=0.02, scale=0.5).train()
+    assert half(y).var().item() == pytest.approx(0.25 * full(y).var().item(), rel=0.1)
+    assert half.variance(y).equal(full.variance(y))  # the noise model itself is unchanged
+    half.set_parameters(100.0, 0.01)  # a new estimate keeps the scale
+    assert half(y).var().item() == pytest.approx(0.25 * (0.5 / 100.0 + 0.01**2), rel=0.1)
+    assert set(half.state_dict()) == set(full.state_dict())  # older checkpoints still load
+    assert torch.equal(PoissonGaussianNoise(photons_per_unit=50.0, scale=0.0).train()(y), y)
+    with pytest.raises(ValueError, match="scale"):
+        PoissonGaussianNoise(scale=-0.5)
+
+
 def test_gradients_flow_including_at_zero():
     noise = PoissonGaussianNoise(photons_per_unit=10.0, gaussian_sigma=0.1).train()
     y = torch.rand(1, 1, 8, 8, 8)
