@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_cli import run_module
 
 from bundle.data import paired_dataset, paired_train_transforms
 from bundle.engine import SupervisedGANTrainer
@@ -42,8 +42,9 @@ def _config_list(files: list[str]) -> str:
 
 def _run(run_id: str, files: list[str], *overrides: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", _config_list(files), *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    res = run_module("monai.bundle", ["run", run_id, "--config_file", _config_list(files), *overrides], cwd=ROOT, env=env,
+                     timeout=timeout)  # fmt: skip
+    cmd = res.args
     if res.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res

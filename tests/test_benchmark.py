@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_cli import run_script
 
 from bundle.networks import PSFLayer
 from bundle.ops import fft_convolve
@@ -57,13 +57,7 @@ def test_half_inputs_and_autocast_convolve_in_float32(parameterization):
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_report(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
+    res = run_script("scripts/benchmark.py", ["--quick", "--out", str(tmp_path)], cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(data["train"]) == {"blind", "nonblind", "nonblindpaper", "conventional", "blind_reuse", "conventional_reuse"}

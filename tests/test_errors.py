@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tifffile
+from bundle_cli import run_module
 
 from bundle.errors import _hook, root_cause
 from bundle.io import save_volume
@@ -43,9 +41,9 @@ def test_hook_prints_the_cause_last(capsys):
 
 
 def _last_line(*overrides: str) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
-           "['configs/common.json','configs/inference.json']", "--progress", "false", *overrides]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    args = ["run", "inference", "--config_file", "['configs/common.json','configs/inference.json']", "--progress", "false",
+            *overrides]  # fmt: skip
+    res = run_module("monai.bundle", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     return res.returncode, res.stderr.strip().splitlines()[-1]
 
 

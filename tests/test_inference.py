@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from bundle_cli import run_module
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
@@ -459,10 +458,9 @@ def test_cli_bad_file_in_folder_writes_nothing(tmp_path, small_model):
     folder = tmp_path / "in"
     save_volume(folder / "good.tif", _volume((8, 24, 24)))
     tifffile.imwrite(folder / "zz_nan.tif", np.full((4, 16, 16), np.nan, np.float32))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
-           "['configs/common.json','configs/inference.json']", "--input", str(folder),
-           "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(small_model)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    args = ["run", "inference", "--config_file", "['configs/common.json','configs/inference.json']", "--input", str(folder),
+            "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(small_model)]  # fmt: skip
+    res = run_module("monai.bundle", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode != 0
     assert "zz_nan.tif" in res.stderr and "NaN" in res.stderr
     assert not (tmp_path / "out").exists()

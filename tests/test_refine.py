@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from bundle_cli import run_script
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
@@ -268,7 +268,7 @@ def test_tune_script_then_evaluate_uses_the_tuned_count(quick_model, tmp_path, c
     shutil.copytree(quick_model["ckpt_dir"], ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     cmd = [sys.executable, str(ROOT / "scripts" / "tune_refinement.py"), "--ckpt_dir", str(ckpt),
            "--dataset_dir", str(quick_model["dataset_dir"]), "--flips", "1", "--max_iter", "15", "--tv_weights", "0", "0.002"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    done = run_script(cmd[1], cmd[2:], cwd=ROOT)
     assert done.returncode == 0, done.stderr
     tuned = json.loads((ckpt / "refinement.json").read_text())
     assert 0 <= tuned["iterations"] <= 15 and len(tuned["val_psnr_curve"]) == len(tuned["val_dim_recall_curve"]) == 16

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import tifffile
+from bundle_cli import run_script
 
 from bundle.physics.psf import psf_correlation
 
@@ -29,11 +30,10 @@ METHODS = ["input"] + [r for m in reproduce.ALL_METHODS
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--output", str(out), "--work-dir", str(out / "work"),
-        "--threads", "1", "--jobs", "2", "--refine",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    args = ["--scale", "tiny", "--output", str(out), "--work-dir", str(out / "work"), "--threads", "1", "--jobs", "2",
+            "--refine"]  # fmt: skip
+    res = run_script("scripts/reproduce.py", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
+    cmd = res.args
     if res.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
@@ -146,9 +146,9 @@ def test_vesicles_domain_trains_and_tests_on_its_own_data(tmp_path):
     mismatch), its own runs folder, one Table II-style table formatted from the JSON, no noise sweep."""
     out = tmp_path / "results"
     methods = ["nonblind", "sharp_cycle", "rl"]
-    cmd = [sys.executable, "scripts/reproduce.py", "--scale", "tiny", "--domain", "vesicles", "--output", str(out),
-           "--work-dir", str(tmp_path / "work"), "--threads", "1", "--jobs", "2", "--methods", *methods]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    args = ["--scale", "tiny", "--domain", "vesicles", "--output", str(out), "--work-dir", str(tmp_path / "work"),
+            "--threads", "1", "--jobs", "2", "--methods", *methods]  # fmt: skip
+    res = run_script("scripts/reproduce.py", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stderr[-5000:]
     report = json.loads((out / "results.json").read_text())
     assert report["domain"] == "vesicles" and list(report["metrics"]) == ["vesicles_vectorial_20dB"]

@@ -1,11 +1,10 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from bundle_cli import run_module
 
 from bundle.io import load_volume
 from bundle.simulate import SimulateDataset
@@ -107,10 +106,10 @@ def test_same_seed_same_data(tmp_path):
 def test_bundle_command_line(tmp_path):
     """`python -m monai.bundle run simulate --config_file configs/simulate.json` with overrides."""
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "simulate", "--config_file", "configs/simulate.json",
-           "--dataset_dir", str(out), "--shape", "[16,32,32]", "--eval_shape", "[16,32,32]", "--n_train", "1",
-           "--n_val", "1", "--n_test", "0", "--psf_shape", "[9,9,9]", "--psf_model", "vectorial"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    args = ["run", "simulate", "--config_file", "configs/simulate.json",
+            "--dataset_dir", str(out), "--shape", "[16,32,32]", "--eval_shape", "[16,32,32]", "--n_train", "1",
+            "--n_val", "1", "--n_test", "0", "--psf_shape", "[9,9,9]", "--psf_model", "vectorial"]  # fmt: skip
+    res = run_module("monai.bundle", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((out / "dataset.json").read_text())
     assert manifest["parameters"]["psf_model"] == "vectorial"

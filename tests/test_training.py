@@ -6,13 +6,12 @@ These train for real on simulated data; each asserts a property that fails when 
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from bundle_cli import run_code, run_module
 
 from conftest import CHEAP_PSF_FIT, CHEAP_PSF_FIT_ARGS, QUICK_NONBLIND, ROOT, SUBPROCESS_TIMEOUT, run_bundle
 
@@ -92,8 +91,8 @@ wf.run()
 
 def _train(files: list[str], overrides: dict, kill_at: int = 0) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", _RUN, json.dumps(files), json.dumps(overrides), str(kill_at)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
+    res = run_code(_RUN, [json.dumps(files), json.dumps(overrides), str(kill_at)], cwd=ROOT, env=env,
+                   timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
     if kill_at == 0:
         assert res.returncode == 0, res.stderr[-4000:]
     return res.returncode
@@ -175,9 +174,8 @@ def test_resume_refuses_a_crafted_checkpoint_and_resumes_a_real_one(tiny_dataset
     crafted = crafted_checkpoint(tmp_path / "crafted.pt", marker)
     planted = crafted_checkpoint(ckpt_dir / "checkpoint_999.pt", marker)  # the newest: picked by --resume true
     for how in (["--resume_path", str(crafted)], ["--resume", "true"]):
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", QUICK_NONBLIND,
-               *paths, "--max_epochs", "3", *how]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        args = ["run", "training", "--config_file", QUICK_NONBLIND, *paths, "--max_epochs", "3", *how]
+        res = run_module("monai.bundle", args, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
         assert res.returncode != 0
         name = crafted.name if how[0] == "--resume_path" else planted.name
         assert f"{name}: refused to resume from this checkpoint" in res.stderr
