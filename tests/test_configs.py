@@ -199,6 +199,13 @@ def test_blur_noise_scale_reaches_the_blur_paths_noise():
     assert parser.get_parsed_content("blur_noise").scale == 0.7
 
 
+def test_blur_offset_shift_reaches_the_calibration():
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs/common.json"), str(ROOT / "configs/train.json"), str(ROOT / "configs/quick.json")])
+    calibration = next(h for h in parser["train#handlers"] if h.get("_target_") == "bundle.handlers.BlurCalibration")
+    assert (parser["blur_offset_shift"], calibration["offset_shift"]) == (0.0, "@blur_offset_shift")  # default: no shift
+
+
 WORKFLOW_LISTS = {"imports", "initialize", "run", "finalize", "training", "inference", "evaluate", "simulate"}
 
 

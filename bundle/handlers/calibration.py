@@ -54,6 +54,8 @@ class BlurCalibration:
             spectra resolve the PSF's transfer function better from crops larger than the training
             crops: on the vesicle data of ``docs/results.md`` 32×64×64 crops gave correlations
             0.967-0.973 with the true PSF where the 32³ training crops gave 0.958-0.965.
+        offset_shift: added to the calibrated offset (normalised units; 0: the calibration's value). A
+            training knob for measuring how the offset's level acts on G (``docs/results.md``, session 51).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class BlurCalibration:
         psf_fit: Any | None = None,
         fit_dataset: Any | None = None,
         statistic: str = "percentile",
+        offset_shift: float = 0.0,
     ) -> None:
         self.blur = blur
         self.psf_fit = psf_fit
@@ -78,6 +81,7 @@ class BlurCalibration:
         self.low_percentile = low_percentile
         self.high_percentile = high_percentile
         self.statistic = statistic
+        self.offset_shift = float(offset_shift)
         self.noise = noise
         self.estimate_noise = as_flag(estimate_noise, "estimate_noise")
         self.record_path = None if record_path is None else Path(record_path)
@@ -114,6 +118,10 @@ class BlurCalibration:
             result = self.blur.calibrate(
                 sharp, blurred, self.low_percentile, self.high_percentile, self.statistic
             )
+        if self.offset_shift:
+            with torch.no_grad():
+                self.blur.offset.add_(self.offset_shift)
+            result = {**result, "offset": float(self.blur.offset.detach()), "offset_shift": self.offset_shift}
         logger.info(f"blur path calibrated from {self.n_samples} samples: {result}")
         record["calibration"] = result
         if self.noise is not None and self.estimate_noise:

@@ -212,6 +212,21 @@ def test_blur_calibration_fits_the_psf_on_its_own_larger_crops(tmp_path):
     assert record["calibration"]["gain"] > 0
 
 
+def test_offset_shift_moves_the_calibrated_offset_and_is_recorded(tmp_path):
+    true = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="fixed", na=1.2, **OPTICS).kernel().detach()
+    dataset = [{"sharp": s, "blurred": b} for s, b in zip(*_crops(true, n=4, size=16), strict=True)]
+    offsets = {}
+    for shift in (0.0, -0.19):
+        blur = PSFLayer.build(kernel_size=(9, 9, 9), parameterization="fixed", na=1.2, **OPTICS)
+        record = tmp_path / f"calibration_{shift}.json"
+        BlurCalibration(blur=blur, dataset=dataset, n_samples=4, offset_shift=shift, record_path=str(record))(_StartedEngine())
+        offsets[shift] = float(blur.offset.detach())
+        assert json.loads(record.read_text())["calibration"]["offset"] == pytest.approx(offsets[shift])
+    assert offsets[-0.19] == pytest.approx(offsets[0.0] - 0.19, abs=1e-6)
+    assert "offset_shift" in json.loads((tmp_path / "calibration_-0.19.json").read_text())["calibration"]
+    assert "offset_shift" not in json.loads((tmp_path / "calibration_0.0.json").read_text())["calibration"]
+
+
 def test_the_fit_never_ends_worse_than_its_start():
     """Data the kernel family cannot describe (Born & Wolf NA 1.4; a vectorial kernel whose NA the water
     sample caps at 1.33, only its depth fitted): the gradient fit's descent on the corrected product model
