@@ -57,7 +57,6 @@ from bundle.io import atomic_write_text  # noqa: E402
 FULL = {
     "patch": 64,
     "kernel": 31,
-    "features": (32, 32, 64, 128, 256, 32),
     "d_channels": 32,
     "volume": (128, 256, 256),
     "roi": 64,
@@ -68,19 +67,16 @@ FULL = {
     "inference_repeats": 2,
     "ooc_volume": (64, 128, 128),
     "ooc_large": (128, 256, 256),
-    "ooc_features": (16, 16, 32, 64, 128, 16),
     "ooc_block": (32, 64, 64),
-    "dask_features": (32, 64, 128, 32),  # the bundle's default generator (depth 2, batch norm: window-free)
     "dask_chunks": (64, 128, 128),
     "dask_sizes": ((64, 256, 256), (128, 256, 256)),
 }
 QUICK = {
     "patch": 32,
     "kernel": 9,
-    "features": (4, 4, 8, 8, 16, 4),
     "d_channels": 4,
     "volume": (32, 32, 48),
-    "roi": 32,
+    "roi": 64,  # the default generator's halo (26 voxels) needs windows of at least 56
     "rl_iter": 3,
     "psf_repeats": 2,
     "direct_repeats": 1,
@@ -88,12 +84,49 @@ QUICK = {
     "inference_repeats": 1,
     "ooc_volume": (32, 32, 32),
     "ooc_large": (64, 64, 32),
-    "ooc_features": (4, 4, 8, 8, 16, 4),
     "ooc_block": (32, 32, 32),
-    "dask_features": (4, 8, 16, 4),
     "dask_chunks": (32, 32, 32),
     "dask_sizes": ((32, 64, 64), (64, 64, 64)),
 }
+
+_COMMON = json.loads((ROOT / "configs" / "common.json").read_text())
+GENERATORS = {
+    # the generator configs/common.json builds (its keys read here, so the benchmark follows the default);
+    # "small" is the out-of-core memory cases' narrower one, "quick" the smoke run's
+    "default": {
+        "full": {
+            "features": tuple(_COMMON["generator_features"]),
+            "depth": _COMMON["generator_depth"],
+            "norm": _COMMON["generator_norm"],
+            "align_corners": _COMMON["generator_align_corners"],
+            "last_bias": _COMMON["generator_last_bias"],
+        },
+        "small": {"features": (16, 32, 64, 16)},
+        "quick": {"features": (4, 8, 16, 4)},
+    },
+    # the paper's generator (MONAI's BasicUNet: 4 poolings, InstanceNorm; the default before session 8)
+    "paper": {
+        "full": {"features": (32, 32, 64, 128, 256, 32), "depth": 4, "norm": "instance", "align_corners": True},
+        "small": {"features": (16, 16, 32, 64, 128, 16)},
+        "quick": {"features": (4, 4, 8, 8, 16, 4)},
+    },
+}
+
+
+def settings(quick: bool, generator: str) -> dict:
+    """The sizes (``QUICK`` or ``FULL``) with the ``DeblurUNet`` keyword arguments of ``generator``
+    (``GENERATORS``): ``cfg["generator"]`` for training, inference, the roofline and dask,
+    ``cfg["ooc_generator"]`` for the out-of-core memory cases, ``cfg["dask_generator"]`` (the default's: the dask
+    path needs a window-free generator) for dask."""
+    g = GENERATORS[generator]
+    full = g["full"]
+    cfg = dict(QUICK if quick else FULL, generator_name=generator)
+    cfg["generator"] = {**full, **g["quick"]} if quick else dict(full)
+    cfg["ooc_generator"] = {**full, **(g["quick"] if quick else g["small"])}
+    default = GENERATORS["default"]["full"]  # dask needs a window-free generator: always the default
+    cfg["dask_generator"] = {**default, **GENERATORS["default"]["quick"]} if quick else dict(default)
+    return cfg
+
 
 TARGETS = {
     "psf_speedup": 100.0,
@@ -325,7 +358,7 @@ def case_train(cfg: dict, mode: str, allocator: str = "system") -> dict:
                 min_input_size=p,
             ).to(dev)
 
-        g = DeblurUNet(features=cfg["features"]).to(dev)
+        g = DeblurUNet(**cfg["generator"]).to(dev)
         if mode == "blind":
             blur: torch.nn.Module = PSFLayer.build(kernel_size=(k, k, k), parameterization="parametric", na=1.0)
             d_blurred = disc()
@@ -335,7 +368,7 @@ def case_train(cfg: dict, mode: str, allocator: str = "system") -> dict:
                 None,
             )
         else:  # conventional cycleGAN: the blur generator is a second deep U-Net
-            blur, d_blurred = DeblurUNet(features=cfg["features"]), disc()
+            blur, d_blurred = DeblurUNet(**cfg["generator"]), disc()
         blur = blur.to(dev)
         d_sharp = disc()
         g_opt = torch.optim.Adam(
@@ -402,7 +435,7 @@ def case_roofline(cfg: dict) -> dict:
     """Best FLOP/s of a bare 3×3×3 conv3d at the generator's first width, over layouts, batch sizes
     and precisions (float32, and bfloat16 on the CPU / float16 on CUDA)."""
     dev = device()
-    width = cfg["features"][0]
+    width = cfg["generator"]["features"][0]
     side = cfg["roi"]
     half = torch.float16 if dev.type == "cuda" else torch.bfloat16
     results = []
@@ -459,12 +492,14 @@ def case_inference(cfg: dict, model: str | None) -> dict:
 
     dev = device()
     torch.manual_seed(0)
-    net = load_network(model, dev) if model else DeblurUNet(features=cfg["features"]).to(dev).eval()
+    net = load_network(model, dev) if model else DeblurUNet(**cfg["generator"]).to(dev).eval()
     truth, volume, _ = _simulated_volume(cfg["volume"])
     r = cfg["roi"]
     half = "float16" if dev.type == "cuda" else "bfloat16"
     ov = max(int(r * 0.25), 1)  # the paper's 16 voxels at 64³
-    whole = int(np.prod(cfg["volume"]))
+    # one pass over the volume mirror-padded by the halo that Deconvolver adds (0 for the paper's generator)
+    halo, div = int(getattr(net, "tiling_halo", 0)), int(getattr(net, "divisor", 16))
+    whole = int(np.prod([-(-(s + 2 * halo) // div) * div for s in cfg["volume"]]))
     candidates = [  # (name, Deconvolver kwargs); None = the plain MONAI reference
         (f"reference: plain MONAI SlidingWindowInferer {r}³, overlap 0.25, batch 1, no_grad, float32", None),
         # right after the reference, before any "reuse" row: glibc's thresholds are process-wide, and a
@@ -485,13 +520,13 @@ def case_inference(cfg: dict, model: str | None) -> dict:
 
     def window_flops(roi: tuple) -> int:
         """FLOPs of one window: counted on an r³ window and scaled by volume (exact: every layer's work
-        is proportional to its voxels for sides divisible by 16), so no full-size window is run under
-        the counter (its float32 copies took 12 GiB)."""
+        is proportional to its voxels for sides divisible by the generator's ``divisor``, 2**depth), so no
+        full-size window is run under the counter (its float32 copies took 12 GiB)."""
         if not flops_cache:
             with FlopCounterMode(display=False) as fc, torch.inference_mode():
                 net(torch.rand(1, 1, r, r, r, device=dev))
             flops_cache["per_voxel"] = fc.get_total_flops() / r**3
-        assert all(side % 16 == 0 for side in roi), roi
+        assert all(side % getattr(net, "divisor", 16) == 0 for side in roi), roi
         return int(round(flops_cache["per_voxel"] * int(np.prod(roi))))
 
     x = torch.from_numpy(volume)[None, None]
@@ -629,7 +664,7 @@ def case_memory(cfg: dict, kind: str, path: str) -> dict:
     from bundle.ooc import deconvolve_zarr, open_volume
 
     torch.manual_seed(0)
-    net = DeblurUNet(features=cfg["ooc_features"]).eval()
+    net = DeblurUNet(**cfg["ooc_generator"]).eval()
     roi = (cfg["roi"],) * 3
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -668,7 +703,7 @@ def case_dask(cfg: dict) -> dict:
     from bundle.ooc import deconvolve_dask, write_ome_zarr
 
     torch.manual_seed(0)
-    net = DeblurUNet(features=cfg["dask_features"], depth=2, norm="batch", align_corners=False).eval()
+    net = DeblurUNet(**cfg["dask_generator"]).eval()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = str(Path(tmp) / "model.pt")
@@ -691,7 +726,7 @@ def case_dask(cfg: dict) -> dict:
                 peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             rows.append({"shape": list(shape), "workers": workers, "seconds": seconds,
                          "worker_peak_bytes": max(peaks.values())})  # fmt: skip
-    return {"rows": rows, "chunks": list(cfg["dask_chunks"]), "features": list(cfg["dask_features"]),
+    return {"rows": rows, "chunks": list(cfg["dask_chunks"]), "generator": cfg["dask_generator"],
             "speedup_2_vs_1": rows[1]["seconds"] / rows[2]["seconds"]}  # fmt: skip
 
 
@@ -721,7 +756,7 @@ def run_case(name: str, args: argparse.Namespace, extra: list[str] | None = None
     """Run one case in a fresh Python process (in this process with ``--quick``); return its result."""
     if args.quick:  # smoke run: no subprocess start-up costs (memory figures then mix, as stated)
         path = extra[1] if extra else None
-        return dispatch(name, QUICK, args, path)
+        return dispatch(name, settings(True, args.generator), args, path)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [
@@ -735,6 +770,7 @@ def run_case(name: str, args: argparse.Namespace, extra: list[str] | None = None
     ]
     if args.quick:
         cmd.append("--quick")
+    cmd += ["--generator", args.generator]
     if args.model:
         cmd += ["--model", args.model]
     t0 = time.perf_counter()
@@ -772,6 +808,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         results[k] for k in ("environment", "psf", "train", "inference", "rl", "memory")
     )
     mb = 1 / 2**20
+    gen = dict(results["settings"].get("generator") or GENERATORS["paper"]["full"])
+    gen.setdefault("norm", "instance")
     blind, nonblind, conv = tr["blind"], tr["nonblind"], tr["conventional"]
     t_ratio = blind["iteration_s"] / conv["iteration_s"]
     m_ratio = blind["peak_bytes"] / conv["peak_bytes"]
@@ -784,11 +822,18 @@ def write_report(results: dict, out_dir: Path) -> None:
     lines = [
         "# Benchmark",
         "",
-        f"Measured by `python scripts/benchmark.py{' --quick' if results['quick'] else ''}` in one run on "
+        f"Measured by `python scripts/benchmark.py{' --quick' if results['quick'] else ''}"
+        f"{'' if results['settings'].get('generator_name', 'default') == 'default' else ' --generator paper'}` in one run on "
         f"{env['device']} ({env['device_name']}, {env['threads']} threads of {env['cpu_count']} CPUs, torch {env['torch']}); "
         f"load average at start {env['load_average_start'][0]:.1f}, at end {results['load_average_end'][0]:.1f} "
         "(the machine is shared with other jobs: compare ratios within this run, not absolute times). "
         f"Total {results['total_s'] / 60:.1f} min. Times are medians of the repeats listed in `benchmark.json`.",
+        "",
+        f"Generator: `{results['settings'].get('generator_name', 'paper')}`, `DeblurUNet("
+        + ", ".join(f"{k}={v}" for k, v in gen.items())
+        + ")`"
+        + (" (as `configs/common.json` builds it)" if results["settings"].get("generator_name") == "default" else "")
+        + f"; `--generator` chooses it, `{inf['model']}` ran the inference case.",
         "",
         "## Against the targets",
         "",
@@ -923,8 +968,14 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"Every setting on the whole {'×'.join(map(str, inf['volume']))} volume (simulated: microtubules, Born & Wolf "
         "PSF, 20 dB). PSNR against the ground truth after the least-squares affine fit (as `configs/evaluate.json`); "
         "the change is against the reference. **best ±0.1**: the fastest row within ±0.1 dB of it; "
-        "**fastest ≥ −0.1**: the fastest row not worse than it by more than 0.1 dB (larger windows change the "
-        "InstanceNorm statistics, and with them the output). \"computed\" = voxels the generator computes per "
+        "**fastest ≥ −0.1**: the fastest row not worse than it by more than 0.1 dB ("
+        + (
+            "larger windows change the InstanceNorm statistics, and with them the output"
+            if gen["norm"] == "instance"
+            else "the reference's plain windows see zeros beyond their borders; `Deconvolver` pads each window by "
+            "the generator's halo, so its rows differ only by precision"
+        )
+        + "). \"computed\" = voxels the generator computes per "
         f"output voxel (window overlap); memory = {inf['memory_method']}, added during the run (after a warm-up "
         "call). `Deconvolver` rows use its default malloc policy `allocator=\"reuse\"` (`bundle.allocator`: freed "
         "activations kept for the next window, the heap trimmed after the call) unless marked `system`.",
@@ -1001,7 +1052,9 @@ def write_report(results: dict, out_dir: Path) -> None:
             "",
             "## Out-of-core inference as a dask graph (`bundle.ooc.deconvolve_dask`, `LocalCluster`)",
             "",
-            f"Default generator (features {d['features']}, depth 2, batch norm), chunks {d['chunks']}, "
+            "Generator `DeblurUNet("
+            + ", ".join(f"{k}={v}" for k, v in d.get("generator", {}).items())
+            + f")` (the default's; the dask path needs a window-free one), chunks {d['chunks']}, "
             "one thread per worker process; peak RSS of the worker processes (`getrusage`).",
             "",
             "| stack | workers | time | peak RSS per worker |",
@@ -1023,11 +1076,18 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="trained generator (bundle folder / model.pt) for inference"
     )
+    parser.add_argument(
+        "--generator",
+        choices=sorted(GENERATORS),
+        default="default",
+        help="the generator measured: the bundle's default (configs/common.json) or the paper's (4 poolings, "
+        "InstanceNorm); --model overrides it for the inference case",
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = settings(args.quick, args.generator)
 
     if args.case:  # inside a case's own process
         res = dispatch(args.case, cfg, args, args.path)

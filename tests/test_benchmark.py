@@ -69,6 +69,15 @@ def test_quick_benchmark_writes_report(tmp_path):
     assert rl["speedup_vs_skimage"] > 0 and np.isfinite(rl["psnr_db"]) and np.isfinite(rl["skimage_psnr_db"])
     report = (tmp_path / "benchmark.md").read_text()
     assert "Against the targets" in report and "out-of-core" in report and "scikit-image" in report
+    # the bundle's default generator is what is measured (configs/common.json's kind, at the smoke run's widths)
+    common = json.loads((ROOT / "configs" / "common.json").read_text())
+    gen = data["settings"]["generator"]
+    assert (gen["depth"], gen["norm"], gen["align_corners"]) == (
+        common["generator_depth"],
+        common["generator_norm"],
+        common["generator_align_corners"],
+    )
+    assert "Generator: `default`" in report
 
 
 def test_live_tensor_peak_is_the_peak_of_allocations_plus_resident_tensors():
