@@ -500,17 +500,22 @@ def case_inference(cfg: dict, model: str | None) -> dict:
     # one pass over the volume mirror-padded by the halo that Deconvolver adds (0 for the paper's generator)
     halo, div = int(getattr(net, "tiling_halo", 0)), int(getattr(net, "divisor", 16))
     whole = int(np.prod([-(-(s + 2 * halo) // div) * div for s in cfg["volume"]]))
+    # fixed windows: r³ blended with overlap 0.25 (the paper's), or, for a generator with a halo, r³ cores
+    # plus the halo on each face (r³ windows would keep only (r - 2·halo)³ of each)
+    w, wb = (-(-(r + 2 * halo) // div) * div, 1) if halo else (r, 4)
+    fixed = f"{w}³ ({r}³ cores + {halo}-voxel halo), batch {wb}" if halo else f"{r}³, overlap 0.25, batch 4"
     candidates = [  # (name, Deconvolver kwargs); None = the plain MONAI reference
         (f"reference: plain MONAI SlidingWindowInferer {r}³, overlap 0.25, batch 1, no_grad, float32", None),
         # right after the reference, before any "reuse" row: glibc's thresholds are process-wide, and a
         # "reuse" call leaves them at their fixed steady state rather than the default's dynamic one
         (f"auto window (default budget), {half}, glibc's default allocator (allocator='system')",
          {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half, "allocator": "system"}),
-        (f"{r}³, overlap 0.25, batch 4, optimised network, float32", {"roi_size": (r,) * 3, "sw_batch_size": 4}),
-        (f"{r}³, overlap 0.25, batch 4, optimised network, {half}", {"roi_size": (r,) * 3, "sw_batch_size": 4, "precision": half}),
-        # fewer windows of the same size: no overlap along z (128 = 2 windows instead of 3)
-        (f"{r}³, overlap 0 along z, 0.25 along y, x, batch 4, {half}",
-         {"roi_size": (r,) * 3, "sw_batch_size": 4, "precision": half, "overlap": [0.0, 0.25, 0.25]}),
+        (f"{fixed}, optimised network, float32", {"roi_size": (w,) * 3, "sw_batch_size": wb}),
+        (f"{fixed}, optimised network, {half}", {"roi_size": (w,) * 3, "sw_batch_size": wb, "precision": half}),
+        # fewer windows of the same size: no overlap along z (128 = 2 windows instead of 3); with a halo the
+        # windows' cores tile the volume without overlap already
+        *[(f"{r}³, overlap 0 along z, 0.25 along y, x, batch 4, {half}",
+           {"roi_size": (r,) * 3, "sw_batch_size": 4, "precision": half, "overlap": [0.0, 0.25, 0.25]})][: int(not halo)],
         ("auto window (default budget), float32", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r}),
         (f"auto window (default budget), {half}", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half}),
         (f"auto window, whole volume in one pass, {half}",
