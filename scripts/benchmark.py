@@ -670,7 +670,8 @@ def case_memory(cfg: dict, kind: str, path: str) -> dict:
 
     torch.manual_seed(0)
     net = DeblurUNet(**cfg["ooc_generator"]).eval()
-    roi = (cfg["roi"],) * 3
+    halo, div = int(net.tiling_halo), int(net.divisor)  # windows of roi³ cores plus the halo, as in inference
+    roi = ((-(-(cfg["roi"] + 2 * halo) // div) * div) if halo else cfg["roi"],) * 3
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         t0 = time.perf_counter()
         if kind == "ooc":
