@@ -25,7 +25,7 @@ states, activations, buffers). ``tracemalloc`` would miss torch's allocations.
 
 Usage::
 
-    python scripts/benchmark.py            # full run, ~15-20 min on 2 CPU cores
+    python scripts/benchmark.py            # full run, ~35 min on 2 CPU cores (default generator)
     python scripts/benchmark.py --quick    # smoke run (< 60 s): tiny sizes, numbers meaningless
 """
 
@@ -104,7 +104,7 @@ GENERATORS = {
         "small": {"features": (16, 32, 64, 16)},
         "quick": {"features": (4, 8, 16, 4)},
     },
-    # the paper's generator (MONAI's BasicUNet: 4 poolings, InstanceNorm; the default before session 8)
+    # the paper's generator (MONAI's BasicUNet: 4 poolings, InstanceNorm; the default until 2026-11-30)
     "paper": {
         "full": {"features": (32, 32, 64, 128, 256, 32), "depth": 4, "norm": "instance", "align_corners": True},
         "small": {"features": (16, 16, 32, 64, 128, 16)},
