@@ -76,7 +76,7 @@ QUICK = {
     "kernel": 9,
     "d_channels": 4,
     "volume": (32, 32, 48),
-    "roi": 64,  # the default generator's halo (26 voxels) needs windows of at least 56
+    "roi": 32,
     "rl_iter": 3,
     "psf_repeats": 2,
     "direct_repeats": 1,
