@@ -476,6 +476,13 @@ def _affine_psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
     return metric_psnr(affine_fit(p, t), t)
 
 
+def _halo_window(net: torch.nn.Module, side: int) -> int:
+    """A window side for ``side`` kept voxels: ``side`` plus ``net``'s ``tiling_halo`` on each face, rounded up
+    to its ``divisor`` (``side`` rounded up for a generator without a halo, as the paper's)."""
+    halo, div = int(getattr(net, "tiling_halo", 0)), int(getattr(net, "divisor", 16))
+    return -(-(side + 2 * halo) // div) * div
+
+
 def case_inference(cfg: dict, model: str | None) -> dict:
     """The generator on the whole volume: the plain MONAI reference and ``Deconvolver`` settings.
 
@@ -498,11 +505,11 @@ def case_inference(cfg: dict, model: str | None) -> dict:
     half = "float16" if dev.type == "cuda" else "bfloat16"
     ov = max(int(r * 0.25), 1)  # the paper's 16 voxels at 64³
     # one pass over the volume mirror-padded by the halo that Deconvolver adds (0 for the paper's generator)
-    halo, div = int(getattr(net, "tiling_halo", 0)), int(getattr(net, "divisor", 16))
-    whole = int(np.prod([-(-(s + 2 * halo) // div) * div for s in cfg["volume"]]))
+    halo = int(getattr(net, "tiling_halo", 0))
+    whole = int(np.prod([_halo_window(net, s) for s in cfg["volume"]]))
     # fixed windows: r³ blended with overlap 0.25 (the paper's), or, for a generator with a halo, r³ cores
     # plus the halo on each face (r³ windows would keep only (r - 2·halo)³ of each)
-    w, wb = (-(-(r + 2 * halo) // div) * div, 1) if halo else (r, 4)
+    w, wb = (_halo_window(net, r), 1) if halo else (r, 4)
     fixed = f"{w}³ ({r}³ cores + {halo}-voxel halo), batch {wb}" if halo else f"{r}³, overlap 0.25, batch 4"
     candidates = [  # (name, Deconvolver kwargs); None = the plain MONAI reference
         (f"reference: plain MONAI SlidingWindowInferer {r}³, overlap 0.25, batch 1, no_grad, float32", None),
@@ -670,8 +677,8 @@ def case_memory(cfg: dict, kind: str, path: str) -> dict:
 
     torch.manual_seed(0)
     net = DeblurUNet(**cfg["ooc_generator"]).eval()
-    halo, div = int(net.tiling_halo), int(net.divisor)  # windows of roi³ cores plus the halo, as in inference
-    roi = ((-(-(cfg["roi"] + 2 * halo) // div) * div) if halo else cfg["roi"],) * 3
+    # windows of roi³ cores plus the halo, as in inference
+    roi = (_halo_window(net, cfg["roi"]) if net.tiling_halo else cfg["roi"],) * 3
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         t0 = time.perf_counter()
         if kind == "ooc":
@@ -814,8 +821,7 @@ def write_report(results: dict, out_dir: Path) -> None:
         results[k] for k in ("environment", "psf", "train", "inference", "rl", "memory")
     )
     mb = 1 / 2**20
-    gen = dict(results["settings"].get("generator") or GENERATORS["paper"]["full"])
-    gen.setdefault("norm", "instance")
+    gen, gen_name = results["settings"]["generator"], results["settings"]["generator_name"]
     blind, nonblind, conv = tr["blind"], tr["nonblind"], tr["conventional"]
     t_ratio = blind["iteration_s"] / conv["iteration_s"]
     m_ratio = blind["peak_bytes"] / conv["peak_bytes"]
@@ -829,16 +835,16 @@ def write_report(results: dict, out_dir: Path) -> None:
         "# Benchmark",
         "",
         f"Measured by `python scripts/benchmark.py{' --quick' if results['quick'] else ''}"
-        f"{'' if results['settings'].get('generator_name', 'default') == 'default' else ' --generator paper'}` in one run on "
+        f"{'' if gen_name == 'default' else ' --generator paper'}` in one run on "
         f"{env['device']} ({env['device_name']}, {env['threads']} threads of {env['cpu_count']} CPUs, torch {env['torch']}); "
         f"load average at start {env['load_average_start'][0]:.1f}, at end {results['load_average_end'][0]:.1f} "
         "(the machine is shared with other jobs: compare ratios within this run, not absolute times). "
         f"Total {results['total_s'] / 60:.1f} min. Times are medians of the repeats listed in `benchmark.json`.",
         "",
-        f"Generator: `{results['settings'].get('generator_name', 'paper')}`, `DeblurUNet("
+        f"Generator: `{gen_name}`, `DeblurUNet("
         + ", ".join(f"{k}={v}" for k, v in gen.items())
         + ")`"
-        + (" (as `configs/common.json` builds it)" if results["settings"].get("generator_name") == "default" else "")
+        + (" (as `configs/common.json` builds it)" if gen_name == "default" else "")
         + f"; `--generator` chooses it, `{inf['model']}` ran the inference case.",
         "",
         "## Against the targets",
@@ -1052,25 +1058,24 @@ def write_report(results: dict, out_dir: Path) -> None:
         lines.append(
             f"| {'×'.join(map(str, o['shape']))} | {o['peak_bytes'] * mb:.0f} MiB ({o['seconds']:.1f} s) | {i['peak_bytes'] * mb:.0f} MiB ({i['seconds']:.1f} s) |"
         )
-    if "dask" in results:
-        d = results["dask"]
-        lines += [
-            "",
-            "## Out-of-core inference as a dask graph (`bundle.ooc.deconvolve_dask`, `LocalCluster`)",
-            "",
-            "Generator `DeblurUNet("
-            + ", ".join(f"{k}={v}" for k, v in d.get("generator", {}).items())
-            + f")` (the default's; the dask path needs a window-free one), chunks {d['chunks']}, "
-            "one thread per worker process; peak RSS of the worker processes (`getrusage`).",
-            "",
-            "| stack | workers | time | peak RSS per worker |",
-            "|---|---|---|---|",
-        ]
-        for r in d["rows"]:
-            lines.append(
-                f"| {'×'.join(map(str, r['shape']))} | {r['workers']} | {r['seconds']:.1f} s | {r['worker_peak_bytes'] * mb:.0f} MiB |"
-            )
-        lines += ["", f"2 workers vs 1 on the larger stack: **{d['speedup_2_vs_1']:.2f}×** faster (same run)."]
+    d = results["dask"]
+    lines += [
+        "",
+        "## Out-of-core inference as a dask graph (`bundle.ooc.deconvolve_dask`, `LocalCluster`)",
+        "",
+        "Generator `DeblurUNet("
+        + ", ".join(f"{k}={v}" for k, v in d["generator"].items())
+        + f")` (the default's; the dask path needs a window-free one), chunks {d['chunks']}, "
+        "one thread per worker process; peak RSS of the worker processes (`getrusage`).",
+        "",
+        "| stack | workers | time | peak RSS per worker |",
+        "|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {'×'.join(map(str, r['shape']))} | {r['workers']} | {r['seconds']:.1f} s | {r['worker_peak_bytes'] * mb:.0f} MiB |"
+        )
+    lines += ["", f"2 workers vs 1 on the larger stack: **{d['speedup_2_vs_1']:.2f}×** faster (same run)."]
     lines.append("")
     atomic_write_text(out_dir / "benchmark.md", "\n".join(lines))
 
