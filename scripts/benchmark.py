@@ -493,7 +493,7 @@ def case_inference(cfg: dict, model: str | None) -> dict:
     from monai.inferers import SlidingWindowInferer
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bundle.inference import Deconvolver, load_network, resolve_precision
+    from bundle.inference import Deconvolver, InferenceNetwork, load_network, resolve_precision
     from bundle.networks import DeblurUNet
     from bundle.ooc import window_grid
 
@@ -527,6 +527,10 @@ def case_inference(cfg: dict, model: str | None) -> dict:
         (f"auto window (default budget), {half}", {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half}),
         (f"auto window, whole volume in one pass, {half}",
          {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": half, "max_pass_voxels": whole}),
+        # the same default settings with batch norm kept as layers (InferenceNetwork folds it into the convs)
+        *[(f"auto window (default budget), {p}, batch norm not folded",
+           {"roi_size": "auto", "auto_overlap": ov, "auto_min_size": r, "precision": p, "fold_batch_norm": False})
+          for p in ("float32", half) if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())],
     ]
     flops_cache: dict[str, float] = {}
 
@@ -556,7 +560,11 @@ def case_inference(cfg: dict, model: str | None) -> dict:
         else:
             # the rows measure the command line's setting (configs/inference.json: "reuse") unless they say
             kwargs = {"allocator": "reuse", **kwargs}
+            fold = kwargs.pop("fold_batch_norm", True)
             deconv = Deconvolver(net, mode="gaussian", sw_device=dev, device="cpu", **kwargs)
+            if not fold:
+                deconv.predictor = InferenceNetwork(net, kwargs.get("precision", "float32"), fold_batch_norm=False)
+                kwargs["fold_batch_norm"] = False
 
             def fn(deconv=deconv):
                 with torch.no_grad():
@@ -1003,12 +1011,28 @@ def write_report(results: dict, out_dir: Path) -> None:
             f"| {row['seconds']:.1f} s | {row['mvoxel_per_s']:.3f} | {row['flop_per_s'] / 1e9:.1f} "
             f"| {row.get('peak_memory_bytes', 0) * mb:.0f} MiB | {row['psnr_vs_truth_db']:.2f} dB | {row['psnr_change_db']:+.3f} dB |"
         )
+    unfolded = {r["precision"]: r for r in inf["rows"] if r["settings"].get("fold_batch_norm") is False}
+    folded = {r["precision"]: r for r in inf["rows"] if r["name"].startswith("auto window (default budget)")
+              and "fold_batch_norm" not in r["settings"] and r["settings"].get("allocator") == "reuse"}
     rf = results["roofline"]
     lines += [
         f"| Richardson–Lucy, {rl['iterations']} iterations, PSF {'×'.join(map(str, rl['psf']))} (for reference) | | | "
         f"{rl['seconds']:.1f} s | {rl['mvoxel_per_s']:.3f} | | | {rl['psnr_db']:.2f} dB | |",
         "",
     ]
+    if unfolded:
+        pairs = [
+            f"{k} **{unfolded[k]['seconds'] / folded[k]['seconds']:.2f}×** ({folded[k]['seconds']:.1f} s vs "
+            f"{unfolded[k]['seconds']:.1f} s, PSNR change {folded[k]['psnr_change_db']:+.3f} vs "
+            f"{unfolded[k]['psnr_change_db']:+.3f} dB)"
+            for k in folded
+            if k in unfolded
+        ]
+        lines += [
+            "Batch norm folded into the convolutions (`InferenceNetwork`'s default) against kept as layers, "
+            "default windows, same run: " + ", ".join(pairs) + ".",
+            "",
+        ]
     if "skimage_seconds" in rl:
         lines += [
             f"Richardson–Lucy against scikit-image's `richardson_lucy(clip=False)` on the same volume, PSF and "

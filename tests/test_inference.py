@@ -210,6 +210,38 @@ def test_inference_network_same_function():
     assert all(m.is_pad for m in other.modules() if isinstance(m, UpCat))
 
 
+def test_batch_norm_is_folded_into_the_convolutions_with_the_same_output():
+    """Batch norm with running statistics disappears from the inference copy (folded into the conv before
+    it) and the output is the module's; the original keeps its norms and weights; a norm not right after
+    a conv (ADN ordering "AN") is left alone."""
+    from monai.networks.blocks import Convolution
+
+    net = _window_free()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(2, 1, 20, 28, 24)
+    with torch.no_grad():
+        ref = net(x)
+        wrapper = InferenceNetwork(net, precision="float32")
+        out = wrapper(x)
+    fast = wrapper.fast_network()
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules()) == 10  # 5 TwoConvs of 2 convs
+    torch.testing.assert_close(dict(net.state_dict()), before, rtol=0, atol=0, equal_nan=True)  # untouched
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (ref - net.unet.final_conv.bias).abs().max() > 1e-2  # the norms did something to fold
+    kept_norms = InferenceNetwork(net, precision="float32", fold_batch_norm=False).fast_network()
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in kept_norms.modules()) == 10
+    torch.manual_seed(0)
+    act_first = Convolution(3, 1, 2, adn_ordering="AN", norm="batch", act="relu").eval()
+    with torch.no_grad():
+        act_first.adn.N.running_mean.fill_(0.5)
+        y = torch.randn(1, 1, 4, 4, 4)
+        ref2 = act_first(y)
+        kept = InferenceNetwork(act_first, precision="float32", channels_last=False)
+        torch.testing.assert_close(kept(y), ref2)
+    assert isinstance(kept.fast_network().adn.N, torch.nn.BatchNorm3d)
+
+
 def test_lower_precisions_keep_a_float32_head():
     """In bfloat16 the last 1×1×1 conv runs in float32: a nearly flat output (logits −4 ± 0.01, an early
     model) keeps its variation instead of collapsing onto a few bfloat16 steps."""
