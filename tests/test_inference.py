@@ -230,6 +230,9 @@ def test_batch_norm_is_folded_into_the_convolutions_with_the_same_output():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (ref - net.unet.final_conv.bias).abs().max() > 1e-2  # the norms did something to fold
     kept_norms = InferenceNetwork(net, precision="float32", fold_batch_norm=False).fast_network()
+    with torch.no_grad():  # new running statistics alone (no parameter changed): the folded copy follows
+        net.unet.conv_0.conv_0.adn.N.running_mean.add_(0.5)
+        torch.testing.assert_close(wrapper(x), net(x), rtol=0, atol=1e-5)
     assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in kept_norms.modules()) == 10
     torch.manual_seed(0)
     act_first = Convolution(3, 1, 2, adn_ordering="AN", norm="batch", act="relu").eval()
