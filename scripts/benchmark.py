@@ -485,6 +485,21 @@ def _halo_window(net: torch.nn.Module, side: int) -> int:
     return -(-(side + 2 * halo) // div) * div
 
 
+def _inference_inputs(cfg: dict, model: str | None) -> tuple:
+    """What the inference cases share: ``(dev, net, truth, volume, half, overlap)`` — the trained generator
+    (or a seeded random one), the simulated volume and its truth, the device's half precision and the
+    planner's overlap (the paper's 16 voxels at 64³)."""
+    from bundle.inference import load_network
+    from bundle.networks import DeblurUNet
+
+    dev = device()
+    torch.manual_seed(0)
+    net = load_network(model, dev) if model else DeblurUNet(**cfg["generator"]).to(dev).eval()
+    truth, volume, _ = _simulated_volume(cfg["volume"])
+    half = "float16" if dev.type == "cuda" else "bfloat16"
+    return dev, net, truth, volume, half, max(int(cfg["roi"] * 0.25), 1)
+
+
 def case_inference(cfg: dict, model: str | None) -> dict:
     """The generator on the whole volume: the plain MONAI reference and ``Deconvolver`` settings.
 
@@ -495,17 +510,11 @@ def case_inference(cfg: dict, model: str | None) -> dict:
     from monai.inferers import SlidingWindowInferer
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bundle.inference import Deconvolver, load_network, resolve_precision
-    from bundle.networks import DeblurUNet
+    from bundle.inference import Deconvolver, resolve_precision
     from bundle.ooc import window_grid
 
-    dev = device()
-    torch.manual_seed(0)
-    net = load_network(model, dev) if model else DeblurUNet(**cfg["generator"]).to(dev).eval()
-    truth, volume, _ = _simulated_volume(cfg["volume"])
+    dev, net, truth, volume, half, ov = _inference_inputs(cfg, model)
     r = cfg["roi"]
-    half = "float16" if dev.type == "cuda" else "bfloat16"
-    ov = max(int(r * 0.25), 1)  # the paper's 16 voxels at 64³
     # one pass over the volume mirror-padded by the halo that Deconvolver adds (0 for the paper's generator)
     halo = int(getattr(net, "tiling_halo", 0))
     whole = int(np.prod([_halo_window(net, s) for s in cfg["volume"]]))
@@ -630,23 +639,20 @@ def case_interleaved(cfg: dict, model: str | None) -> dict:
     machine's other load) weighs on each alike: batch norm kept as layers instead of folded into the
     convolutions, and a 4x larger ``max_pass_voxels``. Sequential rows, as in the inference case, ran
     up to 1.7x apart for the same network depending on what ran before them."""
-    from bundle.inference import Deconvolver, InferenceNetwork, load_network
-    from bundle.networks import DeblurUNet
+    from bundle.inference import Deconvolver, InferenceNetwork
 
-    dev = device()
-    torch.manual_seed(0)
-    net = load_network(model, dev) if model else DeblurUNet(**cfg["generator"]).to(dev).eval()
-    truth, volume, _ = _simulated_volume(cfg["volume"])
-    half = "float16" if dev.type == "cuda" else "bfloat16"
-    r, budget = cfg["roi"], 1 << 22
+    dev, net, truth, volume, half, ov = _inference_inputs(cfg, model)
     x = torch.from_numpy(volume)[None, None]
-    variants = {}
-    for name, kept, pass_voxels in (("default", False, budget), ("batch_norm_kept", True, budget), ("budget_x4", False, 4 * budget)):
-        deconv = Deconvolver(net, mode="gaussian", sw_device=dev, device="cpu", roi_size="auto", auto_overlap=max(int(r * 0.25), 1),
-                             auto_min_size=r, precision=half, max_pass_voxels=pass_voxels)
-        if kept:
-            deconv.predictor = InferenceNetwork(net, half, fold_batch_norm=False)
-        variants[name] = deconv
+    settings = {"mode": "gaussian", "sw_device": dev, "device": "cpu", "roi_size": "auto", "auto_overlap": ov,
+                "auto_min_size": cfg["roi"], "precision": half}
+    default = Deconvolver(net, **settings)
+    kept = Deconvolver(net, **settings)
+    kept.predictor = InferenceNetwork(net, half, fold_batch_norm=False)  # Deconvolver has no switch for it
+    variants = {
+        "default": default,
+        "batch_norm_kept": kept,
+        "budget_x4": Deconvolver(net, **settings, max_pass_voxels=4 * default.max_pass_voxels),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, int] = {}
     psnrs: dict[str, float] = {}
